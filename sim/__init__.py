@@ -1,0 +1,1 @@
+"""Discrete-event drift simulator: drives the real guest controller in virtual time."""

@@ -1,0 +1,55 @@
+"""The one interface through which anything changes a clock (chrony's ``local.c`` idea).
+
+Drivers: ``guest_client.clocks.SystemClock`` (Linux ``clock_adjtime``),
+``guest_client.clocks.SoftwareClock`` (user space, for demos and tests) and
+``sim.clock.SimClock`` (virtual time). The sans-IO controller never calls a clock: it returns
+actions, and whoever drives it applies them here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from timesyncd.packet import Leap
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStatus:
+    """What we tell the kernel (``adjtimex`` maxerror/esterror/status) about our time."""
+
+    synchronised: bool
+    maxerror_s: float = 16.0
+    esterror_s: float = 16.0
+    leap: Leap = Leap.NONE
+
+
+class Clock(ABC):
+    """A clock that can be read, slewed through its frequency, and stepped.
+
+    Sign conventions: ``set_frequency(+x)`` makes the clock run faster by x ppm relative to
+    its uncorrected oscillator; ``step(+n)`` moves it forward by n ns.
+    """
+
+    #: Largest total frequency correction the driver can apply, ppm.
+    max_frequency_ppm: float = 100_000.0
+
+    @abstractmethod
+    def now_ns(self) -> int:
+        """Current reading of this clock, Unix nanoseconds."""
+
+    @abstractmethod
+    def set_frequency(self, ppm: float) -> None:
+        """Set the total frequency correction (base plus any slew), effective now."""
+
+    @abstractmethod
+    def step(self, offset_ns: int) -> None:
+        """Add ``offset_ns`` to the clock at once."""
+
+    @abstractmethod
+    def set_kernel_status(self, status: KernelStatus) -> None:
+        """Publish synchronisation state, error bounds and leap warnings."""
+
+    def true_offset_ns(self) -> int | None:
+        """This clock minus true time, where the driver knows it (software and sim clocks)."""
+        return None

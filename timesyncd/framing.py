@@ -1,0 +1,149 @@
+"""Relay framing: how NTP packets (and, later, byte streams and health reports) travel over
+one vsock or Unix stream between guest and relay. Sans-IO: bytes in, frames out.
+
+Wire format, all big-endian::
+
+    version:u8 (=1) | type:u8 | length:u16 (payload bytes) | request_id:u32 | payload
+
+Request ids let one connection carry concurrent requests to several upstreams; replies
+and errors echo the id of the request they answer.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+VERSION = 1
+HEADER = struct.Struct("!BBHI")
+#: Hard payload limit: admits an NTS-sized NTP packet (<= 2048 B) with room to spare.
+MAX_PAYLOAD = 4096
+_NTP_REQUEST = struct.Struct("!B")
+_NTP_REPLY = struct.Struct("!II")
+_ERROR = struct.Struct("!H")
+
+
+class FrameType(IntEnum):
+    HELLO = 1  # JSON both ways: guest announces itself, relay lists its upstreams
+    NTP_REQUEST = 2  # upstream index:u8 + NTP packet
+    NTP_REPLY = 3  # residence in/out:u32 ns + NTP packet, unchanged from upstream
+    ERROR = 4  # code:u16 + UTF-8 message, echoing the failed request's id
+    HEALTH = 5  # JSON status report from the guest (observability)
+    STREAM_OPEN = 6  # reserved for NTS-KE byte streams
+    STREAM_DATA = 7
+    STREAM_CLOSE = 8
+
+
+class ErrorCode(IntEnum):
+    UNKNOWN_UPSTREAM = 1
+    UPSTREAM_TIMEOUT = 2
+    RATE_LIMITED = 3
+    BAD_FRAME = 4
+    UPSTREAM_ERROR = 5
+    BUSY = 6
+
+
+class FramingError(ValueError):
+    """Malformed framing from the peer; ``reason`` is a stable counter key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    request_id: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        if len(self.payload) > MAX_PAYLOAD:
+            raise FramingError("oversized", f"payload {len(self.payload)} > {MAX_PAYLOAD}")
+        return HEADER.pack(VERSION, self.type, len(self.payload), self.request_id) + self.payload
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, get whole frames back."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= HEADER.size:
+            version, ftype, length, rid = HEADER.unpack_from(self._buf)
+            if version != VERSION:
+                raise FramingError("bad_version", f"frame version {version}, expected {VERSION}")
+            if ftype not in FrameType._value2member_map_:
+                raise FramingError("bad_type", f"unknown frame type {ftype}")
+            if length > MAX_PAYLOAD:
+                raise FramingError("oversized", f"payload {length} > {MAX_PAYLOAD}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(ftype, rid, bytes(self._buf[HEADER.size : end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still buffered."""
+        return len(self._buf)
+
+
+# --- payload helpers -----------------------------------------------------------------
+
+
+def ntp_request(request_id: int, upstream: int, packet: bytes) -> Frame:
+    return Frame(FrameType.NTP_REQUEST, request_id, _NTP_REQUEST.pack(upstream) + packet)
+
+
+def parse_ntp_request(frame: Frame) -> tuple[int, bytes]:
+    """Return ``(upstream index, NTP packet)``."""
+    if len(frame.payload) < _NTP_REQUEST.size:
+        raise FramingError("bad_payload", "NTP request without upstream index")
+    return frame.payload[0], frame.payload[1:]
+
+
+def ntp_reply(request_id: int, packet: bytes, residence_in_ns: int, residence_out_ns: int) -> Frame:
+    """A reply with the relay's own residence time in each direction (transparent-clock style)."""
+    clamp = 0xFFFF_FFFF
+    r_in = min(max(residence_in_ns, 0), clamp)
+    r_out = min(max(residence_out_ns, 0), clamp)
+    return Frame(FrameType.NTP_REPLY, request_id, _NTP_REPLY.pack(r_in, r_out) + packet)
+
+
+def parse_ntp_reply(frame: Frame) -> tuple[bytes, int, int]:
+    """Return ``(NTP packet, residence_in_ns, residence_out_ns)``."""
+    if len(frame.payload) < _NTP_REPLY.size:
+        raise FramingError("bad_payload", "NTP reply without residence times")
+    r_in, r_out = _NTP_REPLY.unpack_from(frame.payload)
+    return frame.payload[_NTP_REPLY.size :], r_in, r_out
+
+
+def error(request_id: int, code: ErrorCode, message: str) -> Frame:
+    body = message.encode("utf-8", "replace")[: MAX_PAYLOAD - _ERROR.size]
+    return Frame(FrameType.ERROR, request_id, _ERROR.pack(code) + body)
+
+
+def parse_error(frame: Frame) -> tuple[int, str]:
+    if len(frame.payload) < _ERROR.size:
+        raise FramingError("bad_payload", "error frame without code")
+    (code,) = _ERROR.unpack_from(frame.payload)
+    return code, frame.payload[_ERROR.size :].decode("utf-8", "replace")
+
+
+def json_frame(ftype: FrameType, request_id: int, obj: Any) -> Frame:
+    return Frame(ftype, request_id, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def parse_json(frame: Frame) -> Any:
+    try:
+        return json.loads(frame.payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FramingError("bad_payload", f"invalid JSON in {FrameType(frame.type).name}") from exc

@@ -1,0 +1,77 @@
+"""What the sans-IO controller asks its driver to do, and the status it reports.
+
+The daemon (asyncio, real clock) and the simulator (virtual time) both apply these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from timesyncd.clock import KernelStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """Send ``data`` (an NTP packet) to ``source`` now; report the send time via ``on_sent``."""
+
+    source: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetFrequency:
+    """Set the clock's total frequency correction (base + slew), ppm; positive speeds it up."""
+
+    ppm: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepClock:
+    """Add ``offset_ns`` to the clock at once (positive: forward)."""
+
+    offset_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetKernelStatus:
+    status: KernelStatus
+
+
+Action = SendRequest | SetFrequency | StepClock | SetKernelStatus
+
+
+@dataclass(slots=True)
+class SourceStatus:
+    name: str
+    trust: str = "host"  # "host" or "authenticated"
+    authenticated: bool = False
+    reachable: bool = False
+    selected: bool = False
+    offset_s: float | None = None  # guest minus this source, last filtered sample
+    delay_s: float | None = None
+    jitter_s: float | None = None
+    stratum: int | None = None
+    samples: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    note: str = ""  # e.g. why a source is unusable
+
+
+@dataclass(slots=True)
+class ControllerStatus:
+    """The fields of ``timesync status --json`` that the controller knows (signs: guest - ref)."""
+
+    state: str  # "unsynchronised" | "synchronised" | "holdover"
+    offset_s: float | None
+    frequency_ppm: float  # estimated native rate error of the clock (positive: runs fast)
+    root_distance_s: float | None
+    poll_s: float
+    last_update: float | None  # Unix seconds, clock time of the last clock update
+    steps: int
+    refused_jumps: int
+    rejected: dict[str, int]
+    sources: list[SourceStatus]
+    holdover_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

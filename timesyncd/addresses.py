@@ -80,7 +80,9 @@ def parse_address(spec: str) -> Address:
         elif cid_text.isdigit():
             cid = int(cid_text)
         else:
-            raise AddressError(f"bad CID {cid_text!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}")
+            raise AddressError(
+                f"bad CID {cid_text!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}"
+            )
         return Address("vsock", cid=cid, port=_port(port, spec))
     if kind in ("tcp", "udp"):
         if rest.startswith("["):
@@ -95,4 +97,6 @@ def parse_address(spec: str) -> Address:
         if p > 0xFFFF:
             raise AddressError(f"port {p} out of range in {spec!r}")
         return Address(kind, host=host, port=p)  # type: ignore[arg-type]
-    raise AddressError(f"unknown address kind {kind!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}")
+    raise AddressError(
+        f"unknown address kind {kind!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}"
+    )

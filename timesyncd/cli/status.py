@@ -1,0 +1,102 @@
+"""``timesync status`` and ``timesync wait-sync``: read the guest daemon's status socket."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from guest_client.status_server import DEFAULT_STATUS_SOCKET, query_status
+
+
+def _fmt(value: Any, unit: str = "s", scale: float = 1.0, digits: int = 9) -> str:
+    if value is None:
+        return "-"
+    return f"{value * scale:+.{digits}f} {unit}"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """Human view, like ``chronyc tracking`` followed by ``chronyc sources``."""
+    last = st.get("last_update")
+    age = f"{time.time() - last:.1f} s ago" if last else "never"
+    lines = [
+        f"State           : {st.get('state')}",
+        f"Offset          : {_fmt(st.get('offset_s'))} (guest minus reference)",
+        f"Frequency       : {_fmt(st.get('frequency_ppm'), 'ppm', digits=3)} (native rate error)",
+        f"Root distance   : {_fmt(st.get('root_distance_s'))}",
+        f"Poll interval   : {st.get('poll_s')} s",
+        f"Last update     : {age}",
+        f"Steps           : {st.get('steps')}",
+        f"Refused jumps   : {st.get('refused_jumps')}",
+    ]
+    if st.get("true_offset_s") is not None:
+        lines.append(f"True offset     : {_fmt(st['true_offset_s'])} (software clock vs machine)")
+    if st.get("holdover_s"):
+        lines.append(f"Holdover        : {st['holdover_s']:.0f} s")
+    rejected = st.get("rejected") or {}
+    lines.append("Rejected        : " + (
+        ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none"))
+    lines.append("")
+    lines.append(f"{'source':44} {'sel':3} {'auth':4} {'offset':>13} {'delay':>11} {'samples':>7}")
+    for src in st.get("sources", []):
+        off = src.get("offset_s")
+        delay = src.get("delay_s")
+        lines.append(
+            f"{src.get('name', '?')[:44]:44} {'*' if src.get('selected') else ' ':3} "
+            f"{'yes' if src.get('authenticated') else 'no':4} "
+            f"{'-' if off is None else f'{off * 1e6:+.1f}us':>13} "
+            f"{'-' if delay is None else f'{delay * 1e6:.1f}us':>11} {src.get('samples', 0):>7}"
+        )
+        if src.get("note"):
+            lines.append(f"    note: {src['note']}")
+        if src.get("rejected"):
+            lines.append("    rejected: " + ", ".join(
+                f"{k}={v}" for k, v in sorted(src["rejected"].items())))
+    return "\n".join(lines)
+
+
+@click.command("status")
+@click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
+              help="The guest daemon's status socket.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for an answer.")
+def status(socket_path: str, as_json: bool, timeout: float) -> None:
+    """Show the guest daemon's synchronisation state."""
+    try:
+        st = query_status(socket_path, timeout)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot read status from {socket_path}: {exc}; is `timesync guest` running with "
+            f"--status-socket {socket_path}?") from exc
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+@click.command("wait-sync")
+@click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
+              help="The guest daemon's status socket.")
+@click.option("--max-offset", default=0.01, show_default=True, type=float,
+              help="Seconds: synchronised within this |offset| counts as done.")
+@click.option("--timeout", default=60.0, show_default=True, type=float,
+              help="Seconds to wait before giving up (exit 1).")
+@click.option("--interval", default=0.5, show_default=True, type=float, help="Polling interval.")
+def wait_sync(socket_path: str, max_offset: float, timeout: float, interval: float) -> None:
+    """Exit 0 once synchronised within --max-offset, 1 on timeout (for units and entrypoints)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        try:
+            st = query_status(socket_path, min(2.0, max(0.1, deadline - time.monotonic())))
+            offset = st.get("offset_s")
+            synced = st.get("state") == "synchronised"
+            if synced and offset is not None and abs(offset) <= max_offset:
+                click.echo(f"synchronised: offset {offset:+.6f} s")
+                return
+            last = f"state {st.get('state')}, offset {offset}"
+        except OSError as exc:
+            last = f"status socket: {exc}"
+        if time.monotonic() >= deadline:
+            click.echo(f"not synchronised within {timeout} s ({last})", err=True)
+            raise SystemExit(1)
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))

@@ -1,1 +1,1 @@
-"""Host side: the asyncio relay that forwards framed NTP over vsock/Unix to allowlisted upstreams."""
+"""Host side: the asyncio relay forwarding framed NTP over vsock/Unix to allowlisted upstreams."""

@@ -1,0 +1,137 @@
+"""Settings of ``timesync guest``: flat, typed, with help and ranges the config loader enforces.
+
+Discipline fields mirror ``timesyncd.discipline.DisciplineConfig`` by name, so
+:meth:`GuestSettings.discipline_kwargs` hands over whichever of them the controller knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from timesyncd.addresses import AddressError, parse_address
+
+DEFAULT_STATUS_SOCKET = "/run/timesync/guest.sock"
+
+
+@dataclass(frozen=True)
+class GuestSettings:
+    relay: str | None = field(default=None, metadata={
+        "help": "Relay to reach NTP through: vsock:CID:PORT, unix:PATH, fc:UDS_PATH:PORT or "
+                "tcp:HOST:PORT; each of its upstreams becomes a source."})
+    servers: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--server",
+        "help": "Plain NTP servers used directly as sources, udp:HOST:PORT (repeatable)."})
+    clock: str | None = field(default=None, metadata={
+        "choices": ("system", "software"),
+        "help": "Clock to discipline: 'system' adjusts the machine's clock (CAP_SYS_TIME), "
+                "'software' a user-space clock for demos and tests. No default: writing the "
+                "real clock must be an explicit choice."})
+    software_freq_ppm: float = field(default=0.0, metadata={
+        "min": -50_000.0, "max": 50_000.0,
+        "help": "Software clock: native rate error, ppm (positive runs fast)."})
+    software_offset_s: float = field(default=0.0, metadata={
+        "min": -1e6, "max": 1e6,
+        "help": "Software clock: initial offset from the machine clock, seconds."})
+    status_socket: str = field(default=DEFAULT_STATUS_SOCKET, metadata={
+        "help": "Unix socket path answering `timesync status` (empty to disable)."})
+    status_socket_mode: str = field(default="0660", metadata={
+        "help": "Permissions of the status socket, octal (0666 lets any local user read it)."})
+    forward_ntp: str | None = field(default=None, metadata={
+        "help": "Serve plain NTP at udp:HOST:PORT inside the guest, forwarding each request "
+                "over the relay's first upstream (for unmodified NTP clients)."})
+    forward_ntp_max_pending: int = field(default=256, metadata={
+        "min": 1, "max": 65536,
+        "help": "Forwarder: most requests awaiting a reply at once; more are dropped."})
+    name: str = field(default="", metadata={
+        "help": "Guest name announced to the relay (default: the host name)."})
+    minpoll: int = field(default=4, metadata={
+        "min": -4, "max": 17, "help": "Shortest polling interval, log2 seconds."})
+    maxpoll: int = field(default=10, metadata={
+        "min": -4, "max": 17, "help": "Longest polling interval, log2 seconds."})
+    burst: int = field(default=4, metadata={
+        "min": 1, "max": 16, "help": "Requests per source in the initial burst."})
+    step_threshold_s: float = field(default=1.0, metadata={
+        "min": 0.0, "max": 1e9,
+        "help": "Offsets above this are stepped (only during the first step_limit updates)."})
+    step_limit: int = field(default=3, metadata={
+        "min": 0, "max": 1_000_000,
+        "help": "Clock updates during which stepping is allowed; later only slewing."})
+    max_slew_ppm: float = field(default=83_333.0, metadata={
+        "min": 1.0, "max": 100_000.0, "help": "Largest frequency correction used to slew, ppm."})
+    max_root_distance_s: float = field(default=1.5, metadata={
+        "min": 0.001, "max": 16.0,
+        "help": "Samples with a larger root distance (worst-case error) are rejected."})
+    jump_confirm_samples: int = field(default=4, metadata={
+        "min": 1, "max": 64,
+        "help": "Consecutive consistent samples needed before accepting a large time jump."})
+    leap_mode: str = field(default="kernel", metadata={
+        "choices": ("kernel", "ignore"),
+        "help": "Leap seconds: 'kernel' tells the kernel to insert/delete, 'ignore' does not."})
+    reconnect_min_s: float = field(default=0.5, metadata={
+        "min": 0.01, "max": 3600.0, "help": "First delay before reconnecting to the relay."})
+    reconnect_max_s: float = field(default=30.0, metadata={
+        "min": 0.01, "max": 3600.0, "help": "Cap of the exponential reconnect backoff."})
+    request_timeout_s: float = field(default=5.0, metadata={
+        "min": 0.05, "max": 600.0,
+        "help": "A request unanswered this long is reported to the controller as a timeout."})
+
+    def validate(self) -> None:
+        if self.clock is None:
+            raise ValueError(
+                "clock: not set; writing the real clock is an explicit choice: use "
+                "--clock system (adjusts this machine's time, needs CAP_SYS_TIME) or "
+                "--clock software (a user-space clock for demos and tests)")
+        if not self.relay and not self.servers:
+            raise ValueError("relay/servers: no time source; give --relay ADDRESS and/or "
+                             "--server udp:HOST:PORT")
+        if self.relay:
+            addr = _address("relay", self.relay)
+            if not addr.is_stream:
+                raise ValueError(f"relay: {self.relay!r} is a UDP address; the relay is reached "
+                                 "over a stream: vsock:, unix:, fc: or tcp:")
+        for server in self.servers:
+            if _address("servers", server).kind != "udp":
+                raise ValueError(f"servers: {server!r} is not udp:HOST:PORT; relay addresses "
+                                 "go in --relay")
+        if self.forward_ntp:
+            if _address("forward_ntp", self.forward_ntp).kind != "udp":
+                raise ValueError(f"forward_ntp: {self.forward_ntp!r}; use udp:HOST:PORT")
+            if not self.relay:
+                raise ValueError("forward_ntp: needs --relay (requests are forwarded over it)")
+            if self.clock == "system":
+                raise ValueError(
+                    "forward_ntp: refused with clock = system: the NTP client you forward for "
+                    "would discipline the same clock as this daemon and the two would fight; "
+                    "use --clock software or drop --forward-ntp")
+        if self.minpoll > self.maxpoll:
+            raise ValueError(f"minpoll: {self.minpoll} is above maxpoll {self.maxpoll}; "
+                             "lower minpoll or raise maxpoll")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("reconnect_min_s: above reconnect_max_s; swap or fix them")
+        try:
+            mode = int(self.status_socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"status_socket_mode: {self.status_socket_mode!r} is not an octal "
+                             "mode like 0660")
+
+    @property
+    def guest_name(self) -> str:
+        return self.name or socket.gethostname() or f"pid-{os.getpid()}"
+
+    def discipline_kwargs(self, names: set[str]) -> dict[str, Any]:
+        """Our values for those of ``names`` (DisciplineConfig fields) that we also define."""
+        ours = {f.name for f in dataclasses.fields(self)}
+        return {n: getattr(self, n) for n in names & ours}
+
+
+def _address(key: str, spec: str) -> Any:
+    try:
+        return parse_address(spec)
+    except AddressError as exc:
+        raise ValueError(f"{key}: {exc}") from exc

@@ -1,0 +1,164 @@
+"""The guest daemon's local status socket, and the client the CLI uses to read it.
+
+Protocol (AF_UNIX stream): the client sends one line, ``status``; the server answers one line
+of JSON and closes. Anything else gets ``{"error": ...}``, is counted, and never hurts the
+daemon: requests are size- and time-bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from guest_client.settings import DEFAULT_STATUS_SOCKET
+
+__all__ = ["DEFAULT_STATUS_SOCKET", "StatusError", "StatusServer", "query_status"]
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 256
+MAX_RESPONSE = 1 << 20
+REQUEST_TIMEOUT_S = 2.0
+
+
+class StatusError(OSError):
+    """The status socket answered, but not with a status object."""
+
+
+class StatusServer:
+    """Serve ``provider()`` (a JSON-able dict) on a Unix socket."""
+
+    def __init__(
+        self, path: str, provider: Callable[[], dict[str, Any]], mode: int = 0o660,
+        max_clients: int = 16,
+    ) -> None:
+        self.path = path
+        self.mode = mode
+        self._provider = provider
+        self._server: asyncio.base_events.Server | None = None
+        self._slots = asyncio.Semaphore(max_clients)
+        self.errors: Counter[str] = Counter()
+        self.served = 0
+
+    async def start(self) -> None:
+        _remove_stale_socket(self.path)
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        self._server = await asyncio.start_unix_server(
+            self._handle, path=self.path, limit=MAX_REQUEST
+        )
+        os.chmod(self.path, self.mode)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self._slots.locked():
+                self.errors["busy"] += 1
+                await self._reply(writer, {"error": "busy: too many status clients"})
+                return
+            async with self._slots:
+                reply = await self._answer(reader)
+                await self._reply(writer, reply)
+        except (ConnectionError, OSError):
+            self.errors["disconnected"] += 1
+        except Exception:  # a status bug must never take the daemon down
+            self.errors["internal"] += 1
+            log.exception("status request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            return self._error("oversized", f"request longer than {MAX_REQUEST} bytes")
+        except asyncio.IncompleteReadError as exc:
+            if len(exc.partial) > MAX_REQUEST:
+                return self._error("oversized", f"request longer than {MAX_REQUEST} bytes")
+            line = exc.partial  # EOF without newline: accept the request as is
+        except TimeoutError:
+            return self._error("timeout", "no request line received")
+        if len(line) > MAX_REQUEST:
+            return self._error("oversized", f"request longer than {MAX_REQUEST} bytes")
+        request = line.strip()
+        if request != b"status":
+            return self._error("bad_request", f"unknown request {request[:40]!r}; send 'status'")
+        self.served += 1
+        return self._provider()
+
+    def _error(self, reason: str, message: str) -> dict[str, Any]:
+        self.errors[reason] += 1
+        return {"error": f"{reason}: {message}"}
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+        writer.write(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
+        await writer.drain()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Replace a socket left by a dead daemon; refuse to steal a live one or clobber a file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"status socket path {path} exists and is not a socket; remove it or "
+                      "choose another --status-socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listening: stale
+            return
+    raise OSError(f"status socket {path} is in use by a running daemon")
+
+
+def query_status(path: str = DEFAULT_STATUS_SOCKET, timeout: float = 2.0) -> dict[str, Any]:
+    """Ask a running guest daemon for its status (blocking; for the CLI).
+
+    Raises ``OSError`` (``StatusError`` for a bad or error answer) if there is no usable answer.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"status\n")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_RESPONSE:
+                raise StatusError(f"status answer from {path} exceeds {MAX_RESPONSE} bytes")
+    try:
+        obj = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StatusError(f"status answer from {path} is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise StatusError(f"status answer from {path} is not a JSON object")
+    if "error" in obj:
+        raise StatusError(f"status socket {path} refused: {obj['error']}")
+    return obj

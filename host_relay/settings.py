@@ -1,0 +1,112 @@
+"""Relay settings: one frozen dataclass, loaded from TOML and flags by ``timesyncd.config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from timesyncd.addresses import AddressError, parse_address
+from timesyncd.framing import HEADER, MAX_PAYLOAD
+
+#: Smallest frame that can carry an NTP request (header + upstream index + 48-byte packet).
+MIN_FRAME_BYTES = HEADER.size + 1 + 48
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    listen: tuple[str, ...] = field(
+        default=("vsock:any:123",),
+        metadata={"help": "Addresses to listen on for guests: vsock:CID:PORT (CID 'any'), "
+                          "unix:PATH, fc:UDS_PATH:PORT (Firecracker hybrid vsock), tcp:HOST:PORT."},
+    )
+    upstreams: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Allowlisted NTP servers (udp:HOST:PORT), offered to guests by index "
+                          "in this order. Empty: answer from the host clock at local_stratum."},
+    )
+    local_stratum: int = field(
+        default=10,
+        metadata={"help": "Stratum announced when answering from the host clock (no upstreams), "
+                          "like chrony's 'local stratum'.", "min": 1, "max": 15},
+    )
+    max_connections: int = field(
+        default=4096,
+        metadata={"help": "Guest connections held at once; further ones are closed at accept.",
+                  "min": 1, "max": 1_000_000},
+    )
+    rate_limit: float = field(
+        default=16.0,
+        metadata={"help": "Sustained NTP requests per second per connection (token bucket); "
+                          "excess requests get ERROR RATE_LIMITED.", "min": 0.01, "max": 1e6},
+    )
+    rate_burst: int = field(
+        default=32,
+        metadata={"help": "Token bucket size: requests a connection may send back to back.",
+                  "min": 1, "max": 1_000_000},
+    )
+    max_pending: int = field(
+        default=64,
+        metadata={"help": "Requests in flight per connection; beyond it ERROR BUSY.",
+                  "min": 1, "max": 65536},
+    )
+    idle_timeout_s: float = field(
+        default=3600.0,
+        metadata={"help": "Close a connection that sends nothing for this long (keep it above "
+                          "the guests' longest poll interval).", "min": 0.01, "max": 86400.0 * 7},
+    )
+    hello_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "A new connection must send HELLO within this time.",
+                  "min": 0.01, "max": 3600.0},
+    )
+    upstream_timeout_s: float = field(
+        default=2.0,
+        metadata={"help": "Wait this long for an upstream reply before ERROR UPSTREAM_TIMEOUT.",
+                  "min": 0.01, "max": 60.0},
+    )
+    max_frame_bytes: int = field(
+        default=HEADER.size + MAX_PAYLOAD,
+        metadata={"help": "Largest frame (header + payload) accepted from a guest; a larger one "
+                          "closes the connection.",
+                  "min": MIN_FRAME_BYTES, "max": HEADER.size + MAX_PAYLOAD},
+    )
+    socket_mode: str | None = field(
+        default=None,
+        metadata={"help": "Octal permissions for unix:/fc: listen sockets, e.g. '0660' "
+                          "(unset: the process umask decides)."},
+    )
+
+    def validate(self) -> None:
+        """Cross-field and syntax checks the metadata cannot express."""
+        if not self.listen:
+            raise ValueError("listen: no address given; add at least one, e.g. unix:/run/ts.sock")
+        for spec in self.listen:
+            try:
+                addr = parse_address(spec)
+            except AddressError as exc:
+                raise ValueError(f"listen: {exc}") from exc
+            if not addr.is_stream:
+                raise ValueError(f"listen: {spec!r} is a datagram address; use vsock:, unix:, "
+                                 "fc: or tcp:")
+        for spec in self.upstreams:
+            try:
+                addr = parse_address(spec)
+            except AddressError as exc:
+                raise ValueError(f"upstreams: {exc}") from exc
+            if addr.kind != "udp":
+                raise ValueError(f"upstreams: {spec!r} is not udp:HOST:PORT; NTP upstreams are UDP")
+        if len(self.upstreams) > 256:
+            raise ValueError("upstreams: at most 256 (the frame's upstream index is one byte)")
+        if len(set(self.upstreams)) != len(self.upstreams):
+            raise ValueError("upstreams: listed twice; remove the duplicate")
+        if self.socket_mode is not None:
+            try:
+                mode = int(self.socket_mode, 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o777:
+                raise ValueError(f"socket_mode: {self.socket_mode!r} is not an octal mode like "
+                                 "'0660'")
+
+    @property
+    def socket_mode_bits(self) -> int | None:
+        return None if self.socket_mode is None else int(self.socket_mode, 8)

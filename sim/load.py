@@ -1,0 +1,253 @@
+"""Guest traffic profiles: requests per second over true virtual time.
+
+Load matters twice in the simulator: it couples into the guest oscillator (a busy enclave's
+kvm-clock loses more time: ``coupling_ppm * utilisation``) and it queues the vsock hop (in-enclave
+networking is many times slower under load). Both consume the *utilisation*, requests per second
+divided by ``full_scale_rps``; the clock and network models take plain callables
+``load(true_s) -> utilisation`` so any profile (or a lambda) plugs in.
+
+Every profile also gives the exact mean over an interval (:meth:`LoadProfile.mean`) so an
+oscillator can integrate the coupling term analytically instead of sampling it.
+
+CSV trace format (``--load PATH.csv``): a header line ``time_s,requests_per_second`` then rows of
+seconds from the start of the run (ascending, first row at 0) and the request rate from that
+time until the next row (a step function). Lines starting with ``#`` are ignored. After the last
+row the trace repeats from 0 with period ``last time + (last - previous)`` when ``repeat`` is set,
+otherwise the last rate holds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import math
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DAY_S = 86_400.0
+
+#: Requests per second that count as utilisation 1.0 (the diurnal peak, by default).
+DEFAULT_FULL_SCALE_RPS = 1000.0
+
+
+class LoadProfile(ABC):
+    """A traffic profile in requests per second; utilisation is rps / full_scale_rps."""
+
+    full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
+
+    @abstractmethod
+    def rps(self, true_s: float) -> float:
+        """Requests per second at ``true_s`` seconds from the start of the run."""
+
+    @abstractmethod
+    def mean_rps(self, t0: float, t1: float) -> float:
+        """Exact mean of :meth:`rps` over ``[t0, t1]`` (``rps(t0)`` when ``t1 <= t0``)."""
+
+    def utilisation(self, true_s: float) -> float:
+        return self.rps(true_s) / self.full_scale_rps
+
+    def __call__(self, true_s: float) -> float:
+        """The ``load(true_s)`` callable the clock and network models take: utilisation."""
+        return self.rps(true_s) / self.full_scale_rps
+
+    def mean(self, t0: float, t1: float) -> float:
+        """Mean utilisation over ``[t0, t1]``, for analytic integration of load coupling."""
+        return self.mean_rps(t0, t1) / self.full_scale_rps
+
+
+@dataclass(frozen=True)
+class ConstantLoad(LoadProfile):
+    """A steady rate; ``ConstantLoad(0)`` is the idle guest used for calibration."""
+
+    value_rps: float = 0.0
+    full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
+
+    def rps(self, true_s: float) -> float:
+        return self.value_rps
+
+    def mean_rps(self, t0: float, t1: float) -> float:
+        return self.value_rps
+
+
+@dataclass(frozen=True)
+class DiurnalLoad(LoadProfile):
+    """Daily sinusoid: ``mean + amplitude * cos(2 pi (t - peak) / day)``, never below zero.
+
+    Defaults: 500 rps mean, 400 rps swing, peak at 14:00 into each simulated day, i.e. utilisation
+    0.1 at night to 0.9 in the afternoon.
+    """
+
+    mean_value_rps: float = 500.0
+    amplitude_rps: float = 400.0
+    peak_hour: float = 14.0
+    full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
+
+    def __post_init__(self) -> None:
+        if self.amplitude_rps > self.mean_value_rps:
+            raise ValueError("diurnal load: amplitude must not exceed the mean (no negative load)")
+
+    def _phase(self, true_s: float) -> float:
+        return 2.0 * math.pi * (true_s / DAY_S - self.peak_hour / 24.0)
+
+    def rps(self, true_s: float) -> float:
+        return self.mean_value_rps + self.amplitude_rps * math.cos(self._phase(true_s))
+
+    def mean_rps(self, t0: float, t1: float) -> float:
+        if t1 <= t0:
+            return self.rps(t0)
+        w = 2.0 * math.pi / DAY_S
+        integral = (math.sin(self._phase(t1)) - math.sin(self._phase(t0))) / w
+        return self.mean_value_rps + self.amplitude_rps * integral / (t1 - t0)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """A right-continuous step function with exact interval means (shared by trace and bursts)."""
+
+    times: tuple[float, ...]
+    values: tuple[float, ...]
+    period: float | None = None  # repeat with this period; None: last value holds
+    _cum: tuple[float, ...] = field(default=(), repr=False)
+
+    @staticmethod
+    def build(times: list[float], values: list[float], period: float | None) -> _Steps:
+        if not times or times[0] != 0.0:
+            raise ValueError("load trace must start at time 0")
+        if any(b <= a for a, b in zip(times, times[1:], strict=False)):
+            raise ValueError("load trace times must be strictly ascending")
+        if any(v < 0 or not math.isfinite(v) for v in values):
+            raise ValueError("load trace rates must be finite and >= 0")
+        cum = [0.0]
+        for i in range(1, len(times)):
+            cum.append(cum[-1] + values[i - 1] * (times[i] - times[i - 1]))
+        return _Steps(tuple(times), tuple(values), period, tuple(cum))
+
+    def value(self, t: float) -> float:
+        if self.period is not None:
+            t = t % self.period
+        i = bisect.bisect_right(self.times, t) - 1
+        return self.values[max(i, 0)]
+
+    def _integral(self, t: float) -> float:
+        """Integral from 0 to t (t >= 0)."""
+        whole = 0.0
+        if self.period is not None:
+            n, t = divmod(t, self.period)
+            whole = n * self._integral_one(self.period)
+        return whole + self._integral_one(t)
+
+    def _integral_one(self, t: float) -> float:
+        i = max(bisect.bisect_right(self.times, t) - 1, 0)
+        return self._cum[i] + self.values[i] * (t - self.times[i])
+
+    def mean(self, t0: float, t1: float) -> float:
+        if t1 <= t0:
+            return self.value(t0)
+        return (self._integral(t1) - self._integral(t0)) / (t1 - t0)
+
+
+@dataclass(frozen=True)
+class TraceLoad(LoadProfile):
+    """A recorded trace of requests per second (see the module docstring for the CSV format)."""
+
+    steps: _Steps
+    full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
+    source: str = ""
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[float, float]], *, repeat: bool = False,
+                  full_scale_rps: float = DEFAULT_FULL_SCALE_RPS, source: str = "") -> TraceLoad:
+        times = [float(t) for t, _ in rows]
+        values = [float(v) for _, v in rows]
+        period = None
+        if repeat:
+            if len(times) < 2:
+                raise ValueError("a repeating load trace needs at least two rows")
+            period = times[-1] + (times[-1] - times[-2])
+        return cls(_Steps.build(times, values, period), full_scale_rps, source)
+
+    @classmethod
+    def from_csv(cls, path: str | Path, *, repeat: bool = False,
+                 full_scale_rps: float = DEFAULT_FULL_SCALE_RPS) -> TraceLoad:
+        rows: list[tuple[float, float]] = []
+        with open(path, newline="", encoding="utf-8") as fh:
+            lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+        reader = csv.reader(lines)
+        for lineno, row in enumerate(reader, start=1):
+            if lineno == 1 and row and not _is_number(row[0]):
+                continue  # header
+            if len(row) < 2:
+                raise ValueError(f"{path}: row {lineno}: expected time_s,requests_per_second")
+            try:
+                rows.append((float(row[0]), float(row[1])))
+            except ValueError:
+                raise ValueError(f"{path}: row {lineno}: not numbers: {row!r}") from None
+        return cls.from_rows(rows, repeat=repeat, full_scale_rps=full_scale_rps, source=str(path))
+
+    def rps(self, true_s: float) -> float:
+        return self.steps.value(true_s)
+
+    def mean_rps(self, t0: float, t1: float) -> float:
+        return self.steps.mean(t0, t1)
+
+
+@dataclass(frozen=True)
+class BurstyLoad(LoadProfile):
+    """A quiet baseline with seeded random bursts (exponential gaps and lengths).
+
+    The bursts are drawn once at construction for ``horizon_s``, so the profile is a plain
+    deterministic function of time afterwards (the same for every strategy of a run).
+    """
+
+    steps: _Steps
+    full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
+
+    @classmethod
+    def generate(cls, seed: int, horizon_s: float, *, base_rps: float = 100.0,
+                 burst_rps: float = 1000.0, mean_gap_s: float = 3600.0,
+                 mean_burst_s: float = 600.0,
+                 full_scale_rps: float = DEFAULT_FULL_SCALE_RPS) -> BurstyLoad:
+        rng = random.Random(f"bursty-load/{seed}")
+        times, values = [0.0], [base_rps]
+        t = 0.0
+        while True:
+            t += rng.expovariate(1.0 / mean_gap_s)
+            if t >= horizon_s:
+                break
+            times.append(t)
+            values.append(burst_rps)
+            t += rng.expovariate(1.0 / mean_burst_s)
+            times.append(t)
+            values.append(base_rps)
+        return cls(_Steps.build(times, values, None), full_scale_rps)
+
+    def rps(self, true_s: float) -> float:
+        return self.steps.value(true_s)
+
+    def mean_rps(self, t0: float, t1: float) -> float:
+        return self.steps.mean(t0, t1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def make_load(spec: str, *, seed: int, horizon_s: float) -> LoadProfile:
+    """``constant`` (idle), ``constant:RPS``, ``diurnal``, ``bursty`` or a path to a CSV trace."""
+    name, _, arg = spec.partition(":")
+    if name == "constant":
+        return ConstantLoad(float(arg) if arg else 0.0)
+    if name == "diurnal":
+        return DiurnalLoad()
+    if name == "bursty":
+        return BurstyLoad.generate(seed, horizon_s)
+    if spec.endswith(".csv") or Path(spec).is_file():
+        return TraceLoad.from_csv(spec)
+    raise ValueError(f"load: unknown profile {spec!r}; use constant[:RPS], diurnal, bursty or "
+                     "a PATH.csv trace")

@@ -1,0 +1,250 @@
+"""Clock discipline: configuration, frequency/phase estimation, slew and poll decisions.
+
+The model (sans-IO, no clock reads here):
+
+* The controller records every correction it applies (``CorrectionModel``): frequency
+  corrections integrated over time plus steps. Subtracting them from the clock gives the
+  *uncorrected* time scale, in which a source's samples lie on a straight line whose slope is
+  the native rate error. Stored samples therefore never need rewriting after a slew or step.
+* ``fit`` is a weighted least-squares regression over recent samples (weights from excess
+  delay) with the window sized by a runs test on the residuals, as chrony does: when the
+  residual signs cluster, the oldest samples no longer fit a line and are dropped.
+* ``slew_plan`` removes the estimated phase by a temporary frequency change of bounded size
+  (like Linux ``adjtimex``, corrections multiply the clock's rate: rate = (1+e)(1+c)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from timesyncd.filter import FilteredSample, sample_variance
+
+
+@dataclass(frozen=True)
+class DisciplineConfig:
+    """Tunables of the guest clock discipline (defaults suit a vsock relay to a LAN source)."""
+
+    minpoll: int = field(default=2, metadata={
+        "help": "shortest poll interval, log2 seconds", "min": -2, "max": 17})
+    maxpoll: int = field(default=5, metadata={
+        "help": "longest poll interval, log2 seconds", "min": -2, "max": 17})
+    burst: int = field(default=4, metadata={
+        "help": "requests sent 2 s apart at start and after a reconnect", "min": 0, "max": 16})
+    step_threshold_s: float = field(default=1.0, metadata={
+        "help": "offsets larger than this are stepped (first step_limit updates only)",
+        "min": 0.0})
+    step_limit: int = field(default=3, metadata={
+        "help": "number of initial clock updates during which stepping is allowed", "min": 0})
+    max_slew_ppm: float = field(default=83_333.0, metadata={
+        "help": "largest frequency change used to slew the phase, ppm", "min": 1.0,
+        "max": 100_000.0})
+    slew_time_s: float = field(default=1.0, metadata={
+        "help": "shortest duration of a phase correction, seconds", "min": 0.001})
+    max_root_distance_s: float = field(default=1.5, metadata={
+        "help": "samples with a larger root distance are rejected", "min": 0.0})
+    max_samples: int = field(default=64, metadata={
+        "help": "regression window limit, samples per source", "min": 4, "max": 512})
+    max_delay_dev_ratio: float = field(default=10.0, metadata={
+        "help": "reject samples whose excess delay exceeds this many median excess delays",
+        "min": 0.0})
+    jump_confirm_samples: int = field(default=3, metadata={
+        "help": "consecutive agreeing samples needed to step a large jump after a "
+        "discontinuity", "min": 1})
+    outage_s: float = field(default=300.0, metadata={
+        "help": "no usable sample for this long counts as a discontinuity (like a restored "
+        "snapshot)", "min": 0.0})
+    holdover_polls: int = field(default=4, metadata={
+        "help": "missed poll intervals before entering holdover", "min": 1})
+    holdover_drift_ppm: float = field(default=1.0, metadata={
+        "help": "assumed frequency uncertainty in holdover; grows the error bound", "min": 0.0})
+    max_error_s: float = field(default=1.0, metadata={
+        "help": "error bound beyond which holdover becomes unsynchronised", "min": 0.0})
+    leap_mode: str = field(default="kernel", metadata={
+        "help": "pass the sources' leap warning to the kernel, or ignore it (smearing "
+        "upstreams)", "choices": ("kernel", "ignore")})
+
+    def __post_init__(self) -> None:
+        if self.minpoll > self.maxpoll:
+            raise ValueError("minpoll: larger than maxpoll; lower minpoll or raise maxpoll")
+        if self.leap_mode not in ("kernel", "ignore"):
+            raise ValueError("leap_mode: must be 'kernel' or 'ignore'")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Regression result for one source, evaluated at uncorrected time ``x``."""
+
+    x: float
+    offset: float  # uncorrected clock minus source at x
+    slope: float  # d(offset)/dx: native rate error as a fraction of uncorrected time
+    offset_sd: float
+    slope_sd: float
+    used: int  # samples the runs test kept
+    total: int
+
+
+def _regress(
+    samples: Sequence[FilteredSample], weights: Sequence[float], at_x: float
+) -> tuple[float, float, float, float, float]:
+    """Weighted line fit; returns (offset at at_x, slope, offset_sd, slope_sd, chi2)."""
+    sw = swx = swy = 0.0
+    for s, w in zip(samples, weights, strict=True):
+        sw += w
+        swx += w * (s.x - at_x)
+        swy += w * s.y
+    xbar = swx / sw
+    ybar = swy / sw
+    sxx = sxy = 0.0
+    for s, w in zip(samples, weights, strict=True):
+        dx = s.x - at_x - xbar
+        sxx += w * dx * dx
+        sxy += w * dx * (s.y - ybar)
+    slope = sxy / sxx if sxx > 0 else 0.0
+    chi2 = 0.0
+    for s, w in zip(samples, weights, strict=True):
+        r = s.y - ybar - slope * (s.x - at_x - xbar)
+        chi2 += w * r * r
+    n = len(samples)
+    scale = max(chi2 / (n - 2), 1.0) if n > 2 else 1.0
+    offset = ybar - slope * xbar
+    offset_var = scale * (1.0 / sw + (xbar * xbar / sxx if sxx > 0 else 0.0))
+    slope_sd = math.sqrt(scale / sxx) if sxx > 0 else math.inf
+    return offset, slope, math.sqrt(offset_var), slope_sd, chi2
+
+
+def _runs_ok(samples: Sequence[FilteredSample], at_x: float, offset: float, slope: float,
+             z: float) -> bool:
+    """Wald-Wolfowitz runs test on residual signs: too few runs means the line is stale."""
+    runs = 0
+    pos = neg = 0
+    last = 0
+    for s in samples:
+        sign = 1 if s.y - offset - slope * (s.x - at_x) > 0 else -1
+        if sign > 0:
+            pos += 1
+        else:
+            neg += 1
+        if sign != last:
+            runs += 1
+            last = sign
+    n = pos + neg
+    if pos == 0 or neg == 0:
+        return n < 4
+    p2 = 2.0 * pos * neg
+    mean = p2 / n + 1.0
+    var = p2 * (p2 - n) / (n * n * (n - 1.0))
+    return runs >= mean - z * math.sqrt(max(var, 0.0))
+
+
+def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0,
+        runs_z: float = 1.64) -> Estimate | None:
+    """Estimate offset (at ``at_x``) and slope from a source's samples, oldest first.
+
+    The window starts at all samples and shrinks (oldest dropped, in quarters) until the
+    runs test accepts the residuals; ``used`` tells the caller how many to keep.
+    With a single sample the slope is ``prior_slope`` (the last known frequency).
+    """
+    n = len(samples)
+    if n == 0:
+        return None
+    d_min = min(s.delay_s for s in samples)
+    weights = [1.0 / sample_variance(s, d_min) for s in samples]
+    if n == 1:
+        s = samples[0]
+        return Estimate(at_x, s.y + prior_slope * (at_x - s.x), prior_slope,
+                        math.sqrt(1.0 / weights[0]), math.inf, 1, 1)
+    start = 0
+    result = _regress(samples, weights, at_x)
+    while n - start > 4:
+        if _runs_ok(samples[start:], at_x, result[0], result[1], runs_z):
+            break
+        start = min(start + max((n - start) // 4, 1), n - 4)
+        result = _regress(samples[start:], weights[start:], at_x)
+    offset, slope, offset_sd, slope_sd, _ = result
+    return Estimate(at_x, offset, slope, offset_sd, slope_sd, n - start, n)
+
+
+class CorrectionModel:
+    """Exact record of the corrections applied to the clock (frequency x time, and steps).
+
+    ``correction_at(t)`` is how far the corrected clock reading ``t`` is ahead of the
+    uncorrected one. With rate = (1+e)(1+c), the uncorrected clock advances dt/(1+c) while
+    the clock advances dt, so a correction c contributes c/(1+c) per second of clock time.
+    """
+
+    def __init__(self, t0: float = 0.0, freq: float = 0.0) -> None:
+        # segments: (start clock time, correction at start, correction per clock second)
+        self._segments: list[tuple[float, float, float]] = [(t0, 0.0, freq / (1.0 + freq))]
+        self.freq = freq  # current total correction (fraction, not ppm)
+
+    def correction_at(self, t: float) -> float:
+        for start, c0, k in reversed(self._segments):
+            if t >= start:
+                return c0 + k * (t - start)
+        start, c0, k = self._segments[0]
+        return c0 + k * (t - start)
+
+    def uncorrected(self, t: float) -> float:
+        return t - self.correction_at(t)
+
+    def set_frequency(self, t: float, freq: float) -> None:
+        c = self.correction_at(t)
+        self._segments.append((t, c, freq / (1.0 + freq)))
+        self.freq = freq
+        del self._segments[:-16]
+
+    def step(self, t: float, delta: float) -> None:
+        """The clock read ``t`` and was moved by ``delta``; it now reads ``t + delta``."""
+        c = self.correction_at(t)
+        self._segments.append((t + delta, c + delta, self.freq / (1.0 + self.freq)))
+        del self._segments[:-16]
+
+
+def slew_plan(offset: float, slope: float, max_slew_ppm: float, slew_time_s: float,
+              base_limit_ppm: float | None = None) -> tuple[float, float]:
+    """Frequency correction (fraction) and clock-time duration that remove ``offset``.
+
+    ``slope`` is the native rate error; the base correction ``-slope`` stops drift, and an
+    extra ``s`` makes the offset change at ``s/(1-slope+s)`` per clock second.
+    """
+    limit = max_slew_ppm * 1e-6
+    base = -slope
+    if base_limit_ppm is not None:
+        base = max(-base_limit_ppm * 1e-6, min(base_limit_ppm * 1e-6, base))
+    if offset == 0.0:
+        return base, 0.0
+    duration = max(abs(offset) / limit, slew_time_s)
+    r = -offset / duration
+    s = r * (1.0 - slope) / (1.0 - r)
+    freq = base + s
+    if abs(freq) > limit:
+        freq = math.copysign(limit, freq)
+        s = freq - base
+        if s == 0.0 or (s > 0) != (offset < 0):
+            return base, 0.0
+        r = s / (1.0 - slope + s)
+        duration = -offset / r
+    return freq, duration
+
+
+@dataclass(slots=True)
+class PollState:
+    """Adaptive poll exponent of one source: up after a run of good fits, down on trouble."""
+
+    poll: int
+    score: int = 0
+
+    def update(self, est: Estimate, minpoll: int, maxpoll: int) -> None:
+        if est.used < est.total // 2 or est.used < 3:
+            self.score -= 2  # the model went stale quickly: sample more often
+        elif est.used >= 8:
+            self.score += 1
+        if self.score >= 4:
+            self.poll = min(self.poll + 1, maxpoll)
+            self.score = 0
+        elif self.score <= -4:
+            self.poll = max(self.poll - 1, minpoll)
+            self.score = 0
+        self.poll = max(minpoll, min(maxpoll, self.poll))

@@ -1,0 +1,97 @@
+"""Per-source sample store: spike rejection by delay and delay-aware weights.
+
+Samples are kept in the *uncorrected* time scale of the disciplined clock (see
+``timesyncd.discipline.CorrectionModel``): ``x`` is what the clock would read had we never
+corrected it and ``y`` the offset of that uncorrected clock from the source. Slews and steps
+do not change these values, so stored samples stay consistent without being rewritten.
+
+Why delay matters: with a minimum round-trip delay ``d_min`` and a sample of delay ``d``,
+the offset error lies within ``+-(d - d_min)/2``; the excess delay is the best noise
+predictor we have, so it sets each sample's weight in the regression.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+#: Floor of a sample's standard error, seconds: timestamping and read noise on the best path.
+ERROR_FLOOR_S = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class FilteredSample:
+    """One accepted measurement in uncorrected coordinates (seconds since the controller epoch)."""
+
+    x: float  # uncorrected clock reading at the midpoint of the exchange
+    y: float  # uncorrected clock minus source
+    delay_s: float  # path delay (round trip minus relay residence)
+    dispersion_s: float  # precision terms of both ends
+    root_distance_s: float  # synchronisation distance to the source's reference
+    leap: int = 0
+
+
+class SampleFilter:
+    """Keeps the recent samples of one source and rejects delay spikes.
+
+    A sample is a spike when its delay exceeds the recent minimum by more than
+    ``max_delay_dev_ratio`` times the median excess delay (chrony's ``maxdelaydevratio``
+    idea), so queueing bursts do not pull the estimate while ordinary jitter is weighted.
+    """
+
+    def __init__(self, max_samples: int = 64, max_delay_dev_ratio: float = 10.0) -> None:
+        self.max_samples = max_samples
+        self.max_delay_dev_ratio = max_delay_dev_ratio
+        self._samples: deque[FilteredSample] = deque(maxlen=max_samples)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __iter__(self) -> Iterator[FilteredSample]:
+        return iter(self._samples)
+
+    @property
+    def samples(self) -> list[FilteredSample]:
+        return list(self._samples)
+
+    def min_delay(self) -> float | None:
+        return min((s.delay_s for s in self._samples), default=None)
+
+    def is_spike(self, delay_s: float) -> bool:
+        """Whether a sample with this delay would be rejected as a delay spike."""
+        if len(self._samples) < 4 or self.max_delay_dev_ratio <= 0:
+            return False
+        delays = sorted(s.delay_s for s in self._samples)
+        d_min = delays[0]
+        excess = delays[len(delays) // 2] - d_min
+        allowance = max(excess, 5 * ERROR_FLOOR_S) * self.max_delay_dev_ratio
+        return delay_s - d_min > allowance
+
+    def add(self, sample: FilteredSample) -> str | None:
+        """Store ``sample``; return a rejection reason (``"delay_spike"``) instead if it is one."""
+        if self.is_spike(sample.delay_s):
+            return "delay_spike"
+        self._samples.append(sample)
+        return None
+
+    def prune(self, keep: int) -> None:
+        """Drop all but the newest ``keep`` samples (the regression found older ones stale)."""
+        while len(self._samples) > max(keep, 0):
+            self._samples.popleft()
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def latest(self) -> FilteredSample | None:
+        return self._samples[-1] if self._samples else None
+
+
+def sample_variance(sample: FilteredSample, min_delay_s: float) -> float:
+    """Variance of a sample's offset error given the window's minimum delay.
+
+    Given the excess delay ``e`` split randomly between the two directions, the offset
+    error is about uniform on ``[-e/2, e/2]``: variance ``e**2 / 12``.
+    """
+    excess = max(sample.delay_s - min_delay_s, 0.0)
+    return ERROR_FLOOR_S**2 + sample.dispersion_s**2 + excess * excess / 12.0

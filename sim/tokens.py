@@ -121,10 +121,17 @@ class KindSchedule:
 
 @dataclass
 class KindTally:
+    """Outcome for one kind; times are true seconds since the start of the run."""
+
     issued: int = 0
-    rejected: int = 0
-    accepted_expired: int = 0
-    first_rejection_ns: int | None = None
+    rejected: int = 0  # valid tokens wrongly rejected
+    accepted_expired: int = 0  # replays of expired tokens wrongly accepted
+    rejection_times_s: npt.NDArray[np.float64] = field(
+        default_factory=lambda: np.zeros(0))
+
+    @property
+    def first_rejection_s(self) -> float | None:
+        return float(self.rejection_times_s[0]) if len(self.rejection_times_s) else None
 
 
 class TokenSchedule:
@@ -194,8 +201,7 @@ class TokenSchedule:
             ok_guest = self.accepts(kind, k.lo, k.hi, k.validate_ns + offset_at(k.validate_ns))
             wrong = ok_true & ~ok_guest
             t.rejected = int(wrong.sum())
-            if t.rejected:
-                t.first_rejection_ns = int(k.validate_ns[np.argmax(wrong)])
+            t.rejection_times_s = (k.validate_ns[wrong] - self.start_ns) / NS
             live = k.replay_ns <= self.end_ns
             r_ns = k.replay_ns[live]
             lo, hi = k.lo[live], k.hi[live]

@@ -1,0 +1,177 @@
+"""The drift-sim scenario: one frozen description of clock, load, network, tokens and strategies.
+
+Every strategy of a run is built from the same ``Scenario`` and seed, so they face the same
+oscillator (same wander draws), the same traffic and the same tokens. Defaults reproduce the
+seed story (docs/SIMULATOR.md, "drift-sim"): an idle guest loses 1.0 s/day (-11.574 ppm), diurnal
+traffic makes it lose ~10 % more, and with no sync the first JWT (leeway 3 s, 20 ms transit) is
+rejected as "not yet valid" between day 2.5 and 3.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sim.load import LoadProfile
+from sim.tokens import TokenConfig
+
+FloatArray = npt.NDArray[np.float64]
+
+DAY_S = 86_400.0
+#: Calibration: an idle guest loses exactly 1.0 s per day.
+IDLE_LOSS_PPM = -1e6 / DAY_S  # -11.574 ppm
+STRATEGIES: tuple[str, ...] = ("none", "step", "discipline")
+
+
+@dataclass(frozen=True)
+class NetworkParams:
+    """guest -> vsock -> relay -> upstream, one-way figures (seconds) per hop."""
+
+    vsock_delay_s: float = field(default=50e-6, metadata={"help": "vsock one-way base delay"})
+    vsock_jitter_s: float = field(default=20e-6, metadata={"help": "vsock exponential jitter mean"})
+    vsock_queue_s: float = field(default=5e-3, metadata={
+        "help": "extra vsock queueing mean at utilisation 1 (grows with load, exponential)"})
+    upstream_delay_s: float = field(default=200e-6, metadata={
+        "help": "relay <-> upstream one-way base delay"})
+    upstream_jitter_s: float = field(default=50e-6, metadata={"help": "upstream jitter mean"})
+    asymmetry_s: float = field(default=0.0, metadata={
+        "help": "extra delay on the way out (guest->server) minus the way back"})
+    loss: float = field(default=0.0, metadata={"help": "probability a request or reply is lost"})
+    outages: tuple[tuple[float, float], ...] = field(default=(), metadata={
+        "help": "relay down: (start_s, duration_s) windows"})
+
+
+@dataclass(frozen=True)
+class Scenario:
+    days: float = 7.0
+    seed: int = 1
+    load: str = "diurnal"
+    strategies: tuple[str, ...] = STRATEGIES
+    start_unix_s: int = 1_735_689_600  # 2025-01-01T00:00:00Z, a midnight: diurnal hours line up
+    base_ppm: float = field(default=IDLE_LOSS_PPM, metadata={
+        "help": "native rate error of the idle guest clock (loses 1.0 s/day)"})
+    load_coupling_ppm: float = field(default=-2.5, metadata={
+        "help": "extra rate error at utilisation 1 (busy guest loses more)"})
+    wander_ppm_per_sqrt_s: float = field(default=2e-4, metadata={
+        "help": "random-walk frequency wander, ppm per sqrt(second)"})
+    read_noise_s: float = field(default=20e-9, metadata={"help": "clock read noise (std dev)"})
+    initial_offset_s: float = 0.0
+    upstream_error_s: float = field(default=0.0, metadata={
+        "help": "upstream (and host) clock error, guest sees it as truth"})
+    minpoll: int = 4
+    maxpoll: int = 4
+    step_interval_s: float = field(default=300.0, metadata={
+        "help": "step strategy: host time read over vsock this often"})
+    sample_interval_s: float = field(default=60.0, metadata={
+        "help": "offset series resolution (plots, CSV, max |offset|)"})
+    network: NetworkParams = NetworkParams()
+    tokens: TokenConfig = TokenConfig()
+
+    def __post_init__(self) -> None:
+        if self.days <= 0:
+            raise ValueError("days: must be > 0")
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"strategies: unknown {s!r}; use {', '.join(STRATEGIES)}")
+        if not 0 <= self.network.loss < 1:
+            raise ValueError("loss: must be in [0, 1)")
+        if self.minpoll > self.maxpoll:
+            raise ValueError("minpoll: must not exceed maxpoll")
+
+    @property
+    def duration_s(self) -> float:
+        return self.days * DAY_S
+
+    @property
+    def start_ns(self) -> int:
+        return self.start_unix_s * 1_000_000_000
+
+    def with_seed(self, seed: int) -> Scenario:
+        return replace(self, seed=seed)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["network"]["outages"] = [list(o) for o in self.network.outages]
+        d["tokens"]["kinds"] = list(self.tokens.kinds)
+        d["strategies"] = list(self.strategies)
+        return d
+
+
+def parse_outage(text: str) -> tuple[float, float]:
+    """``START:DURATION`` with units s/m/h/d (default seconds), e.g. ``2d:6h``."""
+    start, sep, dur = text.partition(":")
+    if not sep:
+        raise ValueError(f"outage: {text!r} is not START:DURATION (e.g. 2d:6h)")
+    return parse_duration(start), parse_duration(dur)
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S}
+    t = text.strip()
+    mult = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1]) * mult if mult is not None else float(t)
+    except ValueError:
+        raise ValueError(f"duration: {text!r} is not a number with optional s/m/h/d") from None
+    if value < 0:
+        raise ValueError(f"duration: {text!r} must be >= 0")
+    return value
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``7``, ``1-10`` or ``1,3,5``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        a, sep, b = part.partition("-")
+        try:
+            seeds.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+        except ValueError:
+            raise ValueError(f"seeds: {text!r}; use N, A-B or a comma list") from None
+    if not seeds:
+        raise ValueError("seeds: empty")
+    return seeds
+
+
+class RateModel:
+    """The guest oscillator's native rate error over true time, shared by every strategy.
+
+    ``ppm(t) = base + coupling * utilisation(t) + wander(t)``; the wander is a random walk drawn
+    once per seed on a fixed grid (piecewise constant), so the free-running offset
+    :meth:`free_offset_s` is an exact integral that does not depend on where anyone samples it.
+    The discipline engine's oscillator gets the same function through :meth:`extra_ppm` (load
+    coupling plus wander) so all strategies face the same clock.
+    """
+
+    GRID_S = 60.0
+
+    def __init__(self, scenario: Scenario, load: LoadProfile) -> None:
+        self.base_ppm = scenario.base_ppm
+        self.coupling_ppm = scenario.load_coupling_ppm
+        self.load = load
+        n = int(scenario.duration_s / self.GRID_S) + 2
+        rng = np.random.default_rng([scenario.seed, 0x0A5C])
+        steps = rng.normal(0.0, scenario.wander_ppm_per_sqrt_s * np.sqrt(self.GRID_S), n)
+        self._wander = np.concatenate([[0.0], np.cumsum(steps)[:-1]])  # ppm per grid cell
+        self._wander_cum = np.concatenate([[0.0], np.cumsum(self._wander * self.GRID_S)])
+
+    def wander_ppm(self, true_s: float) -> float:
+        i = min(int(true_s // self.GRID_S), len(self._wander) - 1)
+        return float(self._wander[max(i, 0)])
+
+    def extra_ppm(self, true_s: float) -> float:
+        """Everything but the base error: load coupling plus wander, at ``true_s``."""
+        return self.coupling_ppm * self.load.utilisation(true_s) + self.wander_ppm(true_s)
+
+    def ppm(self, true_s: float) -> float:
+        return self.base_ppm + self.extra_ppm(true_s)
+
+    def free_offset_s(self, times_s: FloatArray) -> FloatArray:
+        """Integral of the rate error from 0 to each time: a free-running clock's offset (s)."""
+        t = np.asarray(times_s, dtype=np.float64)
+        load_int = np.array([self.load.mean(0.0, x) * x for x in t.tolist()])
+        i = np.clip((t // self.GRID_S).astype(np.int64), 0, len(self._wander) - 1)
+        wander_int = self._wander_cum[i] + self._wander[i] * (t - i * self.GRID_S)
+        return 1e-6 * (self.base_ppm * t + self.coupling_ppm * load_int + wander_int)

@@ -1,0 +1,103 @@
+"""The three ways a guest can keep time, run on the same seeded clock, load, network and tokens.
+
+* ``none``: free-running; the offset is the exact integral of the rate error.
+* ``step``: what existing enclave toolkits do: every ``step_interval_s`` read the host's wall
+  time over vsock and ``clock_settime`` it, ignoring the round trip. The clock lands behind by
+  the return-path delay, which varies with vsock queueing, so it jumps both ways.
+* ``discipline``: the real ``guest_client.controller.GuestController`` driven in virtual time by
+  the discipline engineer's ``sim.engine`` with a ``SimClock``.
+
+Each function returns the guest offset (guest minus true, seconds) at the requested sorted true
+instants, plus the clock jumps it made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sim.load import LoadProfile
+from sim.scenario import RateModel, Scenario
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass
+class SimInputs:
+    """What every strategy of one run shares."""
+
+    scenario: Scenario
+    load: LoadProfile
+    rate: RateModel
+
+
+@dataclass
+class Trajectory:
+    offsets_s: FloatArray  # at the requested instants
+    jumps_s: FloatArray = field(default_factory=lambda: np.zeros(0))  # signed, in order
+    jump_times_s: FloatArray = field(default_factory=lambda: np.zeros(0))
+    offsets_at_jumps_before_s: FloatArray = field(default_factory=lambda: np.zeros(0))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_none(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+    return Trajectory(inputs.scenario.initial_offset_s + inputs.rate.free_offset_s(times_s))
+
+
+def vsock_delays(inputs: SimInputs, at_s: FloatArray, rng: np.random.Generator) -> FloatArray:
+    """One-way vsock delays for messages sent at ``at_s``: base + jitter + load queueing."""
+    net = inputs.scenario.network
+    util = np.array([inputs.load.utilisation(float(t)) for t in at_s])
+    jitter = rng.exponential(net.vsock_jitter_s, len(at_s)) if net.vsock_jitter_s > 0 else 0.0
+    queue = rng.exponential(1.0, len(at_s)) * net.vsock_queue_s * util
+    return net.vsock_delay_s + jitter + queue
+
+
+def in_outage(inputs: SimInputs, at_s: FloatArray) -> npt.NDArray[np.bool_]:
+    down = np.zeros(len(at_s), dtype=bool)
+    for start, dur in inputs.scenario.network.outages:
+        down |= (at_s >= start) & (at_s < start + dur)
+    return down
+
+
+def run_step(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+    """Every interval: request over vsock, host reads its clock, guest sets it on arrival."""
+    sc = inputs.scenario
+    rng = np.random.default_rng([sc.seed, 0x57E9])
+    sends = np.arange(sc.step_interval_s, sc.duration_s, sc.step_interval_s)
+    out = vsock_delays(inputs, sends, rng)
+    back = vsock_delays(inputs, sends + out, rng)
+    # a read fails when the relay is down or the request or the reply is lost
+    ok = ~in_outage(inputs, sends) & (rng.random(len(sends)) >= sc.network.loss)
+    ok &= rng.random(len(sends)) >= sc.network.loss
+    sets = (sends + out + back)[ok]
+    host_err = sc.upstream_error_s  # the host's own clock error, it is "truth" to the guest
+    after = -back[ok] + host_err  # guest reads host time, which is already `back` old
+    free_at_set = inputs.rate.free_offset_s(sets)
+    before = np.empty_like(after)
+    if len(sets):
+        before[0] = sc.initial_offset_s + free_at_set[0]
+        before[1:] = after[:-1] + free_at_set[1:] - free_at_set[:-1]
+    jumps = after - before
+    free = inputs.rate.free_offset_s(times_s)
+    offsets = sc.initial_offset_s + free
+    k = np.searchsorted(sets, times_s, side="right") - 1
+    stepped = k >= 0
+    offsets[stepped] = after[k[stepped]] + free[stepped] - free_at_set[k[stepped]]
+    return Trajectory(offsets, jumps, sets, before,
+                      extra={"step_reads": int(len(sets)), "failed_reads": int((~ok).sum())})
+
+
+def run_discipline(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+    raise NotImplementedError("discipline: waiting for sim.engine")
+
+
+STRATEGY_FUNCS: dict[str, Callable[[SimInputs, FloatArray], Trajectory]] = {
+    "none": run_none,
+    "step": run_step,
+    "discipline": run_discipline,
+}

@@ -53,10 +53,19 @@ class Address:
         return f"{self.kind}:{host}:{self.port}"
 
 
+def _number(text: str) -> int | None:
+    """ASCII decimal up to 32 bits, else None (``str.isdigit`` alone admits '²' and '٣')."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        return None
+    value = int(text)
+    return value if value <= 0xFFFF_FFFF else None
+
+
 def _port(text: str, spec: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 0xFFFF_FFFF:
+    value = _number(text)
+    if value is None:
         raise AddressError(f"bad port {text!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}")
-    return int(text)
+    return value
 
 
 def parse_address(spec: str) -> Address:
@@ -77,8 +86,8 @@ def parse_address(spec: str) -> Address:
             raise AddressError(f"malformed address {spec!r}; accepted forms: {ACCEPTED_FORMS}")
         if cid_text == "any":
             cid = VMADDR_CID_ANY
-        elif cid_text.isdigit():
-            cid = int(cid_text)
+        elif (number := _number(cid_text)) is not None:
+            cid = number
         else:
             raise AddressError(
                 f"bad CID {cid_text!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}"
@@ -95,7 +104,9 @@ def parse_address(spec: str) -> Address:
             raise AddressError(f"malformed address {spec!r}; accepted forms: {ACCEPTED_FORMS}")
         p = _port(port, spec)
         if p > 0xFFFF:
-            raise AddressError(f"port {p} out of range in {spec!r}")
+            raise AddressError(
+                f"port {p} out of range 0-65535 in {spec!r}; accepted forms: {ACCEPTED_FORMS}"
+            )
         return Address(kind, host=host, port=p)  # type: ignore[arg-type]
     raise AddressError(
         f"unknown address kind {kind!r} in {spec!r}; accepted forms: {ACCEPTED_FORMS}"

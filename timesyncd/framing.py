@@ -63,7 +63,11 @@ class Frame:
     def encode(self) -> bytes:
         if len(self.payload) > MAX_PAYLOAD:
             raise FramingError("oversized", f"payload {len(self.payload)} > {MAX_PAYLOAD}")
-        return HEADER.pack(VERSION, self.type, len(self.payload), self.request_id) + self.payload
+        try:
+            head = HEADER.pack(VERSION, self.type, len(self.payload), self.request_id)
+        except struct.error as exc:
+            raise FramingError("bad_field", f"type or request id out of range: {exc}") from exc
+        return head + self.payload
 
 
 class FrameDecoder:
@@ -100,6 +104,8 @@ class FrameDecoder:
 
 
 def ntp_request(request_id: int, upstream: int, packet: bytes) -> Frame:
+    if not 0 <= upstream <= 0xFF:
+        raise FramingError("bad_field", f"upstream index {upstream} does not fit a byte")
     return Frame(FrameType.NTP_REQUEST, request_id, _NTP_REQUEST.pack(upstream) + packet)
 
 
@@ -145,5 +151,7 @@ def json_frame(ftype: FrameType, request_id: int, obj: Any) -> Frame:
 def parse_json(frame: Frame) -> Any:
     try:
         return json.loads(frame.payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FramingError("bad_payload", f"invalid JSON in {FrameType(frame.type).name}") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, or nesting deep enough to blow
+        # the stack (a 4 KiB payload of '[' does): both are the peer's fault, not a crash.
+        name = FrameType(frame.type).name if frame.type in FrameType._value2member_map_ else "?"
+        raise FramingError("bad_payload", f"invalid JSON in {name} frame") from exc

@@ -42,9 +42,11 @@ def ntp_to_unix_ns(ntp: int, pivot_unix_ns: int) -> int:
 
 
 def seconds_to_short(seconds: float) -> int:
-    """Seconds to NTP short format (unsigned 16.16), saturating."""
+    """Seconds to NTP short format (unsigned 16.16), saturating; NaN (unknown) is the maximum."""
     if seconds <= 0:
         return 0
+    if not seconds < 65536:  # also catches inf and NaN, which int() cannot convert
+        return 0xFFFF_FFFF
     return min(int(round(seconds * 65536)), 0xFFFF_FFFF)
 
 

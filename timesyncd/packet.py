@@ -87,12 +87,17 @@ class NtpPacket:
     def encode(self) -> bytes:
         if not (0 <= self.leap <= 3 and 0 <= self.version <= 7 and 0 <= self.mode <= 7):
             raise ValueError("leap, version or mode out of range")
+        if len(self.reference_id) != 4:  # struct would silently pad or truncate it
+            raise ValueError(f"reference_id must be 4 bytes, got {len(self.reference_id)}")
         first = (self.leap << 6) | (self.version << 3) | self.mode
-        head = _HEADER.pack(
-            first, self.stratum, self.poll, self.precision, self.root_delay,
-            self.root_dispersion, self.reference_id, self.reference_ts, self.origin_ts,
-            self.receive_ts, self.transmit_ts,
-        )
+        try:
+            head = _HEADER.pack(
+                first, self.stratum, self.poll, self.precision, self.root_delay,
+                self.root_dispersion, self.reference_id, self.reference_ts, self.origin_ts,
+                self.receive_ts, self.transmit_ts,
+            )
+        except struct.error as exc:
+            raise ValueError(f"NTP header field out of range: {exc}") from exc
         efs = b""
         for i, ef in enumerate(self.extensions):
             last = i == len(self.extensions) - 1

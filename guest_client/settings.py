@@ -1,7 +1,7 @@
 """Settings of ``timesync guest``: flat, typed, with help and ranges the config loader enforces.
 
-Discipline fields mirror ``timesyncd.discipline.DisciplineConfig`` by name, so
-:meth:`GuestSettings.discipline_kwargs` hands over whichever of them the controller knows.
+Discipline fields mirror ``timesyncd.discipline.DisciplineConfig`` (name, default, help and
+range come from there), so :meth:`GuestSettings.discipline_config` hands them over whole.
 """
 
 from __future__ import annotations
@@ -13,8 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from timesyncd.addresses import AddressError, parse_address
+from timesyncd.discipline import DisciplineConfig
 
 DEFAULT_STATUS_SOCKET = "/run/timesync/guest.sock"
+_DISCIPLINE = {f.name: f for f in dataclasses.fields(DisciplineConfig)}
+
+
+def _mirror(name: str) -> Any:
+    """A settings field with DisciplineConfig's default and metadata: one source of truth."""
+    f = _DISCIPLINE[name]
+    return field(default=f.default, metadata=f.metadata)
+
 
 
 @dataclass(frozen=True)
@@ -48,29 +57,24 @@ class GuestSettings:
         "help": "Forwarder: most requests awaiting a reply at once; more are dropped."})
     name: str = field(default="", metadata={
         "help": "Guest name announced to the relay (default: the host name)."})
-    minpoll: int = field(default=4, metadata={
-        "min": -4, "max": 17, "help": "Shortest polling interval, log2 seconds."})
-    maxpoll: int = field(default=10, metadata={
-        "min": -4, "max": 17, "help": "Longest polling interval, log2 seconds."})
-    burst: int = field(default=4, metadata={
-        "min": 1, "max": 16, "help": "Requests per source in the initial burst."})
-    step_threshold_s: float = field(default=1.0, metadata={
-        "min": 0.0, "max": 1e9,
-        "help": "Offsets above this are stepped (only during the first step_limit updates)."})
-    step_limit: int = field(default=3, metadata={
-        "min": 0, "max": 1_000_000,
-        "help": "Clock updates during which stepping is allowed; later only slewing."})
-    max_slew_ppm: float = field(default=83_333.0, metadata={
-        "min": 1.0, "max": 100_000.0, "help": "Largest frequency correction used to slew, ppm."})
-    max_root_distance_s: float = field(default=1.5, metadata={
-        "min": 0.001, "max": 16.0,
-        "help": "Samples with a larger root distance (worst-case error) are rejected."})
-    jump_confirm_samples: int = field(default=4, metadata={
-        "min": 1, "max": 64,
-        "help": "Consecutive consistent samples needed before accepting a large time jump."})
-    leap_mode: str = field(default="kernel", metadata={
-        "choices": ("kernel", "ignore"),
-        "help": "Leap seconds: 'kernel' tells the kernel to insert/delete, 'ignore' does not."})
+    # --- discipline: mirrored from DisciplineConfig (same names, defaults, help, ranges) ---
+    minpoll: int = _mirror("minpoll")
+    maxpoll: int = _mirror("maxpoll")
+    burst: int = _mirror("burst")
+    step_threshold_s: float = _mirror("step_threshold_s")
+    step_limit: int = _mirror("step_limit")
+    max_slew_ppm: float = _mirror("max_slew_ppm")
+    slew_time_s: float = _mirror("slew_time_s")
+    max_root_distance_s: float = _mirror("max_root_distance_s")
+    max_samples: int = _mirror("max_samples")
+    max_delay_dev_ratio: float = _mirror("max_delay_dev_ratio")
+    jump_confirm_samples: int = _mirror("jump_confirm_samples")
+    outage_s: float = _mirror("outage_s")
+    holdover_polls: int = _mirror("holdover_polls")
+    holdover_drift_ppm: float = _mirror("holdover_drift_ppm")
+    max_error_s: float = _mirror("max_error_s")
+    leap_mode: str = _mirror("leap_mode")
+    # --- daemon ---
     reconnect_min_s: float = field(default=0.5, metadata={
         "min": 0.01, "max": 3600.0, "help": "First delay before reconnecting to the relay."})
     reconnect_max_s: float = field(default=30.0, metadata={
@@ -119,15 +123,15 @@ class GuestSettings:
         if not 0 <= mode <= 0o777:
             raise ValueError(f"status_socket_mode: {self.status_socket_mode!r} is not an octal "
                              "mode like 0660")
+        self.discipline_config()  # its own cross-field checks, e.g. minpoll <= maxpoll
 
     @property
     def guest_name(self) -> str:
         return self.name or socket.gethostname() or f"pid-{os.getpid()}"
 
-    def discipline_kwargs(self, names: set[str]) -> dict[str, Any]:
-        """Our values for those of ``names`` (DisciplineConfig fields) that we also define."""
-        ours = {f.name for f in dataclasses.fields(self)}
-        return {n: getattr(self, n) for n in names & ours}
+    def discipline_config(self) -> DisciplineConfig:
+        """The controller's configuration: our values of every DisciplineConfig field."""
+        return DisciplineConfig(**{n: getattr(self, n) for n in _DISCIPLINE if hasattr(self, n)})
 
 
 def _address(key: str, spec: str) -> Any:

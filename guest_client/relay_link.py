@@ -1,0 +1,312 @@
+"""The guest's connection to the host relay: HELLO, framed requests, reconnect with backoff.
+
+One stream carries every upstream's requests; request ids match replies to callers. The
+link never interprets NTP: it hands packets, residence times and the receive stamp to
+whoever asked. Receive stamps are taken from the disciplined clock right after the read
+returns, before any decoding, so parsing cost does not leak into the measured delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from timesyncd import framing
+from timesyncd.framing import ErrorCode, Frame, FrameDecoder, FrameType, FramingError
+from timesyncd.transport import TransportError, open_stream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+READ_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    index: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReply:
+    packet: bytes
+    residence_in_ns: int
+    residence_out_ns: int
+    rx_ns: int  # receive stamp from ``rx_clock``
+
+
+@dataclass(frozen=True, slots=True)
+class RelayFailure:
+    reason: str  # "timeout", "connection_lost", "relay_<error code>", ...
+    detail: str = ""
+
+
+ReplyCallback = Callable[[RelayReply | RelayFailure], None]
+Connector = Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+class RelayProtocolError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _error_reason(code: int) -> str:
+    try:
+        return "relay_" + ErrorCode(code).name.lower()
+    except ValueError:
+        return "relay_error"
+
+
+@dataclass
+class _Pending:
+    callback: ReplyCallback
+    timer: asyncio.TimerHandle
+
+
+class RelayLink:
+    """Keeps one connection to ``address`` up; ``send`` requests over it.
+
+    ``on_up(upstreams)`` runs after each successful HELLO, ``on_down(reason)`` when an
+    established connection is lost. Outstanding requests then fail with ``connection_lost``.
+    """
+
+    def __init__(
+        self, address: str, guest_name: str, *, rx_clock: Callable[[], int],
+        on_up: Callable[[list[Upstream]], None], on_down: Callable[[str], None],
+        reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0,
+        request_timeout_s: float = 5.0, max_pending: int = 1024,
+        rng: random.Random | None = None, connect: Connector | None = None,
+    ) -> None:
+        self.address = address
+        self.guest_name = guest_name
+        self._rx_clock = rx_clock
+        self._on_up = on_up
+        self._on_down = on_down
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.request_timeout_s = request_timeout_s
+        self.max_pending = max_pending
+        self._rng = rng or random.Random()
+        self._connect = connect or (lambda a: open_stream(a, timeout_s=request_timeout_s))
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._task: asyncio.Task[None] | None = None
+        self.upstreams: list[Upstream] = []
+        self.counters: Counter[str] = Counter()
+        self.connects = 0
+        self.last_error = ""
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"relay-link {self.address}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._close("stopped", notify=False)
+
+    def send(self, upstream: int, packet: bytes, callback: ReplyCallback) -> int | None:
+        """Frame and write one NTP request; ``None`` (and a counted reason) if not possible."""
+        if self._writer is None:
+            self.counters["send_not_connected"] += 1
+            return None
+        if len(self._pending) >= self.max_pending:
+            self.counters["send_busy"] += 1
+            return None
+        rid = self._next_id
+        self._next_id = rid % 0xFFFF_FFFF + 1  # 1..2^32-1; 0 is the HELLO's
+        try:
+            data = framing.ntp_request(rid, upstream, packet).encode()
+        except FramingError:
+            self.counters["send_oversized"] += 1
+            return None
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.request_timeout_s, self._expire, rid)
+        self._pending[rid] = _Pending(callback, timer)
+        self._writer.write(data)
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Forget a request (its reply, if any, is then counted as unsolicited)."""
+        p = self._pending.pop(rid, None)
+        if p is not None:
+            p.timer.cancel()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # --- connection loop ---------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.reconnect_max_s, self.reconnect_min_s * 2.0 ** min(attempt, 30))
+        return base * self._rng.uniform(0.5, 1.0)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                reader, writer = await self._connect(self.address)
+            except (TransportError, OSError) as exc:
+                reason = getattr(exc, "reason", "os_error")
+                self.counters[f"connect_{reason}"] += 1
+                self._note_error(f"connect to relay {self.address} failed: {exc}")
+            else:
+                try:
+                    established = await self._session(reader, writer)
+                finally:
+                    writer.close()
+                if established:
+                    attempt = 0
+            delay = self._backoff(attempt)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Run one connection; True if it got as far as a HELLO answer."""
+        decoder = FrameDecoder()
+        try:
+            hello = {"version": PROTOCOL_VERSION, "name": self.guest_name}
+            writer.write(framing.json_frame(FrameType.HELLO, 0, hello).encode())
+            upstreams = await asyncio.wait_for(
+                self._await_hello(reader, decoder), self.request_timeout_s
+            )
+        except TimeoutError:
+            self.counters["hello_timeout"] += 1
+            self._note_error(f"relay {self.address} did not answer HELLO")
+            return False
+        except (RelayProtocolError, FramingError) as exc:
+            self.counters[f"hello_{exc.reason}"] += 1
+            self._note_error(f"relay {self.address} HELLO failed: {exc}")
+            return False
+        except (ConnectionError, OSError) as exc:
+            self.counters["hello_connection_lost"] += 1
+            self._note_error(f"relay {self.address} closed during HELLO: {exc}")
+            return False
+        self.upstreams = upstreams
+        self._writer = writer
+        self.connects += 1
+        self.last_error = ""
+        log.info("connected to relay %s; upstreams: %s", self.address,
+                 ", ".join(u.name for u in upstreams) or "none")
+        self._on_up(upstreams)
+        reason = "closed by relay"
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                rx_ns = self._rx_clock()
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    self._dispatch(frame, rx_ns)
+        except FramingError as exc:
+            self.counters[f"framing_{exc.reason}"] += 1
+            reason = f"framing error: {exc}"
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection error: {exc}"
+        self._note_error(f"lost relay {self.address}: {reason}")
+        self._close(reason, notify=True)
+        return True
+
+    async def _await_hello(
+        self, reader: asyncio.StreamReader, decoder: FrameDecoder
+    ) -> list[Upstream]:
+        while True:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                raise RelayProtocolError("closed", "connection closed before HELLO")
+            frames = decoder.feed(data)
+            for i, frame in enumerate(frames):
+                if frame.type == FrameType.ERROR:
+                    code, message = framing.parse_error(frame)
+                    raise RelayProtocolError(_error_reason(code), message)
+                if frame.type != FrameType.HELLO:
+                    raise RelayProtocolError("unexpected_frame", f"type {frame.type} before HELLO")
+                if i + 1 < len(frames):  # nothing was asked yet: nothing can be an answer
+                    self.counters["unsolicited_frame"] += len(frames) - i - 1
+                return parse_hello(frame)
+
+    def _dispatch(self, frame: Frame, rx_ns: int) -> None:
+        if frame.type == FrameType.NTP_REPLY:
+            p = self._pending.pop(frame.request_id, None)
+            if p is None:
+                self.counters["unsolicited_reply"] += 1
+                return
+            p.timer.cancel()
+            try:
+                packet, r_in, r_out = framing.parse_ntp_reply(frame)
+            except FramingError as exc:
+                self.counters[f"reply_{exc.reason}"] += 1
+                p.callback(RelayFailure(f"malformed_reply:{exc.reason}", str(exc)))
+                return
+            p.callback(RelayReply(packet, r_in, r_out, rx_ns))
+        elif frame.type == FrameType.ERROR:
+            try:
+                code, message = framing.parse_error(frame)
+            except FramingError as exc:
+                self.counters[f"error_{exc.reason}"] += 1
+                return
+            reason = _error_reason(code)
+            self.counters[reason] += 1
+            p = self._pending.pop(frame.request_id, None)
+            if p is None:
+                log.warning("relay %s error (request %d): %s %s", self.address,
+                            frame.request_id, reason, message)
+                return
+            p.timer.cancel()
+            p.callback(RelayFailure(reason, message))
+        else:
+            self.counters[f"ignored_frame_{frame.type}"] += 1
+
+    def _expire(self, rid: int) -> None:
+        p = self._pending.pop(rid, None)
+        if p is not None:
+            self.counters["timeout"] += 1
+            p.callback(RelayFailure("timeout", f"no reply in {self.request_timeout_s} s"))
+
+    def _close(self, reason: str, notify: bool) -> None:
+        was_up = self._writer is not None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.timer.cancel()
+            p.callback(RelayFailure("connection_lost", reason))
+        if was_up and notify:
+            self._on_down(reason)
+
+    def _note_error(self, message: str) -> None:
+        if message != self.last_error:
+            log.warning("%s", message)
+        self.last_error = message
+
+
+def parse_hello(frame: Frame) -> list[Upstream]:
+    """The relay's upstream list; a malformed HELLO is a protocol error, not a crash."""
+    obj = framing.parse_json(frame)
+    if not isinstance(obj, dict) or obj.get("version") != PROTOCOL_VERSION:
+        raise RelayProtocolError("bad_hello", f"unsupported HELLO {str(obj)[:100]}")
+    raw = obj.get("upstreams")
+    if not isinstance(raw, list):
+        raise RelayProtocolError("bad_hello", "HELLO without an upstream list")
+    upstreams = []
+    for item in raw:
+        if not (isinstance(item, dict) and isinstance(item.get("index"), int)
+                and isinstance(item.get("name"), str) and 0 <= item["index"] <= 255):
+            raise RelayProtocolError("bad_hello", f"bad upstream entry {str(item)[:100]}")
+        upstreams.append(Upstream(item["index"], item["name"]))
+    return upstreams

@@ -1,0 +1,93 @@
+"""--forward-ntp: an unmodified NTP client (ntplib) gets valid answers through the relay link."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import ntplib
+import pytest
+from guest_fakes import FakeRelay
+
+from guest_client.forward_ntp import NtpForwarder
+from guest_client.relay_link import RelayLink
+
+
+async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def in_thread(fn, *args):  # type: ignore[no-untyped-def]
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def test_ntplib_through_forwarder() -> None:
+    async def main() -> None:
+        relay = FakeRelay(upstreams=["udp:127.0.0.1:123", "local"], shift_ns=250_000_000)
+        await relay.start()
+        link = RelayLink(relay.address, "fwd-test", rx_clock=time.time_ns,
+                         on_up=lambda ups: None, on_down=lambda r: None)
+        fwd = NtpForwarder("udp:127.0.0.1:0", link, max_pending=8)
+        await fwd.start()
+        # before the relay link is up, requests are dropped and counted, not queued
+        host, port = fwd.bound[:2]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\x23" + b"\0" * 47, (host, port))
+        await wait_for(lambda: fwd.counters["relay_down"] == 1)
+        await link.start()
+        try:
+            await wait_for(lambda: link.connected)
+            client = ntplib.NTPClient()
+            for _ in range(3):
+                resp = await in_thread(lambda: client.request(host, port=port, version=4,
+                                                              timeout=2))
+                assert resp.stratum == 2 and resp.mode == 4
+                # the fake relay's clock is 0.25 s ahead: ntplib sees it, unchanged
+                assert resp.offset == pytest.approx(0.25, abs=0.05)
+            assert fwd.counters["answered"] == 3 and fwd.pending == 0
+            assert relay.requests == 3
+            # junk from a local client is counted and ignored; a reply-mode packet too
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"hello", (host, port))
+                s.sendto(b"\x24" + b"\0" * 47, (host, port))
+            await wait_for(lambda: fwd.counters["not_client_request"] == 2)
+            assert relay.requests == 3
+        finally:
+            fwd.close()
+            await link.stop()
+            await relay.stop()
+
+    asyncio.run(main())
+
+
+def test_forwarder_pending_table_is_bounded() -> None:
+    async def main() -> None:
+        relay = FakeRelay(mode="silent")
+        await relay.start()
+        link = RelayLink(relay.address, "fwd-test", rx_clock=time.time_ns,
+                         on_up=lambda ups: None, on_down=lambda r: None, request_timeout_s=0.3)
+        fwd = NtpForwarder("udp:127.0.0.1:0", link, max_pending=4)
+        await fwd.start()
+        await link.start()
+        try:
+            await wait_for(lambda: link.connected)
+            host, port = fwd.bound[:2]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for i in range(10):
+                    s.sendto(bytes([0x23]) + bytes(39) + i.to_bytes(8, "big"), (host, port))
+            await wait_for(lambda: fwd.counters["forwarded"] + fwd.counters["busy"] == 10)
+            assert fwd.counters["forwarded"] == 4 and fwd.counters["busy"] == 6
+            # unanswered requests time out and free their slots
+            await wait_for(lambda: fwd.pending == 0, timeout=3)
+            assert fwd.counters["failed_timeout"] == 4
+        finally:
+            fwd.close()
+            await link.stop()
+            await relay.stop()
+
+    asyncio.run(main())

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import random
+import socket
+import time
 
 import pytest
+from chrony_fixture import chronyd
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -301,3 +305,28 @@ def test_reject_malformed(data: bytes, reason: str) -> None:
     ex = exchange_with_request()
     assert reject(ex.receive(data, T0)).reason == reason
     assert ex.outstanding
+
+
+# --- interop ------------------------------------------------------------------------------
+
+
+def test_exchange_with_a_real_chronyd() -> None:
+    """chronyd -x serves this host's clock, so the offset we measure must be about zero."""
+    rng = random.Random(5)
+    with chronyd(stratum=4) as server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect((server.host, server.port))
+        ex = ClientExchange()
+        for _ in range(3):
+            ex.request(rng.getrandbits(64) | 1, time.time_ns())
+            data = ex.request(rng.getrandbits(64) | 1, time.time_ns())  # supersedes the first
+            ex.sent(time.time_ns())
+            sock.send(data)
+            reply = sock.recv(2048)
+            t4 = time.time_ns()
+            s = accept(ex.receive(reply, t4))
+            assert s.stratum == 4 and s.leap == 0
+            assert abs(s.offset_s) < 0.005
+            assert 0 <= s.delay_s < 0.05 and s.t1_ns <= s.t4_ns
+            assert s.root_distance_s < 0.1
+            assert reject(ex.receive(reply, t4)).reason == "duplicate"

@@ -1,0 +1,193 @@
+"""``timesync drift-sim``: what a drifting guest clock does to time-sensitive tokens."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any, TextIO
+
+import click
+
+from sim.report import StrategyResult, write_csv, write_plot, write_tables
+from sim.runner import run_scenario
+from sim.scenario import (
+    STRATEGIES,
+    NetworkParams,
+    Scenario,
+    parse_outage,
+    parse_seeds,
+)
+from sim.tokens import TokenConfig
+
+_NET_DEFAULTS = NetworkParams()
+_TOK_DEFAULTS = TokenConfig()
+_SC_DEFAULTS = Scenario()
+
+
+class _Progress:
+    """A one-line progress indicator on stderr, only on a terminal and after the first second."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.total, self.done = total, 0
+        self.started = time.monotonic()
+        self.shown = False
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        if self.enabled and time.monotonic() - self.started > 1.0:
+            width = 30
+            filled = width * (self.done - 1) // max(self.total, 1)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
+                              f"{self.done}/{self.total} {label:<12}")
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * 60 + "\r")
+            self.stream.flush()
+
+
+def _strategies(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [n for n in names if n not in STRATEGIES]
+    if bad or not names:
+        raise click.BadParameter(f"{','.join(bad) or text!r}; choose from {','.join(STRATEGIES)}")
+    return names
+
+
+@click.command("drift-sim")
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=_SC_DEFAULTS.days,
+              show_default=True, help="Simulated days.")
+@click.option("--load", "load_spec", default="diurnal", show_default=True,
+              metavar="constant[:RPS]|diurnal|bursty|PATH.csv",
+              help="Guest traffic profile (CSV format: docs/SIMULATOR.md).")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--seeds", default=None, metavar="A-B", help="Run several seeds, e.g. 1-10.")
+@click.option("--leeway", type=click.FloatRange(min=0), default=_TOK_DEFAULTS.jwt_leeway_s,
+              show_default=True, help="JWT leeway, seconds.")
+@click.option("--transit", type=click.FloatRange(min=0), default=_TOK_DEFAULTS.transit_s,
+              show_default=True, help="Token issue-to-validation delay, seconds.")
+@click.option("--backdate", type=click.IntRange(min=0), default=_TOK_DEFAULTS.x509_backdate_s,
+              show_default=True, help="X.509 notBefore backdate, seconds.")
+@click.option("--token-rate", type=click.FloatRange(min=0), default=_TOK_DEFAULTS.rate_per_s,
+              show_default=True, help="Tokens issued per second, per kind.")
+@click.option("--load-coupling", type=float, default=_SC_DEFAULTS.load_coupling_ppm,
+              show_default=True, help="Extra rate error at full load, ppm.")
+@click.option("--strategies", "strategies", default=",".join(STRATEGIES), show_default=True,
+              help="Comma list of none,step,discipline.")
+@click.option("--minpoll", type=click.IntRange(-2, 17), default=_SC_DEFAULTS.minpoll,
+              show_default=True, help="discipline: minimum poll, log2 seconds.")
+@click.option("--maxpoll", type=click.IntRange(-2, 17), default=_SC_DEFAULTS.maxpoll,
+              show_default=True, help="discipline: maximum poll, log2 seconds.")
+@click.option("--vsock-delay", type=click.FloatRange(min=0), default=_NET_DEFAULTS.vsock_delay_s,
+              show_default=True, help="vsock one-way base delay, s.")
+@click.option("--vsock-jitter", type=click.FloatRange(min=0),
+              default=_NET_DEFAULTS.vsock_jitter_s, show_default=True,
+              help="vsock exponential jitter mean, s.")
+@click.option("--vsock-queue", type=click.FloatRange(min=0), default=_NET_DEFAULTS.vsock_queue_s,
+              show_default=True, help="vsock queueing mean at full load, s.")
+@click.option("--upstream-delay", type=click.FloatRange(min=0),
+              default=_NET_DEFAULTS.upstream_delay_s, show_default=True,
+              help="relay-upstream one-way delay, s.")
+@click.option("--upstream-jitter", type=click.FloatRange(min=0),
+              default=_NET_DEFAULTS.upstream_jitter_s, show_default=True,
+              help="relay-upstream jitter mean, s.")
+@click.option("--asymmetry", type=float, default=0.0, show_default=True,
+              help="Extra outbound minus return delay, s.")
+@click.option("--loss", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Packet loss probability per message.")
+@click.option("--outage", "outages", multiple=True, metavar="START:DURATION",
+              help="Relay down, e.g. 2d:6h (units s/m/h/d). Repeatable.")
+@click.option("--scenario", "scenario_name", type=click.Choice(["default", "lan-reference"]),
+              default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Write results as JSON to stdout.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the offset time series to this CSV file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Plot offsets (PNG; needs matplotlib).")
+def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway: float,
+              transit: float, backdate: int, token_rate: float, load_coupling: float,
+              strategies: str, minpoll: int, maxpoll: int, vsock_delay: float,
+              vsock_jitter: float, vsock_queue: float, upstream_delay: float,
+              upstream_jitter: float, asymmetry: float, loss: float, outages: tuple[str, ...],
+              scenario_name: str, as_json: bool, csv_path: str | None,
+              plot_path: str | None) -> None:
+    """Simulate a drifting guest clock under none/step/discipline and count broken tokens.
+
+    Defaults: 7 days, diurnal traffic, all strategies, JWT/X.509/TOTP tokens (docs/SIMULATOR.md).
+    """
+    try:
+        seed_list = parse_seeds(seeds) if seeds else [seed]
+        if scenario_name == "lan-reference":
+            _lan_reference(seed_list, seeds is not None, as_json)
+            return
+        net = NetworkParams(vsock_delay, vsock_jitter, vsock_queue, upstream_delay,
+                            upstream_jitter, asymmetry, loss,
+                            tuple(parse_outage(o) for o in outages))
+        tokens = replace(_TOK_DEFAULTS, jwt_leeway_s=leeway, transit_s=transit,
+                         x509_backdate_s=backdate, rate_per_s=token_rate)
+        base = Scenario(days=days, seed=seed_list[0], load=load_spec,
+                        strategies=_strategies(strategies), load_coupling_ppm=load_coupling,
+                        minpoll=minpoll, maxpoll=maxpoll, network=net, tokens=tokens)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    progress = _Progress(len(seed_list) * len(base.strategies))
+    runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]] = {}
+    try:
+        for s in seed_list:
+            sc = base.with_seed(s)
+            runs[s] = (sc, run_scenario(sc, progress=progress))
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        progress.close()
+    _emit(runs, seeds is not None, as_json, csv_path, plot_path)
+
+
+def _doc(sc: Scenario, results: dict[str, StrategyResult]) -> dict[str, Any]:
+    return {"scenario": sc.to_json(),
+            "strategies": {name: r.to_json() for name, r in results.items()}}
+
+
+def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bool,
+          as_json: bool, csv_path: str | None, plot_path: str | None) -> None:
+    if as_json:
+        doc = ({"seeds": {str(s): _doc(sc, r) for s, (sc, r) in runs.items()}} if multi
+               else _doc(*next(iter(runs.values()))))
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        out = click.get_text_stream("stdout")
+        for s, (sc, results) in runs.items():
+            write_tables(results, out, f"drift-sim: {sc.days:g} days, load {sc.load}, seed {s}, "
+                         f"JWT leeway {sc.tokens.jwt_leeway_s:g} s, transit "
+                         f"{sc.tokens.transit_s:g} s, X.509 backdate {sc.tokens.x509_backdate_s} s")
+    first_sc, first = next(iter(runs.values()))
+    try:
+        if csv_path:
+            write_csv(first, csv_path)
+        if plot_path:
+            write_plot(first, plot_path, f"drift-sim: {first_sc.days:g} days, load "
+                       f"{first_sc.load}, seed {first_sc.seed}")
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _lan_reference(seed_list: list[int], multi: bool, as_json: bool) -> None:
+    from sim.runner import run_lan_reference
+
+    docs = {s: run_lan_reference(s) for s in seed_list}
+    if as_json:
+        doc = {"seeds": {str(s): d for s, d in docs.items()}} if multi else docs[seed_list[0]]
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for s, d in docs.items():
+        m = d["strategies"]["discipline"]
+        click.echo(f"lan-reference seed {s}: rms {m['rms_offset_s'] * 1e6:.1f} us, max "
+                   f"{m['max_abs_offset_s'] * 1e6:.1f} us, rms freq error "
+                   f"{m['rms_freq_error_ppm']:.4f} ppm, converged after "
+                   f"{m['converged_after_s']} s")

@@ -184,9 +184,14 @@ class ClientExchange:
 
 
 def _check_header(packet: NtpPacket) -> Rejection | None:
-    """Header tests that make a genuine reply unusable (RFC 5905 peer tests 5-7)."""
+    """Header tests that make a genuine reply unusable (RFC 5905 peer tests 5-7).
+
+    Run only after the origin check, so an off-path attacker cannot silence a source with a
+    forged Kiss-o'-Death (RFC 5905 section 7.4).
+    """
     if packet.stratum == 0:
-        # Kiss-o'-Death: the reference id carries an ASCII code telling us to back off.
+        # Kiss-o'-Death: the reference id carries an ASCII code telling us to back off. It comes
+        # first because KoDs usually also carry LI=3, which would hide the code.
         code = packet.reference_id.rstrip(b"\0").decode("ascii", "replace")
         reason = _KISS_REASONS.get(code, "kod_other")
         return Rejection(reason, f"kiss-o'-death {code!r}", kiss_code=code)

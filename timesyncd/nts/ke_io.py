@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from timesyncd.nts.ke import KeError
 from timesyncd.nts.ke_session import NtsKeResult, NtsKeSession
 
 _READ_CHUNK = 16384
@@ -40,10 +41,23 @@ async def nts_ke_over_stream(
 
 async def nts_ke_tcp(host: str, port: int, session: NtsKeSession,
                      timeout_s: float = 10.0) -> NtsKeResult:
-    """Connect to ``host:port`` over TCP and run ``session`` within ``timeout_s``."""
+    """Connect to ``host:port`` over TCP and run ``session`` within ``timeout_s``.
+
+    Every failure is a :class:`KeError`: network problems become ``connect_failed``,
+    ``io_error`` or ``timeout`` so callers count all NTS-KE failures the same way.
+    """
 
     async def run() -> NtsKeResult:
-        reader, writer = await asyncio.open_connection(host, port)
-        return await nts_ke_over_stream(reader, writer, session)
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise KeError("connect_failed", f"{host}:{port}: {exc}") from exc
+        try:
+            return await nts_ke_over_stream(reader, writer, session)
+        except OSError as exc:
+            raise KeError("io_error", f"{host}:{port}: {exc}") from exc
 
-    return await asyncio.wait_for(run(), timeout_s)
+    try:
+        return await asyncio.wait_for(run(), timeout_s)
+    except TimeoutError:
+        raise KeError("timeout", f"{host}:{port}: no NTS-KE result in {timeout_s} s") from None

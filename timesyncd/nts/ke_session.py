@@ -179,6 +179,8 @@ class NtsKeSession:
         """The server closed the stream. Raise unless the response was already complete."""
         if self._phase is _Phase.DONE:
             return b""
+        if self._phase is _Phase.HANDSHAKE:
+            self._fail(KeError("connection_closed", "server closed during the TLS handshake"))
         self._conn.bio_shutdown()
         self._step()
         if self.result is None:

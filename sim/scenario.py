@@ -9,6 +9,7 @@ rejected as "not yet valid" between day 2.5 and 3.5.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sim.load import LoadProfile
+from sim.oscillator import Oscillator
 from sim.tokens import TokenConfig
 
 FloatArray = npt.NDArray[np.float64]
@@ -136,42 +138,25 @@ def parse_seeds(text: str) -> list[int]:
 
 
 class RateModel:
-    """The guest oscillator's native rate error over true time, shared by every strategy.
+    """The guest oscillator of a run, shared by every strategy (same seed, same wander draws).
 
-    ``ppm(t) = base + coupling * utilisation(t) + wander(t)``; the wander is a random walk drawn
-    once per seed on a fixed grid (piecewise constant), so the free-running offset
-    :meth:`free_offset_s` is an exact integral that does not depend on where anyone samples it.
-    The discipline engine's oscillator gets the same function through :meth:`extra_ppm` (load
-    coupling plus wander) so all strategies face the same clock.
+    ``ppm(t) = base + coupling * utilisation(t) + wander(t)``, built on the discipline
+    engineer's ``sim.oscillator.Oscillator`` with the load coupling integrated exactly through
+    the profile's interval means. The free-running offset is the oscillator's phase from 0.
     """
 
-    GRID_S = 60.0
-
     def __init__(self, scenario: Scenario, load: LoadProfile) -> None:
-        self.base_ppm = scenario.base_ppm
-        self.coupling_ppm = scenario.load_coupling_ppm
         self.load = load
-        n = int(scenario.duration_s / self.GRID_S) + 2
-        rng = np.random.default_rng([scenario.seed, 0x0A5C])
-        steps = rng.normal(0.0, scenario.wander_ppm_per_sqrt_s * np.sqrt(self.GRID_S), n)
-        self._wander = np.concatenate([[0.0], np.cumsum(steps)[:-1]])  # ppm per grid cell
-        self._wander_cum = np.concatenate([[0.0], np.cumsum(self._wander * self.GRID_S)])
-
-    def wander_ppm(self, true_s: float) -> float:
-        i = min(int(true_s // self.GRID_S), len(self._wander) - 1)
-        return float(self._wander[max(i, 0)])
-
-    def extra_ppm(self, true_s: float) -> float:
-        """Everything but the base error: load coupling plus wander, at ``true_s``."""
-        return self.coupling_ppm * self.load.utilisation(true_s) + self.wander_ppm(true_s)
+        k = scenario.load_coupling_ppm
+        self.oscillator = Oscillator(
+            base_ppm=scenario.base_ppm, wander_ppm_per_sqrt_s=scenario.wander_ppm_per_sqrt_s,
+            rng=random.Random(f"oscillator/{scenario.seed}"), step_s=10.0,
+            extra_ppm=lambda t: k * load(t), extra_mean_ppm=lambda a, b: k * load.mean(a, b))
 
     def ppm(self, true_s: float) -> float:
-        return self.base_ppm + self.extra_ppm(true_s)
+        return self.oscillator.ppm_at(true_s)
 
     def free_offset_s(self, times_s: FloatArray) -> FloatArray:
-        """Integral of the rate error from 0 to each time: a free-running clock's offset (s)."""
-        t = np.asarray(times_s, dtype=np.float64)
-        load_int = np.array([self.load.mean(0.0, x) * x for x in t.tolist()])
-        i = np.clip((t // self.GRID_S).astype(np.int64), 0, len(self._wander) - 1)
-        wander_int = self._wander_cum[i] + self._wander[i] * (t - i * self.GRID_S)
-        return 1e-6 * (self.base_ppm * t + self.coupling_ppm * load_int + wander_int)
+        """Time a free-running clock has gained (negative: lost) by each true time, seconds."""
+        phase = self.oscillator.phase_s
+        return np.array([phase(0.0, t) for t in np.asarray(times_s, dtype=np.float64).tolist()])

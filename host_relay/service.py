@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 _READ_SIZE = 64 * 1024
 #: A guest that stops reading its replies is dropped once this much is queued for it.
 _MAX_WRITE_BUFFER = 256 * 1024
+#: How long a closing connection may take to flush its last frames before it is aborted.
+_CLOSE_GRACE_S = 1.0
 _FRAME_NAMES = {t.value: t.name for t in FrameType}
 
 
@@ -197,15 +199,18 @@ class RelayService:
             stats.errors[exc.reason] += 1
             log.debug("closing %s: %s", conn.name or "guest", exc)
             self._write(writer, framing.error(0, ErrorCode.BAD_FRAME, str(exc)))
-        except (ConnectionError, OSError) as exc:
-            stats.errors["connection_" + type(exc).__name__] += 1
+        except OSError:  # reset or broken pipe: the guest went away mid-exchange
+            stats.errors["connection_lost"] += 1
         finally:
             self._close(conn)
+            try:
+                # a guest that stops reading must not keep its fd open through a pending flush
+                await asyncio.wait_for(writer.wait_closed(), _CLOSE_GRACE_S)
+            except (Exception, asyncio.CancelledError):
+                writer.transport.abort()
             self._connections.discard(conn)
             self._handlers.discard(task)
             stats.connections_open -= 1
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     def _on_frame(self, conn: _Connection, frame: framing.Frame, rx_ns: int) -> None:
         stats = self.stats

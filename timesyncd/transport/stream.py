@@ -197,7 +197,8 @@ async def listen_stream(
 ) -> StreamListener:
     """Listen on a stream address and run ``handler(reader, writer)`` per connection.
 
-    ``unix:`` and ``fc:`` paths: a stale socket file is removed first (never a regular file or
+    ``backlog`` is passed to the loop too (asyncio re-``listen``s a given socket with its own
+    default of 100, too few for a burst of guests). ``unix:`` and ``fc:`` paths: a stale socket file is removed first (never a regular file or
     a socket with a live listener); ``socket_mode`` sets the file's permissions.
     """
     addr = _as_address(address)
@@ -208,7 +209,9 @@ async def listen_stream(
             path = addr.listen_path
             sock, dev, ino = _bind_unix(path, backlog, socket_mode)
             try:
-                server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
+                server = await asyncio.start_unix_server(
+                    handler, sock=sock, limit=limit, backlog=backlog
+                )
             except BaseException:
                 sock.close()
                 raise
@@ -224,7 +227,7 @@ async def listen_stream(
             sock.bind((addr.cid, addr.port))
             sock.listen(backlog)
             sock.setblocking(False)
-            server = await asyncio.start_server(handler, sock=sock, limit=limit)
+            server = await asyncio.start_server(handler, sock=sock, limit=limit, backlog=backlog)
         except BaseException:
             sock.close()
             raise

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from nts_fixture import NtsServer, chronyd_nts, make_cert
 
+from timesyncd.exchange import ClientExchange, Sample
 from timesyncd.ntptime import ntp_to_unix_ns
 from timesyncd.nts.ke import KeError
 from timesyncd.nts.ke_io import nts_ke_tcp
@@ -189,3 +190,21 @@ def test_bootstrap_with_not_yet_valid_certificate(tmp_path: Path, udp: socket.so
         state = NtsState(ke.c2s_key, ke.s2c_key, ke.cookies)
         _, reply, *_ = exchange(udp, server, state)
         assert isinstance(state.verify(reply), NtpPacket)
+
+
+def test_nts_composes_with_client_exchange(chrony: NtsServer, udp: socket.socket) -> None:
+    """The seam the guest will use: ClientExchange builds the header and checks the timing,
+    NtsState wraps it with NTS fields and authenticates the reply in between."""
+    ke = key_exchange(chrony)
+    state = NtsState(ke.c2s_key, ke.s2c_key, ke.cookies)
+    client = ClientExchange()
+    for _ in range(3):
+        t1 = time.time_ns()
+        header = decode(client.request(int.from_bytes(os.urandom(8), "big") | 1, t1))
+        udp.sendto(state.request(header, os.urandom), (chrony.host, ke.port))
+        reply, _ = udp.recvfrom(4096)
+        packet = state.verify(reply)
+        assert isinstance(packet, NtpPacket), packet
+        sample = client.receive_packet(packet, time.time_ns())
+        assert isinstance(sample, Sample), sample
+        assert sample.stratum == 5 and abs(sample.offset_s) < 0.005 and sample.delay_s < 0.1

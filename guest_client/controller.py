@@ -1,0 +1,541 @@
+"""The guest's clock controller, sans-IO: events in, actions out (daemon and simulator share it).
+
+All times passed in are readings of the clock being disciplined (Unix ns). The controller
+never reads a clock: the driver applies the returned actions to its ``Clock`` at once, in
+order, and reports replies with the clock reading at arrival.
+
+Flow per reply: ``ClientExchange`` checks it -> jump guard (step / refuse / confirm) ->
+per-source ``SampleFilter`` -> regression ``fit`` -> ``select`` over sources -> slew plan.
+Samples are kept in the clock's uncorrected time scale (``CorrectionModel``), so slews and
+steps never invalidate them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from guest_client.actions import (
+    Action,
+    ControllerStatus,
+    SendRequest,
+    SetFrequency,
+    SetKernelStatus,
+    SourceStatus,
+    StepClock,
+)
+from timesyncd.clock import KernelStatus
+from timesyncd.discipline import (
+    CorrectionModel,
+    DisciplineConfig,
+    Estimate,
+    PollState,
+    fit,
+    slew_plan,
+)
+from timesyncd.exchange import PHI, ClientExchange, Rejection, Sample
+from timesyncd.filter import FilteredSample, SampleFilter
+from timesyncd.packet import Leap
+from timesyncd.selection import Candidate, select
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+_BURST_INTERVAL_S = 2.0
+#: Kernel maxerror/esterror saturate here (Linux NTP_PHASE_LIMIT is 16 s).
+_MAX_KERNEL_ERROR_S = 16.0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One time source. ``trust="authenticated"`` (NTS) sources may confirm a clock jump
+    without a guest-side discontinuity, since the host cannot forge them."""
+
+    name: str
+    trust: str = "host"
+
+
+@dataclass
+class _Source:
+    config: SourceConfig
+    exchange: ClientExchange
+    filter: SampleFilter
+    poll: PollState
+    status: SourceStatus
+    next_poll_ns: int | None = None
+    burst_left: int = 0
+    request_epoch: int = -1
+    reach: int = 0
+    disabled: bool = False
+    min_poll: int = -99  # raised by KoD RATE
+    estimate: Estimate | None = None
+    last_sample: FilteredSample | None = None
+    last_sample_t: float | None = None
+    jumps: list[float] = field(default_factory=list)  # consecutive refused jumps, seconds
+    dirty: bool = False  # a sample arrived since the last fit
+
+
+class GuestController:
+    """Disciplines one clock from one or more NTP sources by slewing; see the module doc."""
+
+    def __init__(self, config: DisciplineConfig, rng: random.Random,
+                 sources: Iterable[SourceConfig] = ()) -> None:
+        self.config = config
+        self._rng = rng
+        self._sources: dict[str, _Source] = {}
+        self._epoch_ns: int | None = None
+        self._model = CorrectionModel()
+        self._started = False
+        self.state = "unsynchronised"
+        self.updates = 0
+        self.steps = 0
+        self.refused_jumps = 0
+        self.rejected: dict[str, int] = {}
+        self._slope = 0.0  # native rate error of the uncorrected clock (fraction)
+        self._slope_sd = math.inf
+        self._sys: tuple[float, float] | None = None  # (x, uncorrected offset) of last update
+        self._error_s = _MAX_KERNEL_ERROR_S  # error bound at the last update
+        self._est_error_s = _MAX_KERNEL_ERROR_S
+        self._last_update_t: float | None = None
+        self._last_sample_rx_t: float | None = None
+        self._first_sample_t: float | None = None
+        self._slew_end_t: float | None = None
+        self._step_epoch = 0
+        self._discontinuity = False
+        self._leap = 0
+        for source in sources:
+            self._add(source)
+
+    # --- time helpers -------------------------------------------------------------------
+    def _t(self, ns: int) -> float:
+        if self._epoch_ns is None:
+            self._epoch_ns = ns
+        return (ns - self._epoch_ns) / _NS
+
+    def _ns(self, t: float) -> int:
+        assert self._epoch_ns is not None
+        return self._epoch_ns + round(t * _NS)
+
+    # --- sources --------------------------------------------------------------------------
+    def _add(self, source: SourceConfig) -> _Source:
+        cfg = self.config
+        src = _Source(
+            config=source,
+            exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
+            filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
+            poll=PollState(cfg.minpoll),
+            status=SourceStatus(name=source.name, trust=source.trust,
+                                authenticated=source.trust == "authenticated"),
+        )
+        self._sources[source.name] = src
+        return src
+
+    def _arm(self, src: _Source, now_ns: int) -> None:
+        if src.disabled:
+            return
+        src.burst_left = self.config.burst
+        src.next_poll_ns = now_ns
+
+    def add_source(self, source: SourceConfig, now_ns: int) -> list[Action]:
+        """Add a source (or re-arm an existing one after a reconnect, keeping its samples)."""
+        self._t(now_ns)
+        src = self._sources.get(source.name) or self._add(source)
+        if self._started:
+            self._arm(src, now_ns)
+        return []
+
+    def remove_source(self, name: str) -> None:
+        self._sources.pop(name, None)
+
+    def start(self, now_ns: int) -> list[Action]:
+        """Begin polling every source (a burst first)."""
+        self._t(now_ns)
+        self._started = True
+        for src in self._sources.values():
+            self._arm(src, now_ns)
+        return [SetKernelStatus(KernelStatus(synchronised=False))]
+
+    # --- events ---------------------------------------------------------------------------
+    def on_timer(self, now_ns: int) -> list[Action]:
+        now = self._t(now_ns)
+        actions: list[Action] = []
+        if self._slew_end_t is not None and now >= self._slew_end_t - 1e-9:
+            self._set_frequency(now, -self._slope, actions)
+        self._check_holdover(now, actions)
+        for src in self._sources.values():
+            if src.next_poll_ns is not None and now_ns >= src.next_poll_ns:
+                actions.append(self._request(src, now_ns))
+        return actions
+
+    def on_sent(self, source: str, tx_ns: int) -> None:
+        src = self._sources.get(source)
+        if src is not None:
+            src.exchange.sent(tx_ns)
+
+    def on_reply(self, source: str, data: bytes, rx_ns: int,
+                 residence_in_ns: int = 0, residence_out_ns: int = 0) -> list[Action]:
+        src = self._sources.get(source)
+        if src is None:
+            self._count("unknown_source", None)
+            return []
+        result = src.exchange.receive(data, rx_ns, residence_in_ns, residence_out_ns)
+        if isinstance(result, Rejection):
+            self._rejected(src, result, rx_ns)
+            return []
+        if src.request_epoch != self._step_epoch:
+            self._count("clock_stepped", src)  # measured across a step: meaningless
+            return []
+        src.reach |= 1
+        src.status.reachable = True
+        return self._process(src, result, rx_ns)
+
+    def on_source_error(self, source: str, reason: str, now_ns: int) -> list[Action]:
+        """The relay (or transport) reported a failed request, e.g. a timeout."""
+        self._count(reason, self._sources.get(source))
+        return []
+
+    def on_connection_lost(self, now_ns: int) -> list[Action]:
+        """The relay link dropped: stop polling, go to holdover, and treat it as a guest-side
+        discontinuity (the next large jump may be stepped once confirmed). Re-arm sources
+        with ``add_source`` after reconnecting."""
+        now = self._t(now_ns)
+        self._discontinuity = True
+        for src in self._sources.values():
+            src.next_poll_ns = None
+            src.reach = 0
+            src.status.reachable = False
+            src.exchange = ClientExchange(max_root_distance_s=self.config.max_root_distance_s)
+        actions: list[Action] = []
+        if self.state == "synchronised":
+            self._enter_holdover(now, actions)
+        return actions
+
+    def next_timer_ns(self) -> int | None:
+        times = [s.next_poll_ns for s in self._sources.values() if s.next_poll_ns is not None]
+        if self._epoch_ns is not None:
+            if self._slew_end_t is not None:
+                times.append(self._ns(self._slew_end_t))
+            deadline = self._state_deadline()
+            if deadline is not None:
+                times.append(self._ns(deadline))
+        return min(times) if times else None
+
+    # --- status ---------------------------------------------------------------------------
+    def current_offset(self, now_ns: int) -> float | None:
+        """Estimated offset of the clock from the reference now (guest minus reference)."""
+        if self._sys is None:
+            return None
+        now = self._t(now_ns)
+        x, y = self._sys
+        x_now = self._model.uncorrected(now)
+        return y + self._slope * (x_now - x) + self._model.correction_at(now)
+
+    def status(self, now_ns: int) -> ControllerStatus:
+        now = self._t(now_ns)
+        polls = [s.poll.poll for s in self._sources.values() if not s.disabled]
+        for src in self._sources.values():
+            src.status.samples = len(src.filter)
+            src.status.reachable = src.reach != 0
+        return ControllerStatus(
+            state=self.state,
+            offset_s=self.current_offset(now_ns),
+            frequency_ppm=self._slope / (1.0 - self._slope) * 1e6,
+            root_distance_s=self._error_bound(now) if self._sys is not None else None,
+            poll_s=float(2 ** min(polls)) if polls else float(2**self.config.minpoll),
+            last_update=(self._ns(self._last_update_t) / _NS
+                         if self._last_update_t is not None else None),
+            steps=self.steps,
+            refused_jumps=self.refused_jumps,
+            rejected=dict(self.rejected),
+            sources=[s.status for s in self._sources.values()],
+            holdover_s=(now - self._last_update_t
+                        if self.state == "holdover" and self._last_update_t is not None
+                        else 0.0),
+        )
+
+    # --- internals: requests and rejections -------------------------------------------------
+    def _request(self, src: _Source, now_ns: int) -> SendRequest:
+        if src.exchange.outstanding:
+            src.status.rejected["no_reply"] = src.status.rejected.get("no_reply", 0) + 1
+        src.reach = (src.reach << 1) & 0xFF
+        cookie = self._rng.getrandbits(64) or 1
+        poll = max(src.poll.poll, src.min_poll)
+        data = src.exchange.request(cookie, now_ns, poll)
+        src.request_epoch = self._step_epoch
+        if src.burst_left > 0:
+            src.burst_left -= 1
+            interval = min(_BURST_INTERVAL_S, 2.0**poll)
+        else:
+            interval = 2.0**poll
+        src.next_poll_ns = now_ns + round(interval * _NS)
+        return SendRequest(src.config.name, data)
+
+    def _count(self, reason: str, src: _Source | None) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if src is not None:
+            src.status.rejected[reason] = src.status.rejected.get(reason, 0) + 1
+
+    def _rejected(self, src: _Source, rej: Rejection, now_ns: int) -> None:
+        self._count(rej.reason, src)
+        if rej.reason == "kod_rate":
+            src.min_poll = min(max(src.poll.poll, src.min_poll) + 1, 17)
+            src.poll.poll = max(src.poll.poll, src.min_poll)
+            src.next_poll_ns = now_ns + round(2.0**src.min_poll * _NS)
+            src.burst_left = 0
+            src.status.note = f"server asked to slow down (KoD RATE); poll 2^{src.min_poll} s"
+        elif rej.reason in ("kod_deny", "kod_rstr"):
+            src.disabled = True
+            src.next_poll_ns = None
+            src.filter.clear()
+            src.estimate = None
+            src.status.selected = False
+            src.status.note = f"server refused service (KoD {rej.kiss_code}); source disabled"
+            log.warning("source %s disabled: %s", src.config.name, src.status.note)
+
+    # --- internals: the clock update ------------------------------------------------------
+    def _process(self, src: _Source, sample: Sample, now_ns: int) -> list[Action]:
+        actions: list[Action] = []
+        now = self._t(now_ns)
+        t_mid = self._t((sample.t1_ns + sample.t4_ns) // 2)
+        last_rx = self._last_sample_rx_t
+        if last_rx is not None and now - last_rx > self.config.outage_s:
+            self._discontinuity = True
+        self._last_sample_rx_t = now
+        corr = self._model.correction_at(t_mid)
+        fs = FilteredSample(
+            x=t_mid - corr, y=sample.offset_s - corr, delay_s=sample.path_delay_s,
+            dispersion_s=sample.dispersion_s, root_distance_s=sample.root_distance_s,
+            leap=sample.leap,
+        )
+        src.status.offset_s = sample.offset_s
+        src.status.delay_s = sample.delay_s
+        src.status.stratum = sample.stratum
+        if self._sys is not None:
+            x, y = self._sys
+            jump = fs.y - (y + self._slope * (fs.x - x))
+            if abs(jump) > self.config.step_threshold_s:
+                if self.updates >= self.config.step_limit:
+                    return self._refuse_or_confirm(src, fs, jump, now_ns)
+                now_ns = self._step(now_ns, -jump, actions)
+                self._clear_samples()
+            else:
+                for s in self._sources.values():
+                    s.jumps.clear()
+                self._discontinuity = False
+        reason = src.filter.add(fs)
+        if reason is not None:
+            self._count(reason, src)
+            return actions
+        src.last_sample = fs
+        src.last_sample_t = now
+        src.dirty = True
+        if self._first_sample_t is None:
+            self._first_sample_t = now
+        self._update(now_ns, actions)
+        return actions
+
+    def _refuse_or_confirm(self, src: _Source, fs: FilteredSample, jump: float,
+                           now_ns: int) -> list[Action]:
+        """A large jump after the initial updates: refuse it unless it is confirmed."""
+        self.refused_jumps += 1
+        src.jumps.append(jump)
+        src.status.note = f"refused jump of {jump:+.6f} s"
+        log.warning("refused clock jump of %+.6f s from %s", jump, src.config.name)
+        if not self._jump_confirmed(src):
+            return []
+        actions: list[Action] = []
+        jumps = sorted(j for s in self._sources.values() for j in s.jumps)
+        now_ns = self._step(now_ns, -jumps[len(jumps) // 2], actions)
+        self._clear_samples()
+        self._discontinuity = False
+        src.status.note = f"stepped confirmed jump of {jumps[len(jumps) // 2]:+.6f} s"
+        log.warning("stepped the clock by %+.6f s (confirmed jump)", -jumps[len(jumps) // 2])
+        src.filter.add(fs)
+        src.last_sample = fs
+        src.dirty = True
+        src.last_sample_t = self._t(now_ns)
+        self._update(now_ns, actions)
+        return actions
+
+    def _jump_confirmed(self, src: _Source) -> bool:
+        """Enough consecutive agreeing jump samples, from more than one source where there
+        are several, and a reason to believe the guest (not the host) moved: a discontinuity
+        on our side, or sources the host cannot forge (authenticated)."""
+        confirming = [s for s in self._sources.values() if s.jumps]
+        jumps = [j for s in confirming for j in s.jumps]
+        if len(jumps) < self.config.jump_confirm_samples:
+            return False
+        if max(jumps) - min(jumps) > max(self.config.step_threshold_s / 10, 1e-3):
+            return False
+        usable = [s for s in self._sources.values() if not s.disabled and s.reach]
+        if len(usable) > 1 and len(confirming) < 2:
+            return False
+        authenticated = all(s.config.trust == "authenticated" for s in confirming)
+        return self._discontinuity or authenticated
+
+    def _ready(self, now: float) -> bool:
+        """Hold the first update until every armed source answered (or 2 s passed) so a
+        single falseticker cannot take the initial step."""
+        if self._sys is not None:
+            return True
+        pending = [s for s in self._sources.values()
+                   if not s.disabled and s.next_poll_ns is not None and s.last_sample is None]
+        assert self._first_sample_t is not None
+        return not pending or now - self._first_sample_t >= _BURST_INTERVAL_S
+
+    def _update(self, now_ns: int, actions: list[Action]) -> None:
+        now = self._t(now_ns)
+        if not self._ready(now):
+            return
+        x_now = self._model.uncorrected(now)
+        cands: list[Candidate] = []
+        live: list[_Source] = []
+        max_age = self._holdover_after()
+        for src in self._sources.values():
+            if src.disabled or src.last_sample is None or src.last_sample_t is None:
+                continue
+            age = now - src.last_sample_t
+            if age > max_age:
+                continue
+            est = self._refit(src, x_now)
+            if est is None:
+                continue
+            dist = (src.last_sample.root_distance_s + 2 * est.offset_sd + PHI * age)
+            cands.append(Candidate(src.config.name, est.offset, est.slope, dist,
+                                   src.last_sample.leap))
+            live.append(src)
+        sel = select(cands)
+        if sel is None:
+            self._count("no_majority", None)
+            return
+        for src in live:
+            src.status.selected = src.config.name in sel.selected
+            src.status.note = "" if src.status.selected else "falseticker"
+        self._slope = sel.slope
+        self._slope_sd = min((s.estimate.slope_sd for s in live
+                              if s.estimate and s.config.name in sel.selected), default=math.inf)
+        self._sys = (x_now, sel.offset)
+        offset = sel.offset + self._model.correction_at(now)
+        if abs(offset) > self.config.step_threshold_s and self.updates < self.config.step_limit:
+            now_ns = self._step(now_ns, -offset, actions)
+            now = self._t(now_ns)
+            offset = sel.offset + self._model.correction_at(now)
+        self._error_s = sel.distance
+        self._est_error_s = min(sel.distance, max(
+            (s.estimate.offset_sd for s in live if s.estimate), default=sel.distance))
+        self._leap = sel.leap
+        self.updates += 1
+        self._last_update_t = now
+        self.state = "synchronised"
+        freq, duration = slew_plan(offset, self._slope, self.config.max_slew_ppm,
+                                   self.config.slew_time_s)
+        self._model.set_frequency(now, freq)
+        actions.append(SetFrequency(freq * 1e6))
+        self._slew_end_t = now + duration if duration > 0 else None
+        actions.append(SetKernelStatus(self._kernel_status(now)))
+
+    def _refit(self, src: _Source, x_now: float) -> Estimate | None:
+        """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
+        if src.dirty or src.estimate is None:
+            src.dirty = False
+            est = fit(src.filter.samples, x_now, self._slope)
+            if est is None:
+                return None
+            src.filter.prune(est.used)
+            src.poll.update(est, self.config.minpoll, self.config.maxpoll)
+            src.estimate = est
+            src.status.jitter_s = est.offset_sd
+            return est
+        est = src.estimate
+        assert est is not None
+        return Estimate(x_now, est.offset + est.slope * (x_now - est.x), est.slope,
+                        est.offset_sd, est.slope_sd, est.used, est.total)
+
+    def _set_frequency(self, now: float, freq: float, actions: list[Action]) -> None:
+        self._model.set_frequency(now, freq)
+        self._slew_end_t = None
+        actions.append(SetFrequency(freq * 1e6))
+
+    def _step(self, now_ns: int, delta_s: float, actions: list[Action]) -> int:
+        """Step the clock by ``delta_s``; returns the clock reading right after the step."""
+        now = self._t(now_ns)
+        delta_ns = round(delta_s * _NS)
+        self._model.step(now, delta_ns / _NS)
+        self._step_epoch += 1
+        self.steps += 1
+        actions.append(StepClock(delta_ns))
+        log.warning("stepped the clock by %+.9f s", delta_ns / _NS)
+        for src in self._sources.values():
+            if src.next_poll_ns is not None:
+                src.next_poll_ns += delta_ns
+        shift = delta_ns / _NS
+        for attr in ("_last_update_t", "_last_sample_rx_t", "_first_sample_t", "_slew_end_t"):
+            value = getattr(self, attr)
+            if value is not None:
+                setattr(self, attr, value + shift)
+        for src in self._sources.values():
+            if src.last_sample_t is not None:
+                src.last_sample_t += shift
+        return now_ns + delta_ns
+
+    def _clear_samples(self) -> None:
+        for src in self._sources.values():
+            src.filter.clear()
+            src.estimate = None
+            src.last_sample = None
+            src.jumps.clear()
+        self._sys = None
+
+    # --- internals: holdover and kernel status --------------------------------------------------
+    def _holdover_after(self) -> float:
+        polls = [max(s.poll.poll, s.min_poll) for s in self._sources.values() if not s.disabled]
+        interval = 2.0 ** max(polls) if polls else 2.0**self.config.maxpoll
+        return self.config.holdover_polls * interval
+
+    def _error_bound(self, now: float) -> float:
+        if self._last_update_t is None:
+            return _MAX_KERNEL_ERROR_S
+        age = max(now - self._last_update_t, 0.0)
+        rate = self.config.holdover_drift_ppm * 1e-6 + min(self._slope_sd, 1e-3)
+        return min(self._error_s + rate * age, _MAX_KERNEL_ERROR_S)
+
+    def _state_deadline(self) -> float | None:
+        if self._last_update_t is None:
+            return None
+        if self.state == "synchronised":
+            return self._last_update_t + self._holdover_after()
+        if self.state == "holdover":
+            rate = self.config.holdover_drift_ppm * 1e-6 + min(self._slope_sd, 1e-3)
+            if rate <= 0:
+                return None
+            return self._last_update_t + max(self.config.max_error_s - self._error_s, 0) / rate
+        return None
+
+    def _check_holdover(self, now: float, actions: list[Action]) -> None:
+        if self._last_update_t is None:
+            return
+        if self.state == "synchronised" and now - self._last_update_t >= self._holdover_after():
+            self._enter_holdover(now, actions)
+        if self.state == "holdover" and self._error_bound(now) >= self.config.max_error_s:
+            self.state = "unsynchronised"
+            log.warning("holdover error bound passed %.3f s: unsynchronised",
+                        self.config.max_error_s)
+            actions.append(SetKernelStatus(self._kernel_status(now)))
+
+    def _enter_holdover(self, now: float, actions: list[Action]) -> None:
+        """No fresh samples: keep the learned frequency, stop slewing the phase."""
+        self.state = "holdover"
+        log.warning("no usable samples: holdover on the learned frequency")
+        self._set_frequency(now, -self._slope, actions)
+        actions.append(SetKernelStatus(self._kernel_status(now)))
+
+    def _kernel_status(self, now: float) -> KernelStatus:
+        synced = self.state == "synchronised"
+        leap = Leap(self._leap) if (self.config.leap_mode == "kernel" and synced
+                                    and self._leap in (1, 2)) else Leap.NONE
+        bound = self._error_bound(now)
+        return KernelStatus(synchronised=synced, maxerror_s=bound,
+                            esterror_s=min(self._est_error_s, bound), leap=leap)

@@ -1,0 +1,100 @@
+"""Guest oscillator in true virtual time: base rate error, random-walk wander, extra term.
+
+The rate error (ppm, positive: the uncorrected clock runs fast) is
+
+    base_ppm + wander(t) + extra_ppm(t)
+
+``wander`` is a random walk, piecewise constant over steps of ``step_s`` true seconds with
+increments of ``wander_ppm_per_sqrt_s * sqrt(step_s)``; ``phase_s`` integrates it exactly.
+
+Plugging in load coupling (the sim engineer's hook): pass ``extra_ppm`` (rate at a true time,
+ppm) and, for exact integration, ``extra_mean_ppm(t0, t1)`` (its mean over an interval), e.g.
+for a ``sim.load.LoadProfile`` ``load`` and a coupling ``k`` ppm per unit utilisation::
+
+    Oscillator(base_ppm=-11.574, extra_ppm=lambda t: k * load(t),
+               extra_mean_ppm=lambda a, b: k * load.mean(a, b))
+
+Without ``extra_mean_ppm`` the extra term is integrated by the midpoint rule on ``step_s``
+sub-intervals (accurate for terms that change slowly compared with ``step_s``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import numpy as np
+
+_BLOCK = 4096
+
+
+class Oscillator:
+    """Rate error of an uncorrected clock; deterministic for a given ``rng`` state."""
+
+    def __init__(self, base_ppm: float = 0.0, wander_ppm_per_sqrt_s: float = 0.0,
+                 rng: random.Random | None = None, *, step_s: float = 1.0,
+                 extra_ppm: Callable[[float], float] | None = None,
+                 extra_mean_ppm: Callable[[float, float], float] | None = None) -> None:
+        if step_s <= 0:
+            raise ValueError("step_s: must be > 0")
+        self.base_ppm = base_ppm
+        self.step_s = step_s
+        self.extra_ppm = extra_ppm
+        self.extra_mean_ppm = extra_mean_ppm
+        self._sigma = wander_ppm_per_sqrt_s * math.sqrt(step_s) * 1e-6
+        seed = (rng or random.Random(0)).getrandbits(63)
+        self._gen = np.random.default_rng(seed)
+        # per block of _BLOCK steps: wander level of each step, phase accumulated before it
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._next_level = 0.0
+        self._next_phase = 0.0
+
+    def _block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        b = k // _BLOCK
+        while len(self._blocks) <= b:
+            if self._sigma > 0:
+                inc = self._gen.normal(0.0, self._sigma, _BLOCK)
+                steps = np.cumsum(inc)
+                level = self._next_level + steps - inc  # level of step i
+                end_level = self._next_level + float(steps[-1])
+            else:
+                level = np.full(_BLOCK, self._next_level)
+                end_level = self._next_level
+            before = np.concatenate(([0.0], np.cumsum(level)[:-1])) * self.step_s
+            phase = self._next_phase + before
+            self._next_phase = float(phase[-1] + level[-1] * self.step_s)
+            self._next_level = end_level
+            self._blocks.append((level, phase))
+        return self._blocks[b]
+
+    def _wander_phase(self, t: float) -> float:
+        """Integral of the wander from 0 to ``t`` (t >= 0), seconds."""
+        k = int(t / self.step_s)
+        level, phase = self._block(k)
+        i = k % _BLOCK
+        return float(phase[i]) + float(level[i]) * (t - k * self.step_s)
+
+    def wander_ppm(self, t: float) -> float:
+        k = int(max(t, 0.0) / self.step_s)
+        level, _ = self._block(k)
+        return float(level[k % _BLOCK]) * 1e6
+
+    def ppm_at(self, t: float) -> float:
+        """Rate error at true time ``t``, ppm."""
+        extra = self.extra_ppm(t) if self.extra_ppm is not None else 0.0
+        return self.base_ppm + self.wander_ppm(t) + extra
+
+    def phase_s(self, t0: float, t1: float) -> float:
+        """Time gained by the uncorrected clock over true ``[t0, t1]`` beyond ``t1 - t0``."""
+        if t1 <= t0:
+            return 0.0
+        gained = self.base_ppm * 1e-6 * (t1 - t0)
+        gained += self._wander_phase(t1) - self._wander_phase(t0)
+        if self.extra_mean_ppm is not None:
+            gained += self.extra_mean_ppm(t0, t1) * 1e-6 * (t1 - t0)
+        elif self.extra_ppm is not None:
+            n = max(1, math.ceil((t1 - t0) / self.step_s))
+            h = (t1 - t0) / n
+            gained += sum(self.extra_ppm(t0 + (i + 0.5) * h) for i in range(n)) * 1e-6 * h
+        return gained

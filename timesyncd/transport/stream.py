@@ -198,8 +198,9 @@ async def listen_stream(
     """Listen on a stream address and run ``handler(reader, writer)`` per connection.
 
     ``backlog`` is passed to the loop too (asyncio re-``listen``s a given socket with its own
-    default of 100, too few for a burst of guests). ``unix:`` and ``fc:`` paths: a stale socket file is removed first (never a regular file or
-    a socket with a live listener); ``socket_mode`` sets the file's permissions.
+    default of 100, too few for a burst of guests). ``unix:`` and ``fc:`` paths: a stale socket
+    file is removed first (never a regular file or a socket with a live listener);
+    ``socket_mode`` sets the file's permissions.
     """
     addr = _as_address(address)
     if not addr.is_stream:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from timesyncd.exchange import Rejection
 from timesyncd.nts.ke import AEAD_AES_SIV_CMAC_256
 from timesyncd.packet import (
     HEADER_LEN,
@@ -42,13 +43,8 @@ _EF_HEADER = struct.Struct("!HH")
 RandomBytes = Callable[[int], bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class NtsRejection:
-    """Why a reply was refused; ``reason`` is a stable counter key (same shape as
-    ``timesyncd.exchange.Rejection``)."""
-
-    reason: str
-    detail: str = ""
+#: NTS rejections are ordinary exchange rejections, so the controller counts them in one place.
+NtsRejection = Rejection
 
 
 class NtsError(RuntimeError):
@@ -185,7 +181,7 @@ class NtsState:
             self._uid = None
             self.nak_received = True
             self._jar.clear()
-            return NtsRejection("nts_nak", "server rejected our cookie: run NTS-KE")
+            return NtsRejection("nts_nak", "server rejected our cookie: run NTS-KE", "NTSN")
         if auth is None or auth_at is None:
             return NtsRejection("nts_bad_auth", "no authenticator")
         try:

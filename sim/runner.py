@@ -65,13 +65,12 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
 
 
 def run_lan_reference(seed: int) -> dict[str, object]:
-    """chrony's simulation-test model via the discipline engineer's ``sim.lan_reference``."""
-    try:
-        from sim import lan_reference
-    except ImportError as exc:
-        raise RuntimeError("lan-reference: sim.lan_reference is not available yet") from exc
-    metrics = lan_reference.run(seed)  # type: ignore[attr-defined]
-    keys = ("rms_offset_s", "max_abs_offset_s", "rms_freq_error_ppm", "converged_after_s")
-    m = metrics if isinstance(metrics, dict) else vars(metrics)
+    """chrony's simulation-test model, run by the discipline engineer's ``sim.lan_reference``."""
+    from sim import lan_reference
+
+    r = lan_reference.run(seed)
     return {"scenario": {"name": "lan-reference", "seed": seed},
-            "strategies": {"discipline": {k: m[k] for k in keys}}}
+            "strategies": {"discipline": {
+                "rms_offset_s": r.rms_offset_s, "max_abs_offset_s": r.max_abs_offset_s,
+                "rms_freq_error_ppm": r.rms_freq_error_ppm,
+                "converged_after_s": r.converged_after_s, "steps": r.steps}}}

@@ -19,6 +19,9 @@ import numpy.typing as npt
 from sim.load import LoadProfile
 from sim.oscillator import Oscillator
 from sim.tokens import TokenConfig
+from timesyncd.discipline import DisciplineConfig
+
+_DC = DisciplineConfig()
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -34,7 +37,7 @@ class NetworkParams:
 
     vsock_delay_s: float = field(default=50e-6, metadata={"help": "vsock one-way base delay"})
     vsock_jitter_s: float = field(default=20e-6, metadata={"help": "vsock exponential jitter mean"})
-    vsock_queue_s: float = field(default=5e-3, metadata={
+    vsock_queue_s: float = field(default=1e-3, metadata={
         "help": "extra vsock queueing mean at utilisation 1 (grows with load, exponential)"})
     upstream_delay_s: float = field(default=200e-6, metadata={
         "help": "relay <-> upstream one-way base delay"})
@@ -63,8 +66,8 @@ class Scenario:
     initial_offset_s: float = 0.0
     upstream_error_s: float = field(default=0.0, metadata={
         "help": "upstream (and host) clock error, guest sees it as truth"})
-    minpoll: int = 4
-    maxpoll: int = 4
+    minpoll: int = field(default=_DC.minpoll, metadata={"help": "discipline: min poll, log2 s"})
+    maxpoll: int = field(default=_DC.maxpoll, metadata={"help": "discipline: max poll, log2 s"})
     step_interval_s: float = field(default=300.0, metadata={
         "help": "step strategy: host time read over vsock this often"})
     sample_interval_s: float = field(default=60.0, metadata={

@@ -13,15 +13,19 @@ instants, plus the clock jumps it made.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from sim.load import LoadProfile
 from sim.scenario import RateModel, Scenario
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -42,6 +46,7 @@ class Trajectory:
     jump_times_s: FloatArray = field(default_factory=lambda: np.zeros(0))
     offsets_at_jumps_before_s: FloatArray = field(default_factory=lambda: np.zeros(0))
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: Engine | None = None  # discipline: the engine that drove the controller
 
 
 def run_none(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
@@ -92,8 +97,51 @@ def run_step(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
                       extra={"step_reads": int(len(sets)), "failed_reads": int((~ok).sum())})
 
 
+def build_engine(inputs: SimInputs) -> Engine:
+    """The real ``GuestController`` on a ``SimClock`` over the scenario's network, one upstream
+    behind the relay (as the daemon names it), relay outages as connection losses."""
+    # imported here: the engine is the heavy part, none/step runs do not need it
+    from guest_client.controller import GuestController
+    from sim.clock import SimClock
+    from sim.engine import Engine, Upstream
+    from sim.network import Hop, Network
+    from timesyncd.discipline import DisciplineConfig
+
+    sc, net = inputs.scenario, inputs.scenario.network
+    seed = sc.seed
+    clock = SimClock(inputs.rate.oscillator, start_unix_ns=sc.start_ns,
+                     initial_offset_s=sc.initial_offset_s, read_noise_s=sc.read_noise_s,
+                     rng=random.Random(f"read-noise/{seed}"))
+    vsock = Hop(base_s=net.vsock_delay_s, jitter_s=net.vsock_jitter_s, loss=net.loss,
+                load=inputs.load, queue_s=net.vsock_queue_s)
+    upstream = Hop(base_s=net.upstream_delay_s, jitter_s=net.upstream_jitter_s,
+                   asymmetry_s=net.asymmetry_s, loss=net.loss)
+    server = Upstream("relay:vsock:2:4123#udp:ntp", Network(vsock, upstream),
+                      error_s=sc.upstream_error_s)
+    config = replace(DisciplineConfig(), minpoll=sc.minpoll, maxpoll=sc.maxpoll)
+    controller = GuestController(config, random.Random(f"controller/{seed}"))
+    engine = Engine(controller, clock, [server], random.Random(f"network/{seed}"))
+    for start, duration in net.outages:
+        engine.disconnect(start, duration)
+    return engine
+
+
 def run_discipline(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
-    raise NotImplementedError("discipline: waiting for sim.engine")
+    engine = build_engine(inputs)
+    clock = engine.clock
+    offsets = np.empty(len(times_s))
+    for i, t in enumerate(times_s.tolist()):
+        engine.run(t)
+        offsets[i] = clock.offset_s()
+    engine.run(inputs.scenario.duration_s)
+    jump_t = np.array([t for t, _ in clock.steps])
+    jumps = np.array([ns / 1e9 for _, ns in clock.steps])
+    before = np.array([np.nan] * len(jumps))  # only the steps' sizes are recorded
+    st = engine.controller.status(clock.now_ns())
+    extra = {"controller_steps": st.steps, "refused_jumps": st.refused_jumps,
+             "final_state": st.state, "frequency_ppm": round(st.frequency_ppm, 4),
+             "packets_sent": engine.packets_sent}
+    return Trajectory(offsets, jumps, jump_t, before, extra=extra, engine=engine)
 
 
 STRATEGY_FUNCS: dict[str, Callable[[SimInputs, FloatArray], Trajectory]] = {

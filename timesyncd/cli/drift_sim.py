@@ -186,7 +186,7 @@ def _lan_reference(seed_list: list[int], multi: bool, as_json: bool) -> None:
         click.echo(json.dumps(doc, indent=2))
         return
     for s, d in docs.items():
-        m = d["strategies"]["discipline"]
+        m: Any = d["strategies"]["discipline"]  # type: ignore[index]
         click.echo(f"lan-reference seed {s}: rms {m['rms_offset_s'] * 1e6:.1f} us, max "
                    f"{m['max_abs_offset_s'] * 1e6:.1f} us, rms freq error "
                    f"{m['rms_freq_error_ppm']:.4f} ppm, converged after "

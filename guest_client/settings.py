@@ -43,7 +43,7 @@ class GuestSettings:
         "min": -50_000.0, "max": 50_000.0,
         "help": "Software clock: native rate error, ppm (positive runs fast)."})
     software_offset_s: float = field(default=0.0, metadata={
-        "min": -1e6, "max": 1e6,
+        "flag": "--software-offset", "min": -1e6, "max": 1e6,
         "help": "Software clock: initial offset from the machine clock, seconds."})
     status_socket: str = field(default=DEFAULT_STATUS_SOCKET, metadata={
         "help": "Unix socket path answering `timesync status` (empty to disable)."})

@@ -20,7 +20,7 @@ class RelaySettings:
     )
     upstreams: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "Allowlisted NTP servers (udp:HOST:PORT), offered to guests by index "
+        metadata={"flag": "--upstream", "help": "Allowlisted NTP servers (udp:HOST:PORT), offered to guests by index "
                           "in this order. Empty: answer from the host clock at local_stratum."},
     )
     local_stratum: int = field(

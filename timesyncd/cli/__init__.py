@@ -21,9 +21,6 @@ from timesyncd.logs import configure_logging
 
 log = logging.getLogger("timesync")
 
-#: Flags that the documented contract spells differently from the config key.
-GUEST_FLAGS = {"servers": "--server", "software_offset_s": "--software-offset"}
-RELAY_FLAGS = {"listen": "--listen", "upstreams": "--upstream"}
 
 
 @click.group()
@@ -43,7 +40,7 @@ def main(ctx: click.Context, log_level: str, log_json: bool, loop: str) -> None:
 
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([relay] table).")
-@settings_options(RelaySettings, RELAY_FLAGS)
+@settings_options(RelaySettings)
 @click.pass_context
 def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
     """Run the host relay: NTP over vsock/Unix sockets to allowlisted upstreams."""
@@ -66,7 +63,7 @@ def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
 
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([guest] table).")
-@settings_options(GuestSettings, GUEST_FLAGS)
+@settings_options(GuestSettings)
 @click.pass_context
 def guest(ctx: click.Context, config: str | None, **flags: Any) -> None:
     """Run the guest daemon: discipline this guest's clock by slewing."""

@@ -12,15 +12,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from host_relay import local_source
+from host_relay.guest_registry import GuestRegistry
 from host_relay.local_source import LocalSource
+from host_relay.metrics import RelayCollector, RelayMetrics, make_registry, render, status_document
+from host_relay.metrics_http import MetricsServer
 from host_relay.settings import RelaySettings
 from host_relay.stats import RelayStats
 from host_relay.upstream import Pending, Upstream, UpstreamError
 from timesyncd import framing
 from timesyncd.addresses import Address, parse_address
 from timesyncd.framing import ErrorCode, FrameDecoder, FrameType, FramingError
+from timesyncd.health import HealthError
 from timesyncd.packet import HEADER_LEN, MAX_PACKET_LEN, Mode, PacketError
 from timesyncd.transport import StreamListener, listen_stream
 
@@ -87,6 +92,11 @@ class RelayService:
             {"version": framing.VERSION,
              "upstreams": [{"index": i, "name": n} for i, n in enumerate(names)]},
         ).payload
+        self.guests = GuestRegistry()
+        self.metrics = RelayMetrics(names)
+        self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight)
+        self.metrics_registry = make_registry(self._collector)
+        self._metrics_server: MetricsServer | None = None
         self._listeners: list[StreamListener] = []
         self._connections: set[_Connection] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -110,6 +120,10 @@ class RelayService:
                 self._listeners.append(await listen_stream(
                     spec, self._handle, socket_mode=self.settings.socket_mode_bits,
                 ))
+            if self.settings.metrics:
+                self._metrics_server = MetricsServer(self.settings.metrics, self.render_metrics,
+                                                     self.status)
+                await self._metrics_server.start()
         except BaseException:
             await self.stop()
             raise
@@ -120,6 +134,9 @@ class RelayService:
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
             await listener.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
         for conn in list(self._connections):
             self._close(conn)
         if self._handlers:
@@ -153,6 +170,19 @@ class RelayService:
     def pending_requests(self) -> int:
         """Requests in flight to upstreams, over all connections."""
         return sum(u.in_flight for u in self._upstreams)
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``HOST:PORT`` serving /metrics and /status, if enabled and started."""
+        return self._metrics_server.bound if self._metrics_server is not None else None
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text exposition of everything below (what /metrics serves)."""
+        return render(self.metrics_registry)
+
+    def status(self) -> dict[str, Any]:
+        """Relay counters, upstream figures and every connected guest (what /status serves)."""
+        return status_document(self._collector)
 
     @property
     def handler_tasks(self) -> int:
@@ -211,6 +241,7 @@ class RelayService:
             self._connections.discard(conn)
             self._handlers.discard(task)
             stats.connections_open -= 1
+            self._guest_gone(conn)
 
     def _on_frame(self, conn: _Connection, frame: framing.Frame, rx_ns: int) -> None:
         stats = self.stats
@@ -221,7 +252,7 @@ class RelayService:
         elif ftype == FrameType.NTP_REQUEST:
             self._on_request(conn, frame, rx_ns)
         elif ftype == FrameType.HEALTH:
-            pass  # observability only; counted above
+            self._on_health(conn, frame, rx_ns)  # observability only: never affects forwarding
         else:
             stats.errors["unexpected_frame"] += 1
             self._send_error(conn, frame.request_id, ErrorCode.BAD_FRAME,
@@ -247,7 +278,10 @@ class RelayService:
         conn.hello_done = True
         conn.deadline_ns = rx_ns + self._idle_ns
         self._send(conn, framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
-        log.debug("guest %r connected", conn.name)
+        record = self.guests.connect(conn, conn.writer, conn.name, rx_ns)
+        log.info("guest %s (%r) connected", record.guest, conn.name,
+                 extra={"event": "guest_connected", "guest": record.guest,
+                        "guest_name": conn.name})
 
     def _on_request(self, conn: _Connection, frame: framing.Frame, rx_ns: int) -> None:
         rid = frame.request_id
@@ -277,6 +311,11 @@ class RelayService:
 
         def on_result(reply: bytes | None, at_ns: int, reason: str) -> None:
             conn.pending.pop(holder[0], None)
+            self.metrics.upstream_result(upstream.name, reason, at_ns - sent_ns)
+            if reply is None:
+                log.warning("upstream %s: request failed (%s)", upstream.name, reason,
+                            extra={"event": "upstream_failure", "upstream": upstream.name,
+                                   "reason": reason})
             if conn.closed:
                 return
             if reply is None:
@@ -285,6 +324,7 @@ class RelayService:
                 self._send_error(conn, rid, code, f"upstream {upstream.name}: {reason}")
                 return
             out_ns = time.monotonic_ns()
+            self.metrics.observe_residence(sent_ns - rx_ns + out_ns - at_ns)
             self._send(conn, framing.ntp_reply(rid, reply, sent_ns - rx_ns, out_ns - at_ns))
 
         try:
@@ -293,10 +333,12 @@ class RelayService:
             reason = getattr(exc, "reason", "send_failed")
             self.stats.upstream_errors += 1
             self.stats.errors[reason] += 1
+            self.metrics.upstream_error(upstream.name, reason)
             self._send_error(conn, rid, ErrorCode.UPSTREAM_ERROR, str(exc))
             return
         sent_ns = pending.sent_ns
         holder.append(pending)
+        self.metrics.upstream_sent(upstream.name)
         conn.pending[pending] = upstream
 
     def _answer_locally(self, conn: _Connection, rid: int, packet: bytes, rx_ns: int) -> None:
@@ -310,8 +352,32 @@ class RelayService:
             return
         done_ns = time.monotonic_ns()
         self.stats.local_replies += 1
+        self.metrics.observe_residence(done_ns - rx_ns)
         self._send(conn, framing.ntp_reply(rid, reply, start_ns - rx_ns,
                                            time.monotonic_ns() - done_ns))
+
+    # --- observability ---------------------------------------------------------------
+
+    def _on_health(self, conn: _Connection, frame: framing.Frame, rx_ns: int) -> None:
+        """Keep the guest's report for metrics; a bad or too-frequent one is only counted."""
+        try:
+            self.guests.report(conn, frame.payload, rx_ns)
+        except HealthError as exc:
+            self.stats.errors[f"health_{exc.reason}"] += 1
+            record = self.guests.get(conn)
+            log.warning("health report refused: %s", exc,
+                        extra={"event": "health_refused", "reason": exc.reason,
+                               "guest": record.guest if record else "?"})
+
+    def _guest_gone(self, conn: _Connection) -> None:
+        record = self.guests.disconnect(conn)
+        if record is not None:
+            log.info("guest %s (%r) disconnected", record.guest, record.name,
+                     extra={"event": "guest_disconnected", "guest": record.guest,
+                            "guest_name": record.name, "reports": record.reports})
+
+    def _in_flight(self, name: str) -> int:
+        return sum(u.in_flight for u in self._upstreams if u.name == name)
 
     # --- output and teardown ---------------------------------------------------------
 

@@ -20,7 +20,8 @@ class RelaySettings:
     )
     upstreams: tuple[str, ...] = field(
         default=(),
-        metadata={"flag": "--upstream", "help": "Allowlisted NTP servers (udp:HOST:PORT), offered to guests by index "
+        metadata={"flag": "--upstream",
+                  "help": "Allowlisted NTP servers (udp:HOST:PORT), offered to guests by index "
                           "in this order. Empty: answer from the host clock at local_stratum."},
     )
     local_stratum: int = field(
@@ -75,6 +76,13 @@ class RelaySettings:
                           "(unset: the process umask decides)."},
     )
 
+    metrics: str | None = field(
+        default=None,
+        metadata={"help": "Serve Prometheus metrics at http://HOST:PORT/metrics and a JSON "
+                          "guest/upstream status at /status (read by `timesync status --relay`): "
+                          "tcp:HOST:PORT, e.g. tcp:127.0.0.1:9123. Unset: off."},
+    )
+
     def validate(self) -> None:
         """Cross-field and syntax checks the metadata cannot express."""
         if not self.listen:
@@ -98,6 +106,14 @@ class RelaySettings:
             raise ValueError("upstreams: at most 256 (the frame's upstream index is one byte)")
         if len(set(self.upstreams)) != len(self.upstreams):
             raise ValueError("upstreams: listed twice; remove the duplicate")
+        if self.metrics is not None:
+            try:
+                maddr = parse_address(self.metrics)
+            except AddressError as exc:
+                raise ValueError(f"metrics: {exc}") from exc
+            if maddr.kind != "tcp":
+                raise ValueError(f"metrics: {self.metrics!r} is not tcp:HOST:PORT; Prometheus "
+                                 "scrapes over TCP, e.g. tcp:127.0.0.1:9123")
         if self.socket_mode is not None:
             try:
                 mode = int(self.socket_mode, 8)

@@ -60,10 +60,16 @@ def format_status(st: dict[str, Any]) -> str:
 @click.command("status")
 @click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
               help="The guest daemon's status socket.")
+@click.option("--relay", "relay_metrics", default=None, metavar="tcp:HOST:PORT",
+              help="Instead, ask a relay's metrics address (its --metrics) for every "
+                   "connected guest's state, as a table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for an answer.")
-def status(socket_path: str, as_json: bool, timeout: float) -> None:
-    """Show the guest daemon's synchronisation state."""
+def status(socket_path: str, relay_metrics: str | None, as_json: bool, timeout: float) -> None:
+    """Show the guest daemon's synchronisation state (or, with --relay, every guest's)."""
+    if relay_metrics is not None:
+        _relay_status(relay_metrics, as_json, timeout)
+        return
     try:
         st = query_status(socket_path, timeout)
     except OSError as exc:
@@ -71,6 +77,17 @@ def status(socket_path: str, as_json: bool, timeout: float) -> None:
             f"cannot read status from {socket_path}: {exc}; is `timesync guest` running with "
             f"--status-socket {socket_path}?") from exc
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+def _relay_status(address: str, as_json: bool, timeout: float) -> None:
+    from host_relay.relay_query import RelayQueryError, format_relay_status, query_relay
+
+    try:
+        doc = query_relay(address, timeout)
+    except RelayQueryError as exc:
+        raise click.ClickException(
+            f"{exc}; is `timesync relay` running with --metrics {address}?") from exc
+    click.echo(json.dumps(doc, indent=2) if as_json else format_relay_status(doc))
 
 
 @click.command("wait-sync")

@@ -1,0 +1,132 @@
+"""Connected guests and their latest health reports, for metrics and ``timesync status --relay``.
+
+One record per guest connection, created when its HELLO is accepted and dropped when it
+disconnects, so nothing here grows with churn. A guest is identified by what the host can
+verify (its vsock CID, or its TCP peer, or a connection number on Unix sockets), not by the
+name it announces; the name is shown beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from timesyncd.health import HealthError, HealthReport, parse_health
+
+#: Reports accepted per connection: sustained rate and burst (a token bucket). The guest's
+#: default is one per 10 s; anything faster is counted and ignored, never an error frame.
+REPORT_RATE_PER_S = 1.0
+REPORT_BURST = 5
+
+
+@dataclass(slots=True)
+class GuestRecord:
+    guest: str  # host-verified identity: "cid:3", "tcp:127.0.0.1:40000", "conn:7"
+    name: str  # what the guest announced in HELLO (untrusted; display only)
+    connected_at: float  # host Unix seconds
+    connected_mono_ns: int
+    report: HealthReport | None = None
+    report_mono_ns: int = 0
+    reports: int = 0
+    refused_reports: int = 0
+    _tokens: float = float(REPORT_BURST)
+    _tokens_ns: int = 0
+
+    def to_json(self, now_mono_ns: int) -> dict[str, Any]:
+        return {
+            "guest": self.guest,
+            "name": self.name,
+            "connected_at": self.connected_at,
+            "connected_s": (now_mono_ns - self.connected_mono_ns) / 1e9,
+            "reports": self.reports,
+            "refused_reports": self.refused_reports,
+            "report_age_s": (now_mono_ns - self.report_mono_ns) / 1e9 if self.report else None,
+            "report": self.report.to_json() if self.report else None,
+        }
+
+
+class GuestRegistry:
+    """Keyed by the relay's connection object (identity), so a reconnect is a new record."""
+
+    def __init__(self) -> None:
+        self._guests: dict[object, GuestRecord] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._guests)
+
+    def connect(self, conn: object, writer: asyncio.StreamWriter, name: str,
+                now_mono_ns: int | None = None) -> GuestRecord:
+        self._seq += 1
+        ident = self._unique(peer_identity(writer, self._seq))
+        record = GuestRecord(ident, name, time.time(),
+                             now_mono_ns if now_mono_ns is not None else time.monotonic_ns())
+        record._tokens_ns = record.connected_mono_ns
+        self._guests[conn] = record
+        return record
+
+    def disconnect(self, conn: object) -> GuestRecord | None:
+        return self._guests.pop(conn, None)
+
+    def get(self, conn: object) -> GuestRecord | None:
+        return self._guests.get(conn)
+
+    def report(self, conn: object, payload: bytes, now_mono_ns: int) -> GuestRecord:
+        """Store a HEALTH payload; raises :class:`HealthError` (reason ``rate_limited``,
+        ``no_hello`` or a parse reason) for one that is refused."""
+        record = self._guests.get(conn)
+        if record is None:
+            raise HealthError("no_hello", "HEALTH before HELLO")
+        record._tokens = min(float(REPORT_BURST), record._tokens + (
+            now_mono_ns - record._tokens_ns) * REPORT_RATE_PER_S / 1e9)
+        record._tokens_ns = now_mono_ns
+        if record._tokens < 1.0:
+            record.refused_reports += 1
+            raise HealthError("rate_limited", f"{record.guest} reports too often")
+        record._tokens -= 1.0
+        try:
+            report = parse_health(payload)
+        except HealthError:
+            record.refused_reports += 1
+            raise
+        record.report = report
+        record.report_mono_ns = now_mono_ns
+        record.reports += 1
+        return record
+
+    def records(self) -> list[GuestRecord]:
+        return sorted(self._guests.values(), key=lambda r: r.guest)
+
+    def snapshot(self, now_mono_ns: int | None = None) -> list[dict[str, Any]]:
+        now = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
+        return [r.to_json(now) for r in self.records()]
+
+    def _unique(self, ident: str) -> str:
+        taken = {r.guest for r in self._guests.values()}
+        if ident not in taken:
+            return ident
+        n = 2
+        while f"{ident}/{n}" in taken:
+            n += 1
+        return f"{ident}/{n}"
+
+
+def peer_identity(writer: asyncio.StreamWriter, seq: int) -> str:
+    """What the host knows for sure about the peer: a vsock CID, a TCP peer, else a number.
+
+    Over Firecracker's hybrid vsock and plain Unix sockets the peer is anonymous, so the
+    connection number (per relay process) stands in.
+    """
+    sock = writer.get_extra_info("socket")
+    peer = writer.get_extra_info("peername")
+    family = getattr(sock, "family", None)
+    vsock = getattr(socket, "AF_VSOCK", 40)
+    if family == vsock and isinstance(peer, tuple) and peer:
+        return f"cid:{peer[0]}"
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(peer, tuple):
+        host = f"[{peer[0]}]" if family == socket.AF_INET6 else peer[0]
+        return f"tcp:{host}:{peer[1]}"
+    return f"conn:{seq}"

@@ -1,0 +1,251 @@
+"""Relay metrics: cheap recording on the hot path, Prometheus families built at scrape time.
+
+Nothing is registered globally: each service owns a ``CollectorRegistry`` whose only collector
+reads the relay's counters, per-upstream figures and the guest registry when scraped. Guest
+series therefore exist exactly while the guest is connected (no growth under churn), and the
+event loop that mutates the data is also the one that renders it (no locks, no races).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from host_relay.guest_registry import GuestRegistry
+from host_relay.stats import RelayStats
+from timesyncd.health import STATES
+
+#: Upstream round trip as seen from the relay (loopback to WAN).
+RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+               0.25, 0.5, 1.0, 2.5)
+#: Time a packet spends inside the relay, both directions summed.
+RESIDENCE_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+                     0.0025, 0.01, 0.1)
+
+
+class Histogram:
+    """Fixed buckets, plain counts: ``observe`` is one bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+@dataclass
+class UpstreamFigures:
+    requests: int = 0
+    replies: int = 0
+    timeouts: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS))
+
+
+class RelayMetrics:
+    """What the service records per event, beyond :class:`RelayStats`."""
+
+    def __init__(self, upstream_names: Iterable[str]) -> None:
+        self.upstreams = {name: UpstreamFigures() for name in upstream_names}
+        self.residence = Histogram(RESIDENCE_BUCKETS)
+
+    def upstream_sent(self, name: str) -> None:
+        self.upstreams[name].requests += 1
+
+    def upstream_result(self, name: str, reason: str, rtt_ns: int) -> None:
+        """``reason`` as the upstream reports it: "" (a reply), "timeout", or an error."""
+        fig = self.upstreams[name]
+        if not reason:
+            fig.replies += 1
+            fig.rtt.observe(rtt_ns / 1e9)
+        elif reason == "timeout":
+            fig.timeouts += 1
+        else:
+            fig.errors[reason] += 1
+
+    def upstream_error(self, name: str, reason: str) -> None:
+        self.upstreams[name].errors[reason] += 1
+
+    def observe_residence(self, residence_ns: int) -> None:
+        self.residence.observe(residence_ns / 1e9)
+
+
+class RelayCollector(Collector):
+    """Renders everything the relay knows as Prometheus families, at scrape time."""
+
+    def __init__(self, stats: RelayStats, metrics: RelayMetrics, guests: GuestRegistry,
+                 in_flight: Callable[[str], int] | None = None) -> None:
+        self.stats = stats
+        self.metrics = metrics
+        self.guests = guests
+        self.in_flight = in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._relay()
+        yield from self._upstreams()
+        yield from self._guests()
+
+    def _relay(self) -> Iterator[Metric]:
+        s = self.stats
+        yield GaugeMetricFamily("timesync_relay_connections_open",
+                                "Guest connections open now.", value=s.connections_open)
+        yield CounterMetricFamily("timesync_relay_connections_accepted",
+                                  "Guest connections accepted.", value=s.connections_accepted)
+        yield CounterMetricFamily("timesync_relay_connections_refused",
+                                  "Guest connections refused at max_connections.",
+                                  value=s.connections_refused)
+        yield GaugeMetricFamily("timesync_relay_guests",
+                                "Guests connected past HELLO.", value=len(self.guests))
+        frames = CounterMetricFamily("timesync_relay_frames", "Frames by direction and type.",
+                                     labels=["direction", "type"])
+        for direction, counts in (("in", s.frames_in), ("out", s.frames_out)):
+            for ftype, n in sorted(counts.items()):
+                frames.add_metric([direction, ftype], n)
+        yield frames
+        errors = CounterMetricFamily("timesync_relay_errors",
+                                     "Guest-caused and transport errors by reason.",
+                                     labels=["reason"])
+        for reason, n in sorted(s.errors.items()):
+            errors.add_metric([reason], n)
+        yield errors
+        yield CounterMetricFamily("timesync_relay_local_replies",
+                                  "Requests answered from the host clock.", value=s.local_replies)
+        yield CounterMetricFamily("timesync_relay_upstream_unsolicited",
+                                  "Upstream datagrams matching no request.",
+                                  value=s.upstream_unsolicited)
+        h = self.metrics.residence
+        yield HistogramMetricFamily("timesync_relay_residence_seconds",
+                                    "Time a request and its reply spent inside the relay.",
+                                    buckets=h.cumulative(), sum_value=h.total)
+
+    def _upstreams(self) -> Iterator[Metric]:
+        lbl = ["upstream"]
+        req = CounterMetricFamily("timesync_upstream_requests", "Requests sent upstream.",
+                                  labels=lbl)
+        rep = CounterMetricFamily("timesync_upstream_replies", "Replies matched to a request.",
+                                  labels=lbl)
+        tmo = CounterMetricFamily("timesync_upstream_timeouts", "Requests that timed out.",
+                                  labels=lbl)
+        err = CounterMetricFamily("timesync_upstream_errors",
+                                  "Requests failed other than by timeout, by reason.",
+                                  labels=["upstream", "reason"])
+        inf = GaugeMetricFamily("timesync_upstream_in_flight", "Requests awaiting a reply.",
+                                labels=lbl)
+        rtt = HistogramMetricFamily("timesync_upstream_rtt_seconds",
+                                    "Round trip from the relay to the upstream and back.",
+                                    labels=lbl)
+        for name, fig in self.metrics.upstreams.items():
+            req.add_metric([name], fig.requests)
+            rep.add_metric([name], fig.replies)
+            tmo.add_metric([name], fig.timeouts)
+            for reason, n in sorted(fig.errors.items()):
+                err.add_metric([name, reason], n)
+            if self.in_flight is not None:
+                inf.add_metric([name], self.in_flight(name))
+            rtt.add_metric([name], fig.rtt.cumulative(), fig.rtt.total)
+        yield from (req, rep, tmo, err, inf, rtt)
+
+    def _guests(self) -> Iterator[Metric]:
+        now = time.monotonic_ns()
+        lbl = ["guest", "name"]
+
+        def gauge(metric: str, text: str, labels: list[str] = lbl) -> GaugeMetricFamily:
+            return GaugeMetricFamily(metric, text, labels=labels)
+
+        up = gauge("timesync_guest_connected_seconds", "Seconds since the guest connected.")
+        age = gauge("timesync_guest_report_age_seconds",
+                    "Seconds since the guest's last health report.")
+        state = gauge("timesync_guest_sync_state", "1 for the guest's current sync state.",
+                      lbl + ["state"])
+        offset = gauge("timesync_guest_offset_seconds",
+                       "Estimated guest clock minus reference (positive: ahead).")
+        freq = gauge("timesync_guest_frequency_ppm",
+                     "Estimated native rate error of the guest clock (positive: fast).")
+        dist = gauge("timesync_guest_root_distance_seconds",
+                     "The guest's error bound (root distance).")
+        last = gauge("timesync_guest_last_update_timestamp_seconds",
+                     "Guest clock time of its last clock update.")
+        poll = gauge("timesync_guest_poll_interval_seconds", "The guest's poll interval.")
+        hold = gauge("timesync_guest_holdover_seconds", "Seconds the guest has been in holdover.")
+        steps = CounterMetricFamily("timesync_guest_steps", "Clock steps by the guest.",
+                                    labels=lbl)
+        jumps = CounterMetricFamily("timesync_guest_refused_jumps",
+                                    "Time jumps the guest refused to follow.", labels=lbl)
+        rej = CounterMetricFamily("timesync_guest_rejected_samples",
+                                  "Samples the guest rejected, by reason.", labels=lbl + ["reason"])
+        reports = CounterMetricFamily("timesync_guest_reports",
+                                      "Health reports accepted from the guest.", labels=lbl)
+        for g in self.guests.records():
+            key = [g.guest, g.name]
+            up.add_metric(key, (now - g.connected_mono_ns) / 1e9)
+            reports.add_metric(key, g.reports)
+            r = g.report
+            if r is None:
+                continue
+            age.add_metric(key, (now - g.report_mono_ns) / 1e9)
+            for st in STATES:
+                state.add_metric([*key, st], 1.0 if r.state == st else 0.0)
+            for fam, value in ((offset, r.offset_s), (freq, r.frequency_ppm),
+                               (dist, r.root_distance_s), (last, r.last_update),
+                               (poll, r.poll_s)):
+                if value is not None:
+                    fam.add_metric(key, value)
+            hold.add_metric(key, r.holdover_s)
+            steps.add_metric(key, r.steps)
+            jumps.add_metric(key, r.refused_jumps)
+            for reason, n in sorted(r.rejected.items()):
+                rej.add_metric([*key, reason], n)
+        yield from (up, age, state, offset, freq, dist, last, poll, hold, steps, jumps, rej,
+                    reports)
+
+
+def make_registry(collector: RelayCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format (version 0.0.4)."""
+    return generate_latest(registry)
+
+
+def status_document(collector: RelayCollector) -> dict[str, Any]:
+    """The ``/status`` JSON: relay counters, per-upstream figures, every connected guest."""
+    ups = []
+    for name, fig in collector.metrics.upstreams.items():
+        ups.append({
+            "name": name, "requests": fig.requests, "replies": fig.replies,
+            "timeouts": fig.timeouts, "errors": dict(fig.errors),
+            "in_flight": collector.in_flight(name) if collector.in_flight else None,
+            "mean_rtt_s": fig.rtt.total / fig.rtt.count if fig.rtt.count else None,
+        })
+    return {"relay": collector.stats.snapshot(), "upstreams": ups,
+            "guests": collector.guests.snapshot()}

@@ -1,0 +1,96 @@
+"""Client side of the relay's ``/status`` endpoint: fetch it and render the guest table.
+
+Blocking and dependency-free (``http.client``), for ``timesync status --relay tcp:HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Any
+
+from timesyncd.addresses import AddressError, parse_address
+
+MAX_RESPONSE = 8 << 20
+
+
+class RelayQueryError(OSError):
+    """No usable ``/status`` answer from the relay's metrics address."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    spec = address.removeprefix("http://").rstrip("/")
+    if not spec.startswith("tcp:"):
+        spec = "tcp:" + spec
+    try:
+        addr = parse_address(spec)
+    except AddressError as exc:
+        raise RelayQueryError(f"relay metrics address {address!r}: {exc}") from exc
+    if addr.kind != "tcp" or addr.host is None or addr.port is None:
+        raise RelayQueryError(f"relay metrics address {address!r}: use tcp:HOST:PORT")
+    return addr.host, addr.port
+
+
+def query_relay(address: str, timeout: float = 2.0) -> dict[str, Any]:
+    """GET ``/status`` from a relay started with ``--metrics``; :class:`RelayQueryError`."""
+    host, port = _host_port(address)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/status")
+        resp = conn.getresponse()
+        body = resp.read(MAX_RESPONSE + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise RelayQueryError(f"relay metrics at {host}:{port}: {exc}") from exc
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RelayQueryError(f"relay metrics at {host}:{port}: HTTP {resp.status}")
+    if len(body) > MAX_RESPONSE:
+        raise RelayQueryError(f"relay status exceeds {MAX_RESPONSE} bytes")
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise RelayQueryError("relay status is not JSON") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("guests"), list):
+        raise RelayQueryError("relay status has no guest list")
+    return doc
+
+
+def _num(value: Any, scale: float, fmt: str, unit: str = "") -> str:
+    return "-" if value is None else format(value * scale, fmt) + unit
+
+
+def format_relay_status(doc: dict[str, Any], now: float | None = None) -> str:
+    """One line per guest (like ``chronyc clients``), then one per upstream."""
+    now = time.time() if now is None else now
+    relay = doc.get("relay", {})
+    lines = [f"Relay           : {relay.get('connections_open', '?')} connections, "
+             f"{len(doc['guests'])} guests, {relay.get('connections_refused', 0)} refused",
+             "",
+             f"{'guest':22} {'name':20} {'state':14} {'offset':>12} {'freq ppm':>10} "
+             f"{'error bnd':>11} {'poll':>6} {'updated':>9} {'report':>7} {'rejected':>8}"]
+    for g in doc["guests"]:
+        r = g.get("report") or {}
+        last = r.get("last_update")
+        updated = "-" if last is None else f"{max(now - last, 0):.0f}s"
+        age = g.get("report_age_s")
+        lines.append(
+            f"{str(g.get('guest'))[:22]:22} {str(g.get('name'))[:20]:20} "
+            f"{str(r.get('state', 'no report'))[:14]:14} "
+            f"{_num(r.get('offset_s'), 1e6, '+.1f', 'us'):>12} "
+            f"{_num(r.get('frequency_ppm'), 1, '+.3f'):>10} "
+            f"{_num(r.get('root_distance_s'), 1e6, '.1f', 'us'):>11} "
+            f"{_num(r.get('poll_s'), 1, 'g', 's'):>6} {updated:>9} "
+            f"{_num(age, 1, '.0f', 's'):>7} {sum((r.get('rejected') or {}).values()):>8}")
+    ups = doc.get("upstreams") or []
+    if ups:
+        lines += ["", f"{'upstream':32} {'requests':>9} {'replies':>9} {'timeouts':>9} "
+                      f"{'errors':>7} {'mean rtt':>10}"]
+        for u in ups:
+            rtt = u.get("mean_rtt_s")
+            lines.append(f"{str(u.get('name'))[:32]:32} {u.get('requests', 0):>9} "
+                         f"{u.get('replies', 0):>9} {u.get('timeouts', 0):>9} "
+                         f"{sum((u.get('errors') or {}).values()):>7} "
+                         f"{_num(rtt, 1e6, '.1f', 'us'):>10}")
+    return "\n".join(lines)

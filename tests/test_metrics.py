@@ -1,0 +1,270 @@
+"""Relay observability: guest health reports -> Prometheus /metrics and /status, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+from relay_helpers import Guest, client_packet, start_fake_upstream
+
+from host_relay.guest_registry import REPORT_BURST
+from host_relay.relay_query import RelayQueryError, format_relay_status, query_relay
+from host_relay.service import RelayService
+from host_relay.settings import RelaySettings
+from timesyncd import framing
+from timesyncd.cli import main as cli_main
+from timesyncd.framing import FrameType
+from timesyncd.health import HealthReport
+
+pytestmark = pytest.mark.timeout(60)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def _get(url: str) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    return await asyncio.get_running_loop().run_in_executor(None, fetch)
+
+
+async def scrape(relay: RelayService) -> Samples:
+    status, text = await _get(f"http://{relay.metrics_address}/metrics")
+    assert status == 200
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: Samples, metric: str, /, **labels: str) -> float:
+    return samples[(metric, tuple(sorted(labels.items())))]
+
+
+def guest_series(samples: Samples, name: str) -> list[Any]:
+    return [k for k in samples if ("name", name) in k[1]]
+
+
+async def _until(cond: Any, timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(tmp_path: Path) -> Any:
+    good = await start_fake_upstream()
+    silent = await start_fake_upstream(reply_for=lambda _req: None)
+    service = RelayService(RelaySettings(
+        listen=(f"unix:{tmp_path}/relay.sock",), upstreams=(good.address, silent.address),
+        upstream_timeout_s=0.2, metrics="tcp:127.0.0.1:0"))
+    await service.start()
+    service.test_address = f"unix:{tmp_path}/relay.sock"  # type: ignore[attr-defined]
+    service.test_upstreams = (good.address, silent.address)  # type: ignore[attr-defined]
+    try:
+        yield service
+    finally:
+        await service.stop()
+        good.close()
+        silent.close()
+
+
+def with_relay(body: Any) -> Any:
+    """Run ``async body(relay)`` on a fresh loop with a relay (two upstreams, metrics on)."""
+
+    def test(tmp_path: Path) -> None:
+        async def main() -> None:
+            async with running_relay(tmp_path) as relay:
+                await body(relay)
+
+        asyncio.run(main())
+
+    test.__name__ = body.__name__
+    test.__doc__ = body.__doc__
+    return test
+
+
+def _report(state: str, offset: float, freq: float, **kw: Any) -> framing.Frame:
+    return HealthReport(state=state, offset_s=offset, frequency_ppm=freq, root_distance_s=2e-4,
+                        last_update=1.7e9, poll_s=16.0, **kw).frame()
+
+
+@with_relay
+async def test_two_guests_one_scrape_shows_each_guest_and_upstream_counters(relay: Any) -> None:
+    good, silent = relay.test_upstreams
+    alpha = await Guest.connect(relay.test_address, name="alpha")
+    beta = await Guest.connect(relay.test_address, name="beta")
+    alpha.send(_report("synchronised", 12e-6, 3.25, rejected={"bad_delay": 4, "kod_rate": 1}))
+    beta.send(_report("holdover", -0.0015, -41.5, holdover_s=120.0, steps=1))
+    alpha.request(1, 0, client_packet())
+    beta.request(2, 0, client_packet())
+    beta.request(3, 1, client_packet())  # the silent upstream: times out after 0.2 s
+    assert (await alpha.recv()).type == FrameType.NTP_REPLY
+    assert (await beta.recv()).type == FrameType.NTP_REPLY
+    assert (await beta.recv()).type == FrameType.ERROR
+    await _until(lambda: all(g.reports for g in relay.guests.records()))
+
+    m = await scrape(relay)
+    ids = {g.name: g.guest for g in relay.guests.records()}
+    a = {"guest": ids["alpha"], "name": "alpha"}
+    b = {"guest": ids["beta"], "name": "beta"}
+    assert value(m, "timesync_guest_offset_seconds", **a) == pytest.approx(12e-6)
+    assert value(m, "timesync_guest_frequency_ppm", **a) == 3.25
+    assert value(m, "timesync_guest_sync_state", **a, state="synchronised") == 1
+    assert value(m, "timesync_guest_sync_state", **a, state="holdover") == 0
+    assert value(m, "timesync_guest_rejected_samples_total", **a, reason="bad_delay") == 4
+    assert value(m, "timesync_guest_offset_seconds", **b) == pytest.approx(-0.0015)
+    assert value(m, "timesync_guest_frequency_ppm", **b) == -41.5
+    assert value(m, "timesync_guest_sync_state", **b, state="holdover") == 1
+    assert value(m, "timesync_guest_holdover_seconds", **b) == 120.0
+    assert value(m, "timesync_guest_steps_total", **b) == 1
+    assert value(m, "timesync_guest_root_distance_seconds", **b) == pytest.approx(2e-4)
+    assert value(m, "timesync_guest_poll_interval_seconds", **b) == 16.0
+    assert 0 <= value(m, "timesync_guest_report_age_seconds", **b) < 5
+
+    assert value(m, "timesync_upstream_requests_total", upstream=good) == 2
+    assert value(m, "timesync_upstream_replies_total", upstream=good) == 2
+    assert value(m, "timesync_upstream_rtt_seconds_count", upstream=good) == 2
+    assert value(m, "timesync_upstream_rtt_seconds_bucket", upstream=good, le="+Inf") == 2
+    assert value(m, "timesync_upstream_requests_total", upstream=silent) == 1
+    assert value(m, "timesync_upstream_timeouts_total", upstream=silent) == 1
+    assert value(m, "timesync_upstream_rtt_seconds_count", upstream=silent) == 0
+    assert value(m, "timesync_relay_residence_seconds_count") == 2
+    assert 0 < value(m, "timesync_relay_residence_seconds_sum") < 0.1
+    assert value(m, "timesync_relay_connections_open") == 2
+    assert value(m, "timesync_relay_guests") == 2
+    assert value(m, "timesync_relay_frames_total", direction="in", type="HEALTH") == 2
+
+    # the same picture as JSON and as the `timesync status --relay` table
+    doc = await asyncio.get_running_loop().run_in_executor(
+        None, query_relay, f"tcp:{relay.metrics_address}")
+    by_name = {g["name"]: g for g in doc["guests"]}
+    assert by_name["beta"]["report"]["state"] == "holdover"
+    assert by_name["alpha"]["report"]["frequency_ppm"] == 3.25
+    runner = CliRunner()
+    result = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: runner.invoke(cli_main, ["status", "--relay",
+                                               f"tcp:{relay.metrics_address}"]))
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line.split() for line in result.output.splitlines()
+            if line.startswith(("conn:", "cid:", "tcp:"))}
+    assert rows["alpha"][2] == "synchronised" and rows["alpha"][3] == "+12.0us"
+    assert rows["alpha"][4] == "+3.250"
+    assert rows["beta"][2] == "holdover" and rows["beta"][3] == "-1500.0us"
+    assert rows["beta"][4] == "-41.500"
+    assert good in result.output and silent in result.output
+    as_json = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: runner.invoke(cli_main, ["status", "--json", "--relay",
+                                               f"http://{relay.metrics_address}/"]))
+    assert {g["name"] for g in json.loads(as_json.output)["guests"]} == {"alpha", "beta"}
+    await alpha.close()
+    await beta.close()
+
+
+@with_relay
+async def test_guest_series_go_away_on_disconnect_and_do_not_grow_under_churn(relay: Any) -> None:
+    stay = await Guest.connect(relay.test_address, name="stay")
+    stay.send(_report("synchronised", 1e-6, 1.0))
+    gone = await Guest.connect(relay.test_address, name="gone")
+    gone.send(_report("unsynchronised", 0.3, 90.0, rejected={"bad_stratum": 2}))
+    await _until(lambda: len(relay.guests) == 2 and all(
+        g.reports for g in relay.guests.records()))
+    m = await scrape(relay)
+    assert guest_series(m, "gone") and guest_series(m, "stay")
+
+    await gone.close()
+    await _until(lambda: len(relay.guests) == 1)
+    m = await scrape(relay)
+    assert guest_series(m, "gone") == []
+    after_gone = len(m)
+    assert value(m, "timesync_guest_offset_seconds", guest=relay.guests.records()[0].guest,
+                 name="stay") == pytest.approx(1e-6)
+
+    for i in range(60):  # churn: each guest reports with new reasons, then leaves
+        g = await Guest.connect(relay.test_address, name=f"churn{i}")
+        g.send(_report("synchronised", 1e-6, 1.0, rejected={f"reason{i}": 1}))
+        await _until(lambda: any(r.reports for r in relay.guests.records()
+                                 if r.name.startswith("churn")))
+        await g.close()
+        await _until(lambda: len(relay.guests) == 1)
+    m = await scrape(relay)
+    assert not [k for k in m if any(v.startswith("churn") for _, v in k[1])]
+    # per-guest series are back to one guest's worth; relay-wide counters only changed values
+    assert len(m) == after_gone
+    assert value(m, "timesync_relay_connections_accepted_total") == 62
+    await stay.close()
+
+
+@with_relay
+async def test_bad_and_excess_health_reports_are_counted_and_never_affect_forwarding(
+        relay: Any) -> None:
+    g = await Guest.connect(relay.test_address, name="noisy")
+    g.send(framing.Frame(FrameType.HEALTH, 0, b"not json"))
+    g.send(framing.Frame(FrameType.HEALTH, 0, b'{"version":1,"state":"great"}'))
+    g.send(framing.Frame(FrameType.HEALTH, 0, b'{"version":1,"state":"holdover",'
+                                              b'"offset_s":NaN}'))
+    for _ in range(REPORT_BURST + 3):
+        g.send(_report("synchronised", 1e-6, 1.0))
+    g.request(7, 0, client_packet())
+    reply = await g.recv()
+    assert reply.type == FrameType.NTP_REPLY and reply.request_id == 7
+    errors = relay.stats.errors
+    assert errors["health_bad_json"] == 1 and errors["health_bad_state"] == 1
+    assert errors["health_bad_field"] == 1
+    # the bucket holds REPORT_BURST tokens; three malformed reports used three of them
+    assert errors["health_rate_limited"] == 6
+    record = relay.guests.records()[0]
+    assert record.reports == REPORT_BURST - 3 and record.report is not None
+    m = await scrape(relay)
+    assert value(m, "timesync_relay_errors_total", reason="health_rate_limited") == 6
+    assert value(m, "timesync_guest_reports_total", guest=record.guest, name="noisy") == 2
+    await g.close()
+
+
+@with_relay
+async def test_http_endpoint_refuses_what_it_does_not_serve(relay: Any) -> None:
+    status, _ = await _get(f"http://{relay.metrics_address}/nope")
+    assert status == 404
+    reader, writer = await asyncio.open_connection(*relay.metrics_address.rsplit(":", 1))
+    writer.write(b"garbage\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 400")
+    writer.close()
+    reader, writer = await asyncio.open_connection(*relay.metrics_address.rsplit(":", 1))
+    writer.write(b"POST /metrics HTTP/1.1\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 405")
+    writer.close()
+    status, _ = await _get(f"http://{relay.metrics_address}/metrics")
+    assert status == 200
+
+
+def test_metrics_setting_must_be_tcp() -> None:
+    with pytest.raises(ValueError, match="metrics: .* tcp:HOST:PORT"):
+        RelaySettings(listen=("unix:/tmp/x.sock",), metrics="unix:/tmp/m.sock").validate()
+    with pytest.raises(ValueError, match="metrics"):
+        RelaySettings(listen=("unix:/tmp/x.sock",), metrics="bogus").validate()
+
+
+def test_status_relay_reports_an_unreachable_relay() -> None:
+    with pytest.raises(RelayQueryError):
+        query_relay("tcp:127.0.0.1:1", timeout=0.5)
+    result = CliRunner().invoke(cli_main, ["status", "--relay", "tcp:127.0.0.1:1"])
+    assert result.exit_code == 1 and "--metrics tcp:127.0.0.1:1" in result.output
+
+
+def test_table_renders_a_guest_without_report() -> None:
+    doc = {"relay": {"connections_open": 1}, "guests": [
+        {"guest": "cid:16", "name": "enclave-a", "report": None, "report_age_s": None}]}
+    line = format_relay_status(doc).splitlines()[-1].split()
+    assert line[:4] == ["cid:16", "enclave-a", "no", "report"]

@@ -33,7 +33,7 @@ from timesyncd.discipline import (
     DisciplineConfig,
     Estimate,
     PollState,
-    fit,
+    fit_arrays,
     slew_plan,
 )
 from timesyncd.exchange import PHI, ClientExchange, Rejection, Sample
@@ -106,6 +106,7 @@ class GuestController:
         self._step_epoch = 0
         self._discontinuity = False
         self._leap = 0
+        self._last_offset: float | None = None
         for source in sources:
             self._add(source)
 
@@ -234,6 +235,8 @@ class GuestController:
         return y + self._slope * (x_now - x) + self._model.correction_at(now)
 
     def status(self, now_ns: int) -> ControllerStatus:
+        """Current state; ``offset_s`` is the offset estimated at the last clock update (the
+        amount then corrected, like chrony's "last offset"); see :meth:`current_offset`."""
         now = self._t(now_ns)
         polls = [s.poll.poll for s in self._sources.values() if not s.disabled]
         for src in self._sources.values():
@@ -241,7 +244,7 @@ class GuestController:
             src.status.reachable = src.reach != 0
         return ControllerStatus(
             state=self.state,
-            offset_s=self.current_offset(now_ns),
+            offset_s=self._last_offset,
             frequency_ppm=self._slope / (1.0 - self._slope) * 1e6,
             root_distance_s=self._error_bound(now) if self._sys is not None else None,
             poll_s=float(2 ** min(polls)) if polls else float(2**self.config.minpoll),
@@ -340,11 +343,11 @@ class GuestController:
     def _refuse_or_confirm(self, src: _Source, fs: FilteredSample, jump: float,
                            now_ns: int) -> list[Action]:
         """A large jump after the initial updates: refuse it unless it is confirmed."""
-        self.refused_jumps += 1
         src.jumps.append(jump)
-        src.status.note = f"refused jump of {jump:+.6f} s"
-        log.warning("refused clock jump of %+.6f s from %s", jump, src.config.name)
         if not self._jump_confirmed(src):
+            self.refused_jumps += 1
+            src.status.note = f"refused jump of {jump:+.6f} s"
+            log.warning("refused clock jump of %+.6f s from %s", jump, src.config.name)
             return []
         actions: list[Action] = []
         jumps = sorted(j for s in self._sources.values() for j in s.jumps)
@@ -424,6 +427,7 @@ class GuestController:
             now = self._t(now_ns)
             offset = sel.offset + self._model.correction_at(now)
         self._error_s = sel.distance
+        self._last_offset = offset
         self._est_error_s = min(sel.distance, max(
             (s.estimate.offset_sd for s in live if s.estimate), default=sel.distance))
         self._leap = sel.leap
@@ -441,7 +445,7 @@ class GuestController:
         """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
         if src.dirty or src.estimate is None:
             src.dirty = False
-            est = fit(src.filter.samples, x_now, self._slope)
+            est = fit_arrays(*src.filter.arrays(), x_now, self._slope)
             if est is None:
                 return None
             src.filter.prune(est.used)
@@ -491,9 +495,12 @@ class GuestController:
 
     # --- internals: holdover and kernel status --------------------------------------------------
     def _holdover_after(self) -> float:
-        polls = [max(s.poll.poll, s.min_poll) for s in self._sources.values() if not s.disabled]
-        interval = 2.0 ** max(polls) if polls else 2.0**self.config.maxpoll
-        return self.config.holdover_polls * interval
+        """Silence longer than this many (longest) poll intervals means holdover."""
+        poll = -99
+        for s in self._sources.values():
+            if not s.disabled:
+                poll = max(poll, s.poll.poll, s.min_poll)
+        return self.config.holdover_polls * 2.0 ** (poll if poll > -99 else self.config.maxpoll)
 
     def _error_bound(self, now: float) -> float:
         if self._last_update_t is None:
@@ -517,13 +524,16 @@ class GuestController:
     def _check_holdover(self, now: float, actions: list[Action]) -> None:
         if self._last_update_t is None:
             return
-        if self.state == "synchronised" and now - self._last_update_t >= self._holdover_after():
+        silent_until = self._last_update_t + self._holdover_after()
+        if self.state == "synchronised" and now >= silent_until - 1e-6:
             self._enter_holdover(now, actions)
-        if self.state == "holdover" and self._error_bound(now) >= self.config.max_error_s:
-            self.state = "unsynchronised"
-            log.warning("holdover error bound passed %.3f s: unsynchronised",
-                        self.config.max_error_s)
-            actions.append(SetKernelStatus(self._kernel_status(now)))
+        if self.state == "holdover":
+            deadline = self._state_deadline()
+            if deadline is None or now >= deadline - 1e-6:
+                self.state = "unsynchronised"
+                log.warning("holdover error bound passed %.3f s: unsynchronised",
+                            self.config.max_error_s)
+            actions.append(SetKernelStatus(self._kernel_status(now)))  # error bound grew
 
     def _enter_holdover(self, now: float, actions: list[Action]) -> None:
         """No fresh samples: keep the learned frequency, stop slewing the phase."""

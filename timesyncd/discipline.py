@@ -19,7 +19,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from timesyncd.filter import FilteredSample, sample_variance
+import numpy as np
+import numpy.typing as npt
+
+from timesyncd.filter import ERROR_FLOOR_S, FilteredSample, sample_variance
+
+FloatArray = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -85,53 +90,37 @@ class Estimate:
     total: int
 
 
-def _regress(
-    samples: Sequence[FilteredSample], weights: Sequence[float], at_x: float
-) -> tuple[float, float, float, float, float]:
-    """Weighted line fit; returns (offset at at_x, slope, offset_sd, slope_sd, chi2)."""
-    sw = swx = swy = 0.0
-    for s, w in zip(samples, weights, strict=True):
-        sw += w
-        swx += w * (s.x - at_x)
-        swy += w * s.y
-    xbar = swx / sw
-    ybar = swy / sw
-    sxx = sxy = 0.0
-    for s, w in zip(samples, weights, strict=True):
-        dx = s.x - at_x - xbar
-        sxx += w * dx * dx
-        sxy += w * dx * (s.y - ybar)
-    slope = sxy / sxx if sxx > 0 else 0.0
-    chi2 = 0.0
-    for s, w in zip(samples, weights, strict=True):
-        r = s.y - ybar - slope * (s.x - at_x - xbar)
-        chi2 += w * r * r
-    n = len(samples)
+def _regress(x: FloatArray, y: FloatArray, w: FloatArray
+             ) -> tuple[float, float, float, float, FloatArray]:
+    """Weighted line fit with x relative to the evaluation time.
+
+    Returns (offset at x=0, slope, offset_sd, slope_sd, residuals)."""
+    sw = float(w.sum())
+    xbar = float(w @ x) / sw
+    ybar = float(w @ y) / sw
+    dx = x - xbar
+    wdx = w * dx
+    sxx = float(wdx @ dx)
+    slope = float(wdx @ (y - ybar)) / sxx if sxx > 0 else 0.0
+    resid = y - ybar - slope * dx
+    n = len(x)
+    chi2 = float(w @ (resid * resid))
     scale = max(chi2 / (n - 2), 1.0) if n > 2 else 1.0
     offset = ybar - slope * xbar
     offset_var = scale * (1.0 / sw + (xbar * xbar / sxx if sxx > 0 else 0.0))
     slope_sd = math.sqrt(scale / sxx) if sxx > 0 else math.inf
-    return offset, slope, math.sqrt(offset_var), slope_sd, chi2
+    return offset, slope, math.sqrt(offset_var), slope_sd, resid
 
 
-def _runs_ok(samples: Sequence[FilteredSample], at_x: float, offset: float, slope: float,
-             z: float) -> bool:
+def _runs_ok(resid: FloatArray, z: float) -> bool:
     """Wald-Wolfowitz runs test on residual signs: too few runs means the line is stale."""
-    runs = 0
-    pos = neg = 0
-    last = 0
-    for s in samples:
-        sign = 1 if s.y - offset - slope * (s.x - at_x) > 0 else -1
-        if sign > 0:
-            pos += 1
-        else:
-            neg += 1
-        if sign != last:
-            runs += 1
-            last = sign
-    n = pos + neg
+    signs = resid > 0
+    n = len(signs)
+    pos = int(np.count_nonzero(signs))
+    neg = n - pos
     if pos == 0 or neg == 0:
         return n < 4
+    runs = 1 + int(np.count_nonzero(signs[1:] != signs[:-1]))
     p2 = 2.0 * pos * neg
     mean = p2 / n + 1.0
     var = p2 * (p2 - n) / (n * n * (n - 1.0))
@@ -149,19 +138,30 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
     n = len(samples)
     if n == 0:
         return None
-    d_min = min(s.delay_s for s in samples)
-    weights = [1.0 / sample_variance(s, d_min) for s in samples]
     if n == 1:
         s = samples[0]
-        return Estimate(at_x, s.y + prior_slope * (at_x - s.x), prior_slope,
-                        math.sqrt(1.0 / weights[0]), math.inf, 1, 1)
+        sd = math.sqrt(sample_variance(s, s.delay_s))
+        return Estimate(at_x, s.y + prior_slope * (at_x - s.x), prior_slope, sd, math.inf, 1, 1)
+    return fit_arrays(np.array([s.x for s in samples]), np.array([s.y for s in samples]),
+                      np.array([s.delay_s for s in samples]),
+                      np.array([s.dispersion_s for s in samples]), at_x, prior_slope, runs_z)
+
+
+def fit_arrays(x: FloatArray, y: FloatArray, delay: FloatArray, disp: FloatArray, at_x: float,
+               prior_slope: float = 0.0, runs_z: float = 1.64) -> Estimate | None:
+    """:func:`fit` on columns (x, y, delay, dispersion), as ``SampleFilter.arrays`` gives."""
+    n = len(x)
+    if n < 2:
+        return fit([FilteredSample(float(x[i]), float(y[i]), float(delay[i]), float(disp[i]),
+                                   0.0) for i in range(n)], at_x, prior_slope, runs_z)
+    x = x - at_x
+    excess = delay - delay.min()
+    w = 1.0 / (ERROR_FLOOR_S**2 + disp * disp + excess * excess / 12.0)
     start = 0
-    result = _regress(samples, weights, at_x)
-    while n - start > 4:
-        if _runs_ok(samples[start:], at_x, result[0], result[1], runs_z):
-            break
+    result = _regress(x, y, w)
+    while n - start > 4 and not _runs_ok(result[4], runs_z):
         start = min(start + max((n - start) // 4, 1), n - 4)
-        result = _regress(samples[start:], weights[start:], at_x)
+        result = _regress(x[start:], y[start:], w[start:])
     offset, slope, offset_sd, slope_sd, _ = result
     return Estimate(at_x, offset, slope, offset_sd, slope_sd, n - start, n)
 

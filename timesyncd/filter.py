@@ -16,6 +16,9 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 #: Floor of a sample's standard error, seconds: timestamping and read noise on the best path.
 ERROR_FLOOR_S = 1e-6
 
@@ -44,6 +47,9 @@ class SampleFilter:
         self.max_samples = max_samples
         self.max_delay_dev_ratio = max_delay_dev_ratio
         self._samples: deque[FilteredSample] = deque(maxlen=max_samples)
+        # columns x, y, delay, dispersion in a buffer of twice the window: rows [lo, hi)
+        self._buf = np.zeros((4, 2 * max_samples))
+        self._lo = self._hi = 0
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -62,9 +68,10 @@ class SampleFilter:
         """Whether a sample with this delay would be rejected as a delay spike."""
         if len(self._samples) < 4 or self.max_delay_dev_ratio <= 0:
             return False
-        delays = sorted(s.delay_s for s in self._samples)
-        d_min = delays[0]
-        excess = delays[len(delays) // 2] - d_min
+        delays = self.arrays()[2]
+        d_min = float(delays.min())
+        k = len(delays) // 2
+        excess = float(np.partition(delays, k)[k]) - d_min
         allowance = max(excess, 5 * ERROR_FLOOR_S) * self.max_delay_dev_ratio
         return delay_s - d_min > allowance
 
@@ -73,15 +80,30 @@ class SampleFilter:
         if self.is_spike(sample.delay_s):
             return "delay_spike"
         self._samples.append(sample)
+        buf = self._buf
+        if self._hi == buf.shape[1]:  # compact: keep the newest rows at the front
+            keep = self._hi - self._lo
+            buf[:, :keep] = buf[:, self._lo:self._hi]
+            self._lo, self._hi = 0, keep
+        buf[:, self._hi] = (sample.x, sample.y, sample.delay_s, sample.dispersion_s)
+        self._hi += 1
+        self._lo = self._hi - len(self._samples)
         return None
+
+    def arrays(self) -> tuple[npt.NDArray[np.float64], ...]:
+        """Columns (x, y, delay, dispersion) of the stored samples, oldest first (views)."""
+        view = self._buf[:, self._lo:self._hi]
+        return view[0], view[1], view[2], view[3]
 
     def prune(self, keep: int) -> None:
         """Drop all but the newest ``keep`` samples (the regression found older ones stale)."""
         while len(self._samples) > max(keep, 0):
             self._samples.popleft()
+        self._lo = self._hi - len(self._samples)
 
     def clear(self) -> None:
         self._samples.clear()
+        self._lo = self._hi = 0
 
     def latest(self) -> FilteredSample | None:
         return self._samples[-1] if self._samples else None

@@ -37,6 +37,9 @@ def select(candidates: Sequence[Candidate]) -> Selection | None:
     n = len(candidates)
     if n == 0:
         return None
+    if n == 1:
+        c = candidates[0]
+        return Selection((c.name,), (), c.offset, c.slope, c.distance, c.leap)
     edges: list[tuple[float, int]] = []
     for c in candidates:
         edges.append((c.offset - c.distance, -1))  # interval opens (sorted before closes)

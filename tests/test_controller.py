@@ -1,0 +1,185 @@
+"""GuestController behaviour, driven through the simulator engine as the daemon drives it."""
+
+from __future__ import annotations
+
+import random
+
+from guest_client.actions import SendRequest, SetKernelStatus
+from guest_client.controller import GuestController, SourceConfig
+from sim.clock import SimClock
+from sim.engine import Engine, Upstream
+from sim.network import Hop, Network
+from sim.oscillator import Oscillator
+from timesyncd.discipline import DisciplineConfig
+from timesyncd.packet import Leap
+
+START = 1_735_689_600 * 1_000_000_000
+LAN = Network(upstream=Hop(base_s=100e-6, jitter_s=50e-6))
+
+
+def make(seed: int = 1, *, offset_s: float = 0.0, ppm: float = -11.6,
+         upstreams: list[Upstream] | None = None, **cfg: object
+         ) -> tuple[Engine, SimClock, GuestController]:
+    rng = random.Random(seed)
+    clock = SimClock(Oscillator(ppm, 1e-3, random.Random(rng.getrandbits(32))),
+                     start_unix_ns=START, initial_offset_s=offset_s)
+    ctl = GuestController(DisciplineConfig(**cfg), random.Random(rng.getrandbits(32)))  # type: ignore[arg-type]
+    engine = Engine(ctl, clock, upstreams or [Upstream("a", LAN)],
+                    random.Random(rng.getrandbits(32)))
+    return engine, clock, ctl
+
+
+def test_converges_from_half_second_and_200ppm_by_slewing() -> None:
+    engine, clock, ctl = make(offset_s=0.5, ppm=200.0)
+    worst_late = 0.0
+    for t in range(1, 1800):
+        engine.run(float(t))
+        if t >= 60:
+            worst_late = max(worst_late, abs(clock.offset_s()))
+    assert clock.steps == [] and ctl.steps == 0
+    assert worst_late < 1e-4
+    st = ctl.status(clock.now_ns())
+    assert st.state == "synchronised"
+    assert abs(st.frequency_ppm - 200.0) < 0.5
+    assert clock.kernel_status.synchronised
+
+
+def test_large_initial_offset_is_stepped_once() -> None:
+    engine, clock, ctl = make(offset_s=-5.0)
+    engine.run(300.0)
+    assert ctl.steps == 1 and len(clock.steps) == 1
+    assert abs(clock.offset_s()) < 1e-4
+
+
+def test_host_lying_later_is_refused_indefinitely() -> None:
+    lie = {"on": False}
+    up = Upstream("a", LAN, error_s=lambda t: 10.0 if lie["on"] else 0.0)
+    engine, clock, ctl = make(upstreams=[up])
+    engine.run(600.0)
+    lie["on"] = True
+    engine.run(4000.0)
+    st = ctl.status(clock.now_ns())
+    assert st.refused_jumps > 50
+    assert ctl.steps == 0 and clock.steps == []
+    assert abs(clock.offset_s()) < 0.01  # unmoved: still on true time
+    assert "refused jump" in st.sources[0].note
+
+
+def test_jump_after_reconnect_is_confirmed_and_stepped_once() -> None:
+    engine, clock, ctl = make(jump_confirm_samples=3)
+    engine.run(600.0)
+    engine.disconnect(600.0, 30.0)
+    engine.call_at(610.0, lambda e: clock.step(7 * 1_000_000_000))  # restored snapshot
+    engine.run(2000.0)
+    assert ctl.steps == 1
+    assert ctl.refused_jumps == 2  # the third agreeing sample confirmed it
+    assert abs(clock.offset_s()) < 1e-3
+
+
+def test_long_outage_counts_as_discontinuity() -> None:
+    engine, clock, ctl = make(outage_s=300.0)
+    engine.run(600.0)
+    gap = Network(upstream=Hop(base_s=100e-6, jitter_s=50e-6, outages=((600.0, 900.0),)))
+    engine.upstreams["a"].network = gap
+    engine.call_at(700.0, lambda e: clock.step(-3 * 1_000_000_000))
+    engine.run(1200.0)
+    assert ctl.status(clock.now_ns()).state in ("holdover", "unsynchronised")
+    engine.run(3000.0)
+    assert ctl.steps == 1
+    assert abs(clock.offset_s()) < 1e-3
+
+
+def test_falseticker_rejected_among_three() -> None:
+    ups = [Upstream("a", LAN), Upstream("b", LAN), Upstream("c", LAN, error_s=0.05)]
+    engine, clock, ctl = make(upstreams=ups)
+    engine.run(1200.0)
+    st = ctl.status(clock.now_ns())
+    by_name = {s.name: s for s in st.sources}
+    assert by_name["a"].selected and by_name["b"].selected
+    assert not by_name["c"].selected and by_name["c"].note == "falseticker"
+    assert abs(clock.offset_s()) < 2e-4
+
+
+def test_kod_rate_backs_off_and_deny_disables() -> None:
+    ups = [Upstream("ok", LAN), Upstream("slow", LAN, kiss_code="RATE"),
+           Upstream("deny", LAN, kiss_code="DENY")]
+    engine, clock, ctl = make(upstreams=ups, minpoll=2, maxpoll=6)
+    sent: dict[str, int] = {}
+    original = engine._send
+
+    def counting(req: SendRequest) -> None:
+        sent[req.source] = sent.get(req.source, 0) + 1
+        original(req)
+
+    engine._send = counting  # type: ignore[method-assign]
+    engine.run(1000.0)
+    st = ctl.status(clock.now_ns())
+    by_name = {s.name: s for s in st.sources}
+    assert sent["deny"] == 1 and "DENY" in by_name["deny"].note
+    assert by_name["deny"].rejected == {"kod_deny": 1}
+    assert "RATE" in by_name["slow"].note and sent["slow"] < sent["ok"] / 2
+    assert st.rejected["kod_rate"] == by_name["slow"].rejected["kod_rate"]
+    assert st.state == "synchronised" and abs(clock.offset_s()) < 2e-4
+
+
+def test_holdover_keeps_frequency_then_unsynchronises() -> None:
+    engine, clock, ctl = make(ppm=50.0, max_error_s=0.01, holdover_drift_ppm=1.0)
+    engine.run(1800.0)
+    assert ctl.status(clock.now_ns()).state == "synchronised"
+    engine.disconnect(1800.0, 100_000.0)
+    engine.run(3600.0)
+    st = ctl.status(clock.now_ns())
+    assert st.state == "holdover" and st.holdover_s > 1700
+    assert not clock.kernel_status.synchronised
+    assert abs(clock.offset_s()) < 1e-3  # learned 50 ppm kept (free-running would be 90 ms)
+    assert st.root_distance_s is not None and st.root_distance_s > 1.5e-3  # 1 ppm x 1700 s
+    engine.run(15_000.0)
+    assert ctl.status(clock.now_ns()).state == "unsynchronised"
+
+
+def test_leap_modes() -> None:
+    for mode, expected in (("kernel", Leap.INSERT), ("ignore", Leap.NONE)):
+        engine, clock, ctl = make(upstreams=[Upstream("a", LAN, leap=1)], leap_mode=mode)
+        engine.run(120.0)
+        assert clock.kernel_status.synchronised
+        assert clock.kernel_status.leap == expected
+
+
+def test_same_seed_same_run() -> None:
+    def trace(seed: int) -> list[float]:
+        engine, clock, ctl = make(seed, offset_s=0.2, ppm=30.0)
+        out = []
+        for t in range(10, 600, 10):
+            engine.run(float(t))
+            out.append(clock.offset_s())
+        return out
+
+    assert trace(3) == trace(3)
+    assert trace(3) != trace(4)
+
+
+def test_bad_replies_are_counted_not_fatal() -> None:
+    ctl = GuestController(DisciplineConfig(), random.Random(1), [SourceConfig("a")])
+    now = START
+    actions = ctl.start(now)
+    assert isinstance(actions[0], SetKernelStatus)
+    reqs = [a for a in ctl.on_timer(now) if isinstance(a, SendRequest)]
+    assert len(reqs) == 1 and len(reqs[0].data) == 48
+    assert ctl.on_reply("a", b"\x00" * 7, now + 1000) == []
+    assert ctl.on_reply("nope", b"", now) == []
+    assert ctl.on_source_error("a", "timeout", now) == []
+    st = ctl.status(now)
+    assert st.rejected == {"malformed:truncated": 1, "unknown_source": 1, "timeout": 1}
+    assert st.sources[0].rejected == {"malformed:truncated": 1, "timeout": 1}
+    assert st.state == "unsynchronised" and st.offset_s is None
+    assert ctl.next_timer_ns() is not None and ctl.next_timer_ns() > now
+
+
+def test_requests_use_random_cookies() -> None:
+    ctl = GuestController(DisciplineConfig(burst=2), random.Random(5), [SourceConfig("a")])
+    ctl.start(START)
+    first = ctl.on_timer(START)[0]
+    second = ctl.on_timer(START + 2_000_000_000)[0]
+    assert isinstance(first, SendRequest) and isinstance(second, SendRequest)
+    assert first.data[40:48] != second.data[40:48]
+    assert first.data[40:48] != b"\0" * 8

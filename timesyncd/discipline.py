@@ -118,8 +118,8 @@ def _runs_ok(resid: FloatArray, z: float) -> bool:
     n = len(signs)
     pos = int(np.count_nonzero(signs))
     neg = n - pos
-    if pos == 0 or neg == 0:
-        return n < 4
+    if pos == 0 or neg == 0:  # all on one side: stale, unless the fit is exact
+        return n < 4 or float(np.abs(resid).max()) < 1e-12
     runs = 1 + int(np.count_nonzero(signs[1:] != signs[:-1]))
     p2 = 2.0 * pos * neg
     mean = p2 / n + 1.0

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import numpy as np
+
+from timesyncd.filter import FilteredSample, SampleFilter, sample_variance
+
+
+def s(x: float, delay: float, y: float = 0.0) -> FilteredSample:
+    return FilteredSample(x=x, y=y, delay_s=delay, dispersion_s=0.0, root_distance_s=delay / 2)
+
+
+def test_delay_spike_rejected_after_warmup_and_jitter_kept() -> None:
+    f = SampleFilter(max_samples=8, max_delay_dev_ratio=10.0)
+    assert f.add(s(0, 5e-3)) is None  # no history yet: nothing is a spike
+    f.clear()
+    for i, d in enumerate((200e-6, 250e-6, 300e-6, 220e-6, 400e-6)):
+        assert f.add(s(i, d)) is None
+    assert f.add(s(10, 5e-3)) == "delay_spike"  # 4.8 ms excess vs ~50 us median excess
+    assert f.add(s(11, 600e-6)) is None
+    assert len(f) == 6
+
+
+def test_window_limit_prune_and_arrays_stay_in_sync() -> None:
+    f = SampleFilter(max_samples=4, max_delay_dev_ratio=0.0)
+    for i in range(11):
+        f.add(s(float(i), 1e-4, y=float(i) * 2))
+    x, y, d, _ = f.arrays()
+    assert list(x) == [7.0, 8.0, 9.0, 10.0] and list(y) == [14.0, 16.0, 18.0, 20.0]
+    f.prune(2)
+    x, y, _, _ = f.arrays()
+    assert list(x) == [9.0, 10.0] and [p.x for p in f] == [9.0, 10.0]
+    f.add(s(11.0, 1e-4))
+    assert list(f.arrays()[0]) == [9.0, 10.0, 11.0]
+    assert np.all(d == 1e-4)
+
+
+def test_variance_grows_with_excess_delay() -> None:
+    low = sample_variance(s(0, 200e-6), 200e-6)
+    high = sample_variance(s(0, 400e-6), 200e-6)
+    assert low < 2e-12
+    assert abs(high - (200e-6) ** 2 / 12) < 2e-12

@@ -155,7 +155,12 @@ def fit_arrays(x: FloatArray, y: FloatArray, delay: FloatArray, disp: FloatArray
         return fit([FilteredSample(float(x[i]), float(y[i]), float(delay[i]), float(disp[i]),
                                    0.0) for i in range(n)], at_x, prior_slope, runs_z)
     x = x - at_x
-    excess = delay - delay.min()
+    # The window's minimum delay is itself above the path's true minimum by about the gap
+    # between the smallest delays, so no sample is trusted beyond that.
+    k = min(4, n - 1)
+    low = np.partition(delay, k)[: k + 1]
+    d_min = float(low.min())
+    excess = delay - d_min + (float(low.max()) - d_min) / k
     w = 1.0 / (ERROR_FLOOR_S**2 + disp * disp + excess * excess / 12.0)
     start = 0
     result = _regress(x, y, w)

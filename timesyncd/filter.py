@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+FloatArray = npt.NDArray[np.float64]
+
 #: Floor of a sample's standard error, seconds: timestamping and read noise on the best path.
 ERROR_FLOOR_S = 1e-6
 
@@ -90,7 +92,7 @@ class SampleFilter:
         self._lo = self._hi - len(self._samples)
         return None
 
-    def arrays(self) -> tuple[npt.NDArray[np.float64], ...]:
+    def arrays(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """Columns (x, y, delay, dispersion) of the stored samples, oldest first (views)."""
         view = self._buf[:, self._lo:self._hi]
         return view[0], view[1], view[2], view[3]

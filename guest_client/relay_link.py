@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 READ_CHUNK = 65536
+_STREAM_FRAMES = (FrameType.STREAM_OPEN, FrameType.STREAM_DATA, FrameType.STREAM_CLOSE,
+                  FrameType.ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,10 @@ class RelayLink:
         self._next_id = 1
         self._task: asyncio.Task[None] | None = None
         self.upstreams: list[Upstream] = []
+        #: the relay's whole HELLO object (e.g. its ``nts_ke`` endpoint list)
+        self.hello_info: dict[str, object] = {}
+        #: open byte streams (NTS-KE): stream id -> handler of STREAM_*/ERROR frames for it
+        self._streams: dict[int, Callable[[Frame], None]] = {}
         self.counters: Counter[str] = Counter()
         self.connects = 0
         self.last_error = ""
@@ -112,9 +118,7 @@ class RelayLink:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_task(self._task)
             self._task = None
         self._close("stopped", notify=False)
 
@@ -126,8 +130,7 @@ class RelayLink:
         if len(self._pending) >= self.max_pending:
             self.counters["send_busy"] += 1
             return None
-        rid = self._next_id
-        self._next_id = rid % 0xFFFF_FFFF + 1  # 1..2^32-1; 0 is the HELLO's
+        rid = self.new_request_id()
         try:
             data = framing.ntp_request(rid, upstream, packet).encode()
         except FramingError:
@@ -138,6 +141,37 @@ class RelayLink:
         self._pending[rid] = _Pending(callback, timer)
         self._writer.write(data)
         return rid
+
+    def new_request_id(self) -> int:
+        """Next id, shared by requests and streams so an ERROR names exactly one of them."""
+        rid = self._next_id
+        self._next_id = rid % 0xFFFF_FFFF + 1  # 1..2^32-1; 0 is the HELLO's
+        return rid
+
+    def open_stream(self, handler: Callable[[Frame], None]) -> int | None:
+        """Register a stream id whose STREAM_*/ERROR frames go to ``handler``; None if down.
+
+        When the connection drops, ``handler`` gets a STREAM_CLOSE with reason
+        ``connection_lost``. The caller sends STREAM_OPEN itself (:meth:`send_frame`).
+        """
+        if self._writer is None:
+            self.counters["send_not_connected"] += 1
+            return None
+        sid = self.new_request_id()
+        self._streams[sid] = handler
+        return sid
+
+    def close_stream(self, sid: int, reason: str = "") -> None:
+        """Forget a stream, telling the relay unless it already ended it."""
+        if self._streams.pop(sid, None) is not None:
+            self.send_frame(framing.stream_close(sid, reason))
+
+    def send_frame(self, frame: Frame) -> bool:
+        """Write one frame as is (streams); False when not connected."""
+        if self._writer is None:
+            return False
+        self._writer.write(frame.encode())
+        return True
 
     def cancel(self, rid: int) -> None:
         """Forget a request (its reply, if any, is then counted as unsolicited)."""
@@ -181,9 +215,8 @@ class RelayLink:
         try:
             hello = {"version": PROTOCOL_VERSION, "name": self.guest_name}
             writer.write(framing.json_frame(FrameType.HELLO, 0, hello).encode())
-            upstreams = await asyncio.wait_for(
-                self._await_hello(reader, decoder), self.request_timeout_s
-            )
+            async with asyncio.timeout(self.request_timeout_s):  # wait_for may swallow cancel
+                upstreams = await self._await_hello(reader, decoder)
         except TimeoutError:
             self.counters["hello_timeout"] += 1
             self._note_error(f"relay {self.address} did not answer HELLO")
@@ -237,9 +270,18 @@ class RelayLink:
                     raise RelayProtocolError("unexpected_frame", f"type {frame.type} before HELLO")
                 if i + 1 < len(frames):  # nothing was asked yet: nothing can be an answer
                     self.counters["unsolicited_frame"] += len(frames) - i - 1
-                return parse_hello(frame)
+                upstreams = parse_hello(frame)
+                info = framing.parse_json(frame)
+                self.hello_info = info if isinstance(info, dict) else {}
+                return upstreams
 
     def _dispatch(self, frame: Frame, rx_ns: int) -> None:
+        stream = self._streams.get(frame.request_id)
+        if stream is not None and frame.type in _STREAM_FRAMES:
+            if frame.type == FrameType.STREAM_CLOSE or frame.type == FrameType.ERROR:
+                del self._streams[frame.request_id]
+            stream(frame)
+            return
         if frame.type == FrameType.NTP_REPLY:
             p = self._pending.pop(frame.request_id, None)
             if p is None:
@@ -286,6 +328,9 @@ class RelayLink:
         for p in pending.values():
             p.timer.cancel()
             p.callback(RelayFailure("connection_lost", reason))
+        streams, self._streams = self._streams, {}
+        for sid, handler in streams.items():
+            handler(framing.stream_close(sid, "connection_lost"))
         if was_up and notify:
             self._on_down(reason)
 
@@ -293,6 +338,18 @@ class RelayLink:
         if message != self.last_error:
             log.warning("%s", message)
         self.last_error = message
+
+
+async def cancel_task(task: asyncio.Task[None], tries: int = 5) -> None:
+    """Cancel ``task`` and wait for it, re-cancelling should one cancel be swallowed."""
+    for _ in range(tries):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if task.done() and not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()
 
 
 def parse_hello(frame: Frame) -> list[Upstream]:

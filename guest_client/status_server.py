@@ -88,7 +88,8 @@ class StatusServer:
 
     async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
-            line = await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_TIMEOUT_S)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                line = await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
             return self._error("oversized", f"request longer than {MAX_REQUEST} bytes")
         except asyncio.IncompleteReadError as exc:

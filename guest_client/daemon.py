@@ -1,0 +1,375 @@
+"""``timesync guest``: the asyncio driver of the sans-IO :class:`GuestController`.
+
+The daemon owns all I/O and the clock: it wakes the controller at the times it asks for,
+carries its requests to the relay or to plain UDP servers, stamps send and receive times on
+the disciplined clock as close to the socket as asyncio allows, and applies the controller's
+clock actions immediately and in order. Everything it decides itself is transport: which
+socket a source name maps to, reconnecting, and reporting errors back as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from guest_client.actions import Action, SendRequest, SetFrequency, SetKernelStatus, StepClock
+from guest_client.clocks import SoftwareClock, SystemClock
+from guest_client.controller import GuestController, SourceConfig
+from guest_client.forward_ntp import NtpForwarder
+from guest_client.health import HealthReporter
+from guest_client.nts_manager import NtsManager
+from guest_client.nts_source import parse_nts_server
+from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream, cancel_task
+from guest_client.settings import GuestSettings
+from guest_client.status_server import StatusServer
+from guest_client.udp_source import UdpSource
+from timesyncd.addresses import parse_address
+from timesyncd.clock import Clock
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+#: Re-evaluate the controller's timer at least this often (seconds), whatever it asked for.
+MAX_SLEEP_S = 60.0
+CAP_SYS_TIME = 25
+
+
+def make_clock(settings: GuestSettings) -> Clock:
+    """The clock ``settings.clock`` names; refuses early if the system clock is not writable."""
+    if settings.clock == "software":
+        return SoftwareClock(settings.software_freq_ppm, settings.software_offset_s)
+    if settings.clock == "system":
+        if not _has_cap_sys_time():
+            raise PermissionError(
+                "clock = system needs CAP_SYS_TIME to adjust the system clock; run as root, "
+                "grant the capability, or use --clock software")
+        return SystemClock()
+    raise ValueError("clock: not set; choose --clock system or --clock software")
+
+
+def _has_cap_sys_time() -> bool:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_TIME & 1)
+    except (OSError, ValueError):
+        pass
+    return True  # cannot tell: let clock_adjtime report EPERM
+
+
+@dataclass(slots=True)
+class _RelayRoute:
+    upstream: int
+    last_request: int | None = None
+
+
+class GuestDaemon:
+    """Drive one :class:`GuestController` against ``clock`` with the sources in ``settings``."""
+
+    def __init__(
+        self, settings: GuestSettings, clock: Clock, *, rng: random.Random | None = None,
+        controller: GuestController | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        # request cookies must be unpredictable to off-path attackers: OS randomness by default
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._udp: dict[str, UdpSource] = {}
+        udp_names = [str(parse_address(s)) for s in settings.servers]
+        self._trust = settings.trust_overrides()
+        self.controller = controller if controller is not None else GuestController(
+            settings.discipline_config(), self._rng,
+            [SourceConfig(n, self._trust.get(n, "host")) for n in udp_names]
+        )
+        self.nts = NtsManager(
+            [parse_nts_server(spec) for spec in settings.nts_servers],
+            cafile=settings.nts_ca_file, clock=clock,
+            is_synchronised=lambda: self.controller.state == "synchronised",
+            on_reply=self._on_nts_reply, on_error=self._source_error,
+            on_sent=self.controller.on_sent, ke_timeout_s=settings.nts_ke_timeout_s,
+        )
+        for nts_name in self.nts.sources:
+            self.controller.add_source(self._nts_config(nts_name), clock.now_ns())
+        self._udp_names = udp_names
+        self._relay_routes: dict[str, _RelayRoute] = {}
+        self._relay_prefix = ""
+        self.link: RelayLink | None = None
+        self.status_server: StatusServer | None = None
+        self.forwarder: NtpForwarder | None = None
+        self.health: HealthReporter | None = None  # reports to the relay (observability)
+        self.counters: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
+        self._failed = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self._last_state: str | None = None
+        self._last_refused = 0
+        self._running = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            for spec, name in zip(s.servers, self._udp_names, strict=True):
+                src = UdpSource(
+                    spec, clock_ns=self.clock.now_ns,
+                    on_reply=lambda data, rx, n=name: self._on_udp_reply(n, data, rx),
+                    on_error=lambda reason, n=name: self._source_error(n, reason),
+                )
+                await src.start()
+                self._udp[src.name] = src
+            if s.relay:
+                relay_addr = str(parse_address(s.relay))
+                self._relay_prefix = f"relay:{relay_addr}#"
+                self.link = RelayLink(
+                    relay_addr, s.guest_name, rx_clock=self.clock.now_ns,
+                    on_up=self._relay_up, on_down=self._relay_down,
+                    reconnect_min_s=s.reconnect_min_s, reconnect_max_s=s.reconnect_max_s,
+                    request_timeout_s=s.request_timeout_s, rng=random.Random(self._rng.random()),
+                )
+                self.nts.attach(self.link)
+            if s.status_socket:
+                self.status_server = StatusServer(
+                    s.status_socket, self.status, mode=int(s.status_socket_mode, 8))
+                await self.status_server.start()
+            if s.forward_ntp and self.link is not None:
+                self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending)
+                await self.forwarder.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._running = True
+        self._apply(self.controller.start(self.clock.now_ns()))
+        if self.fatal is not None:
+            await self.stop()
+            raise self.fatal
+        if self.link is not None:
+            await self.link.start()
+            if s.health_interval_s > 0:
+                link = self.link
+                self.health = HealthReporter(
+                    link.send_frame,
+                    lambda: self.controller.status(self.clock.now_ns()).to_json(),
+                    s.health_interval_s)
+                await self.health.start()
+        self._timer_task = asyncio.create_task(self._timer_loop(), name="guest-timer")
+        log.info("guest daemon started: clock %s, sources %s%s", s.clock,
+                 ", ".join(self._udp) or "none",
+                 f", relay {s.relay}" if s.relay else "")
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._timer_task is not None:
+            await cancel_task(self._timer_task)
+            self._timer_task = None
+        if self.forwarder is not None:
+            self.forwarder.close()
+        if self.health is not None:
+            await self.health.stop()
+        await self.nts.stop()
+        if self.link is not None:
+            await self.link.stop()
+        for src in self._udp.values():
+            src.close()
+        if self.status_server is not None:
+            await self.status_server.stop()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Start, run until ``stop`` is set (or a fatal clock error), then stop."""
+        await self.start()
+        try:
+            waiters = [asyncio.create_task(self._failed.wait())]
+            if stop is not None:
+                waiters.append(asyncio.create_task(stop.wait()))
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        finally:
+            await self.stop()
+        if self.fatal is not None:
+            raise self.fatal
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``timesync status --json`` object."""
+        st = self.controller.status(self.clock.now_ns()).to_json()
+        true = self.clock.true_offset_ns()
+        if true is not None:
+            st["true_offset_s"] = true / _NS
+        st["clock"] = self.settings.clock
+        if self.link is not None:
+            st["relay"] = {
+                "address": self.link.address, "connected": self.link.connected,
+                "connects": self.link.connects, "upstreams": [u.name for u in self.link.upstreams],
+                "pending": self.link.pending, "errors": dict(self.link.counters),
+                "last_error": self.link.last_error,
+            }
+        if self.forwarder is not None:
+            st["forward_ntp"] = self.forwarder.stats()
+        nts = self.nts.status()
+        for src in st.get("sources", []):
+            # authenticated: replies are cryptographically verified before use (NTS only)
+            src["authenticated"] = src.get("name") in nts
+            info = nts.get(src.get("name"))
+            if info is not None:
+                src["nts"] = info
+                if info["note"] and not src.get("note"):
+                    src["note"] = info["note"]
+        if self.counters:
+            st["daemon_errors"] = dict(self.counters)
+        return st
+
+    # --- controller events ---------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            due = self.controller.next_timer_ns()
+            now = self.clock.now_ns()
+            if due is not None and now >= due:
+                self._apply(self.controller.on_timer(now))
+                after = self.controller.next_timer_ns()
+                if after is not None and after <= now:
+                    self.counters["timer_not_advanced"] += 1
+                    await asyncio.sleep(0.001)  # never spin on a controller that did not move
+                continue
+            timeout = MAX_SLEEP_S if due is None else min(MAX_SLEEP_S, (due - now) / _NS)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                    await self._wake.wait()
+
+    def _relay_up(self, upstreams: list[Upstream]) -> None:
+        now = self.clock.now_ns()
+        if self.health is not None:
+            self.health.link_up()
+        wanted = {self._relay_prefix + u.name: u.index for u in upstreams
+                  if self.settings.relay_plain_sources}
+        for name in [n for n in self._relay_routes if n not in wanted]:
+            del self._relay_routes[name]
+            self.controller.remove_source(name)
+            log.info("source %s removed (no longer offered by the relay)", name)
+        for name, index in wanted.items():
+            self._relay_routes[name] = _RelayRoute(index)
+            # for a known source this re-arms it (a burst after reconnecting), keeping samples
+            self._apply(self.controller.add_source(
+                SourceConfig(name, self._trust.get(name, "host")), now))
+        for nts_name in self.nts.sources:  # re-arm (a burst) after the reconnect
+            self._apply(self.controller.add_source(self._nts_config(nts_name), now))
+        self.nts.on_relay_up()
+
+    def _nts_config(self, name: str) -> SourceConfig:
+        return SourceConfig(name, self._trust.get(name, "authenticated"))
+
+    def _on_nts_reply(self, source: str, data: bytes, rx_ns: int, r_in: int, r_out: int) -> None:
+        """An NTS reply that verified: only these reach the controller for an NTS source."""
+        if self._running:
+            self._apply(self.controller.on_reply(source, data, rx_ns, r_in, r_out))
+
+    def _relay_down(self, reason: str) -> None:
+        log.warning("relay connection lost (%s): holdover until it is back", reason)
+        self.nts.on_relay_down()
+        self._apply(self.controller.on_connection_lost(self.clock.now_ns()))
+
+    def _on_relay_result(self, source: str, result: RelayReply | RelayFailure) -> None:
+        if not self._running:
+            return
+        if isinstance(result, RelayReply):
+            route = self._relay_routes.get(source)
+            if route is None:
+                return
+            self._apply(self.controller.on_reply(
+                source, result.packet, result.rx_ns, result.residence_in_ns,
+                result.residence_out_ns))
+        elif result.reason != "connection_lost":  # that one is reported once, via _relay_down
+            self._source_error(source, result.reason)
+
+    def _on_udp_reply(self, source: str, data: bytes, rx_ns: int) -> None:
+        if self._running:
+            self._apply(self.controller.on_reply(source, data, rx_ns))
+
+    def _source_error(self, source: str, reason: str) -> None:
+        if self._running:
+            self._apply(self.controller.on_source_error(source, reason, self.clock.now_ns()))
+
+    # --- actions -------------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendRequest):
+                self._send(action)
+                continue
+            try:
+                if isinstance(action, SetFrequency):
+                    self.clock.set_frequency(action.ppm)
+                elif isinstance(action, StepClock):
+                    self.clock.step(action.offset_ns)
+                    log.info("stepped the clock by %+.9f s", action.offset_ns / _NS)
+                elif isinstance(action, SetKernelStatus):
+                    self.clock.set_kernel_status(action.status)
+            except OSError as exc:
+                self._fail(exc)
+                return
+        self._wake.set()
+        self._log_changes()
+
+    def _send(self, action: SendRequest) -> None:
+        name = action.source
+        if self.nts.owns(name):
+            self.nts.send(name, action.data)
+            return
+        udp = self._udp.get(name)
+        if udp is not None:
+            t1 = udp.send(action.data)
+            if t1 is None:
+                self._source_error(name, "send_failed")
+            else:
+                self.controller.on_sent(name, t1)
+            return
+        route = self._relay_routes.get(name)
+        if route is None or self.link is None:
+            self.counters["unknown_source"] += 1
+            return
+        if route.last_request is not None:
+            self.link.cancel(route.last_request)  # superseded: the controller forgot it too
+        t1 = self.clock.now_ns()
+        rid = self.link.send(route.upstream, action.data,
+                             lambda result, src=name: self._on_relay_result(src, result))
+        route.last_request = rid
+        if rid is None:
+            self._source_error(name, "relay_not_connected")
+        else:
+            self.controller.on_sent(name, t1)
+
+    def _fail(self, exc: OSError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("cannot adjust the clock, stopping: %s", exc)
+        self._running = False
+        self._failed.set()
+
+    def _log_changes(self) -> None:
+        st = self.controller.status(self.clock.now_ns())
+        if st.state != self._last_state:
+            log.info("state %s -> %s (offset %s, frequency %+.3f ppm)", self._last_state,
+                     st.state, "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
+                     st.frequency_ppm)
+            self._last_state = st.state
+        if st.refused_jumps > self._last_refused:
+            log.warning("refused a time jump reported by the sources (%d refused so far); "
+                        "a source or the relay may be wrong or lying", st.refused_jumps)
+            self._last_refused = st.refused_jumps
+
+
+async def run_guest(settings: GuestSettings, stop: asyncio.Event | None = None) -> None:
+    """Build the clock from ``settings`` and run the daemon until ``stop`` is set."""
+    await GuestDaemon(settings, make_clock(settings)).run(stop)

@@ -37,6 +37,7 @@ class HealthReporter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
+        self.last: HealthReport | None = None
         self.counters: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -62,7 +63,8 @@ class HealthReporter:
         if not self.pacer.due(now, state):
             return False
         try:
-            frame = HealthReport.from_status(status).frame()
+            report = HealthReport.from_status(status)
+            frame = report.frame()
         except (FramingError, TypeError, ValueError) as exc:  # never let a report hurt sync
             self.counters["encode_failed"] += 1
             log.warning("cannot encode health report: %s", exc,
@@ -74,6 +76,7 @@ class HealthReporter:
             return False
         self.pacer.sent(now, state)
         self.sent += 1
+        self.last = report
         return True
 
     async def _run(self) -> None:

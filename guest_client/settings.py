@@ -82,6 +82,11 @@ class GuestSettings:
     request_timeout_s: float = field(default=5.0, metadata={
         "min": 0.05, "max": 600.0,
         "help": "A request unanswered this long is reported to the controller as a timeout."})
+    health_interval_s: float = field(default=10.0, metadata={
+        "min": 0.0, "max": 3600.0,
+        "help": "Send the relay a health report (state, offset, frequency, error bound, "
+                "rejections) this often, and on state changes (at most 1/s); the host "
+                "exports it as metrics. 0 turns reports off."})
 
     def validate(self) -> None:
         if self.clock is None:

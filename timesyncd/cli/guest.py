@@ -1,0 +1,37 @@
+"""``timesync guest``: the guest daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from guest_client.settings import GuestSettings
+from timesyncd.cli.options import build_settings, settings_options
+from timesyncd.cli.runtime import run_until_signal
+
+
+@click.command()
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([guest] table).")
+@settings_options(GuestSettings)
+@click.pass_context
+def guest(ctx: click.Context, config: str | None, **flags: Any) -> None:
+    """Run the guest daemon: discipline this guest's clock by slewing."""
+    from guest_client.daemon import GuestDaemon, make_clock
+
+    settings = build_settings(GuestSettings, config, "guest", flags)
+    try:
+        clock = make_clock(settings)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    async def serve(stop: asyncio.Event) -> None:
+        daemon = GuestDaemon(settings, clock)
+        await daemon.start()
+        try:
+            await stop.wait()
+        finally:
+            await daemon.stop()
+
+    run_until_signal(serve, (ctx.obj or {}).get("loop", "auto"))

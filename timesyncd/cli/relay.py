@@ -1,0 +1,38 @@
+"""``timesync relay``: the host relay service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import click
+
+from host_relay.settings import RelaySettings
+from timesyncd.cli.options import build_settings, settings_options
+from timesyncd.cli.runtime import run_until_signal
+
+log = logging.getLogger("timesync.relay")
+
+
+@click.command()
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([relay] table).")
+@settings_options(RelaySettings)
+@click.pass_context
+def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
+    """Run the host relay: NTP over vsock/Unix sockets to allowlisted upstreams."""
+    from host_relay.service import RelayService
+
+    settings = build_settings(RelaySettings, config, "relay", flags)
+
+    async def serve(stop: asyncio.Event) -> None:
+        service = RelayService(settings)
+        await service.start()
+        log.info("relay listening on %s; upstreams: %s", ", ".join(settings.listen),
+                 ", ".join(settings.upstreams) or "host clock (local stratum)")
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    run_until_signal(serve, (ctx.obj or {}).get("loop", "auto"))

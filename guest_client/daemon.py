@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections import Counter
@@ -120,8 +121,8 @@ class GuestDaemon:
             for spec, name in zip(s.servers, self._udp_names, strict=True):
                 src = UdpSource(
                     spec, clock_ns=self.clock.now_ns,
-                    on_reply=lambda data, rx, n=name: self._on_udp_reply(n, data, rx),
-                    on_error=lambda reason, n=name: self._source_error(n, reason),
+                    on_reply=functools.partial(self._on_udp_reply, name),
+                    on_error=functools.partial(self._source_error, name),
                 )
                 await src.start()
                 self._udp[src.name] = src
@@ -343,7 +344,7 @@ class GuestDaemon:
             self.link.cancel(route.last_request)  # superseded: the controller forgot it too
         t1 = self.clock.now_ns()
         rid = self.link.send(route.upstream, action.data,
-                             lambda result, src=name: self._on_relay_result(src, result))
+                             functools.partial(self._on_relay_result, name))
         route.last_request = rid
         if rid is None:
             self._source_error(name, "relay_not_connected")

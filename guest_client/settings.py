@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from guest_client.nts_source import parse_nts_server
 from timesyncd.addresses import AddressError, parse_address
 from timesyncd.discipline import DisciplineConfig
 
@@ -57,6 +58,28 @@ class GuestSettings:
         "help": "Forwarder: most requests awaiting a reply at once; more are dropped."})
     name: str = field(default="", metadata={
         "help": "Guest name announced to the relay (default: the host name)."})
+    # --- NTS (see docs/SECURITY.md) ---
+    nts_servers: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--nts-server",
+        "help": "NTS-KE servers reached through the relay, each an authenticated source: "
+                "NAME[:PORT] (certificate checked for NAME, relay endpoint tcp:NAME:PORT) or "
+                "NAME@HOST[:PORT] (relay endpoint tcp:HOST:PORT); PORT defaults to 4460. "
+                "The relay must list the endpoint in nts_ke_servers and its NTP server in "
+                "upstreams."})
+    nts_ca_file: str | None = field(default=None, metadata={
+        "help": "PEM bundle of CAs trusted for NTS-KE certificates (unset: the system store; "
+                "a private bundle stops a host with any public certificate from posing as "
+                "your server)."})
+    nts_ke_timeout_s: float = field(default=10.0, metadata={
+        "min": 0.1, "max": 600.0, "help": "Give up on one NTS-KE exchange after this long."})
+    relay_plain_sources: bool = field(default=True, metadata={
+        "help": "Also use every relay upstream as a plain NTP source (trust 'host'). With "
+                "authenticated sources configured, plain ones are only used within the bounds "
+                "the authenticated ones allow."})
+    source_trust: tuple[str, ...] = field(default=(), metadata={
+        "help": "Per-source trust overrides, SOURCE=authenticated or SOURCE=host, SOURCE a name "
+                "as `timesync status` shows it (udp:HOST:PORT, nts:SPEC, relay:ADDR#UPSTREAM). "
+                "Default: NTS sources 'authenticated', all others 'host'."})
     # --- discipline: mirrored from DisciplineConfig (same names, defaults, help, ranges) ---
     minpoll: int = _mirror("minpoll")
     maxpoll: int = _mirror("maxpoll")
@@ -116,6 +139,7 @@ class GuestSettings:
                     "forward_ntp: refused with clock = system: the NTP client you forward for "
                     "would discipline the same clock as this daemon and the two would fight; "
                     "use --clock software or drop --forward-ntp")
+        self._validate_nts()
         if self.minpoll > self.maxpoll:
             raise ValueError(f"minpoll: {self.minpoll} is above maxpoll {self.maxpoll}; "
                              "lower minpoll or raise maxpoll")
@@ -129,6 +153,34 @@ class GuestSettings:
             raise ValueError(f"status_socket_mode: {self.status_socket_mode!r} is not an octal "
                              "mode like 0660")
         self.discipline_config()  # its own cross-field checks, e.g. minpoll <= maxpoll
+
+    def _validate_nts(self) -> None:
+        specs = []
+        for spec in self.nts_servers:
+            try:
+                parsed = parse_nts_server(spec)
+                specs.append((parsed.tls_name, parsed.ke_endpoint))
+            except ValueError as exc:
+                raise ValueError(f"nts_servers: {exc}") from exc
+        if len(set(specs)) != len(specs):
+            raise ValueError("nts_servers: listed twice; remove the duplicate")
+        if self.nts_servers and not self.relay:
+            raise ValueError("nts_servers: needs --relay (NTS-KE and NTP go through it)")
+        if self.nts_ca_file is not None and not os.path.isfile(self.nts_ca_file):
+            raise ValueError(f"nts_ca_file: {self.nts_ca_file!r} is not a readable file; give "
+                             "the PEM bundle of the CAs that issue your NTS-KE certificates")
+        self.trust_overrides()
+
+    def trust_overrides(self) -> dict[str, str]:
+        """``source_trust`` as a dict; ValueError for a malformed entry."""
+        out: dict[str, str] = {}
+        for entry in self.source_trust:
+            name, sep, trust = entry.rpartition("=")
+            if not sep or not name or trust not in ("authenticated", "host"):
+                raise ValueError(f"source_trust: {entry!r}; use SOURCE=authenticated or "
+                                 "SOURCE=host")
+            out[name] = trust
+        return out
 
     @property
     def guest_name(self) -> str:

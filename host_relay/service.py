@@ -16,6 +16,7 @@ from typing import Any
 
 from host_relay import local_source
 from host_relay.guest_registry import GuestRegistry
+from host_relay.ke_proxy import KeProxy, KeProxyLimits
 from host_relay.local_source import LocalSource
 from host_relay.metrics import RelayCollector, RelayMetrics, make_registry, render, status_document
 from host_relay.metrics_http import MetricsServer
@@ -87,11 +88,14 @@ class RelayService:
         ]
         self._local = None if self._upstreams else LocalSource(settings.local_stratum)
         names = [u.name for u in self._upstreams] or [local_source.NAME]
-        self._hello = framing.json_frame(
-            FrameType.HELLO, 0,
-            {"version": framing.VERSION,
-             "upstreams": [{"index": i, "name": n} for i, n in enumerate(names)]},
-        ).payload
+        self._ke = KeProxy([parse_address(s) for s in settings.nts_ke_servers],
+                           KeProxyLimits(stream_timeout_s=settings.nts_ke_timeout_s))
+        hello: dict[str, object] = {
+            "version": framing.VERSION,
+            "upstreams": [{"index": i, "name": n} for i, n in enumerate(names)]}
+        if self._ke.endpoints:
+            hello["nts_ke"] = self._ke.hello_entries
+        self._hello = framing.json_frame(FrameType.HELLO, 0, hello).payload
         self.guests = GuestRegistry()
         self.metrics = RelayMetrics(names)
         self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight)
@@ -147,6 +151,7 @@ class RelayService:
                 task.cancel()
             if stragglers:
                 await asyncio.wait(stragglers, timeout=1.0)
+        await self._ke.stop()
         for upstream in self._upstreams:
             upstream.close()
         self._started = False
@@ -170,6 +175,11 @@ class RelayService:
     def pending_requests(self) -> int:
         """Requests in flight to upstreams, over all connections."""
         return sum(u.in_flight for u in self._upstreams)
+
+    @property
+    def ke_proxy(self) -> KeProxy:
+        """NTS-KE pass-through streams and their counters."""
+        return self._ke
 
     @property
     def metrics_address(self) -> str | None:
@@ -253,6 +263,13 @@ class RelayService:
             self._on_request(conn, frame, rx_ns)
         elif ftype == FrameType.HEALTH:
             self._on_health(conn, frame, rx_ns)  # observability only: never affects forwarding
+        elif ftype in (FrameType.STREAM_OPEN, FrameType.STREAM_DATA, FrameType.STREAM_CLOSE):
+            if ftype == FrameType.STREAM_OPEN and not conn.bucket.take(rx_ns):
+                self.stats.errors["rate_limited"] += 1
+                self._send_error(conn, frame.request_id, ErrorCode.RATE_LIMITED,
+                                 "stream open rate limit exceeded")
+                return
+            self._ke.on_frame(conn, frame, lambda f: self._send(conn, f))
         else:
             stats.errors["unexpected_frame"] += 1
             self._send_error(conn, frame.request_id, ErrorCode.BAD_FRAME,
@@ -423,4 +440,5 @@ class RelayService:
         for pending, upstream in conn.pending.items():
             upstream.cancel(pending)
         conn.pending.clear()
+        self._ke.close_owner(conn)
         conn.writer.close()

@@ -24,6 +24,18 @@ class RelaySettings:
                   "help": "Allowlisted NTP servers (udp:HOST:PORT), offered to guests by index "
                           "in this order. Empty: answer from the host clock at local_stratum."},
     )
+    nts_ke_servers: tuple[str, ...] = field(
+        default=(),
+        metadata={"flag": "--nts-ke-server",
+                  "help": "Allowlisted NTS-KE servers (tcp:HOST:PORT) guests may reach through "
+                          "the relay as opaque byte streams (TLS stays end to end), offered by "
+                          "index in HELLO under 'nts_ke'. List their NTP servers in upstreams."},
+    )
+    nts_ke_timeout_s: float = field(
+        default=15.0,
+        metadata={"help": "Longest lifetime of one NTS-KE stream (connect + TLS + response).",
+                  "min": 0.1, "max": 600.0},
+    )
     local_stratum: int = field(
         default=10,
         metadata={"help": "Stratum announced when answering from the host clock (no upstreams), "
@@ -102,6 +114,17 @@ class RelaySettings:
                 raise ValueError(f"upstreams: {exc}") from exc
             if addr.kind != "udp":
                 raise ValueError(f"upstreams: {spec!r} is not udp:HOST:PORT; NTP upstreams are UDP")
+        for spec in self.nts_ke_servers:
+            try:
+                addr = parse_address(spec)
+            except AddressError as exc:
+                raise ValueError(f"nts_ke_servers: {exc}") from exc
+            if addr.kind != "tcp":
+                raise ValueError(f"nts_ke_servers: {spec!r} is not tcp:HOST:PORT; NTS-KE runs "
+                                 "over TCP (port 4460 by default)")
+        if len(self.nts_ke_servers) > 256 or len(set(self.nts_ke_servers)) != len(
+                self.nts_ke_servers):
+            raise ValueError("nts_ke_servers: at most 256, each listed once")
         if len(self.upstreams) > 256:
             raise ValueError("upstreams: at most 256 (the frame's upstream index is one byte)")
         if len(set(self.upstreams)) != len(self.upstreams):

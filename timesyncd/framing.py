@@ -24,6 +24,7 @@ MAX_PAYLOAD = 4096
 _NTP_REQUEST = struct.Struct("!B")
 _NTP_REPLY = struct.Struct("!II")
 _ERROR = struct.Struct("!H")
+_STREAM_OPEN = struct.Struct("!BB")
 
 
 class FrameType(IntEnum):
@@ -32,9 +33,9 @@ class FrameType(IntEnum):
     NTP_REPLY = 3  # residence in/out:u32 ns + NTP packet, unchanged from upstream
     ERROR = 4  # code:u16 + UTF-8 message, echoing the failed request's id
     HEALTH = 5  # JSON status report from the guest (observability)
-    STREAM_OPEN = 6  # reserved for NTS-KE byte streams
-    STREAM_DATA = 7
-    STREAM_CLOSE = 8
+    STREAM_OPEN = 6  # guest: kind:u8 + endpoint index:u8; relay: empty payload = connected
+    STREAM_DATA = 7  # opaque bytes of the stream named by request_id, either direction
+    STREAM_CLOSE = 8  # either side: stream ended (UTF-8 reason, empty for a clean end)
 
 
 class ErrorCode(IntEnum):
@@ -44,6 +45,8 @@ class ErrorCode(IntEnum):
     BAD_FRAME = 4
     UPSTREAM_ERROR = 5
     BUSY = 6
+    UNKNOWN_ENDPOINT = 7  # STREAM_OPEN named no allowlisted stream endpoint
+    STREAM_FAILED = 8  # connecting to or talking with the stream endpoint failed
 
 
 class FramingError(ValueError):
@@ -155,3 +158,51 @@ def parse_json(frame: Frame) -> Any:
         # the stack (a 4 KiB payload of '[' does): both are the peer's fault, not a crash.
         name = FrameType(frame.type).name if frame.type in FrameType._value2member_map_ else "?"
         raise FramingError("bad_payload", f"invalid JSON in {name} frame") from exc
+
+
+# --- byte streams (NTS-KE pass-through) ------------------------------------------------------
+#
+# The guest opens a stream with STREAM_OPEN(stream id, kind, endpoint index) naming one of the
+# relay's allowlisted stream endpoints (HELLO lists them, e.g. under "nts_ke"). The relay
+# answers STREAM_OPEN(id, empty) once connected, or ERROR(id)/STREAM_CLOSE(id). Then
+# STREAM_DATA frames carry opaque bytes both ways; STREAM_CLOSE from either side ends the
+# stream. Stream ids share the request id space of the connection, so an ERROR is unambiguous.
+
+
+class StreamKind(IntEnum):
+    NTS_KE = 1  # TLS to an allowlisted NTS-KE server; the relay sees only ciphertext
+
+
+def stream_open(stream_id: int, endpoint: int, kind: StreamKind = StreamKind.NTS_KE) -> Frame:
+    if not 0 <= endpoint <= 0xFF:
+        raise FramingError("bad_field", f"endpoint index {endpoint} does not fit a byte")
+    return Frame(FrameType.STREAM_OPEN, stream_id, _STREAM_OPEN.pack(kind, endpoint))
+
+
+def parse_stream_open(frame: Frame) -> tuple[int, int]:
+    """Return ``(kind, endpoint index)`` of a guest's STREAM_OPEN."""
+    if len(frame.payload) != _STREAM_OPEN.size:
+        raise FramingError("bad_payload", "STREAM_OPEN payload is not kind:u8 + endpoint:u8")
+    kind, endpoint = _STREAM_OPEN.unpack(frame.payload)
+    return kind, endpoint
+
+
+def stream_opened(stream_id: int) -> Frame:
+    """The relay's acknowledgement: the endpoint accepted the connection."""
+    return Frame(FrameType.STREAM_OPEN, stream_id, b"")
+
+
+def stream_data(stream_id: int, data: bytes) -> list[Frame]:
+    """``data`` cut into frames of at most :data:`MAX_PAYLOAD` bytes (none for empty data)."""
+    return [Frame(FrameType.STREAM_DATA, stream_id, data[i : i + MAX_PAYLOAD])
+            for i in range(0, len(data), MAX_PAYLOAD)]
+
+
+def stream_close(stream_id: int, reason: str = "") -> Frame:
+    return Frame(FrameType.STREAM_CLOSE, stream_id,
+                 reason.encode("utf-8", "replace")[:MAX_PAYLOAD])
+
+
+def parse_stream_close(frame: Frame) -> str:
+    """The close reason ('' for a clean end of stream)."""
+    return frame.payload.decode("utf-8", "replace")

@@ -1,0 +1,272 @@
+"""The daemon's NTS driver: NTS-KE through relay streams, retries, request/reply plumbing.
+
+NTS-KE is TLS end to end between the guest and the KE server; the relay only moves the bytes
+(STREAM_OPEN/DATA/CLOSE). NTP then goes through the relay's ordinary NTP_REQUEST path to the
+allowlisted upstream the KE result maps to. Replies are authenticated here before the
+controller sees them; failures are reported to the controller as source errors by reason.
+
+Bootstrap (certificate dates): until the controller is synchronised the guest's clock may be
+far off, so NTS-KE then tolerates only the certificate's date errors (chain and name are still
+verified, see :mod:`timesyncd.nts.ke_session`). Once synchronised, every source whose
+certificate dates went unchecked does NTS-KE again with dates checked against the
+*disciplined guest clock* (never the host's); if that fails the source is dropped for good.
+Later key exchanges (cookies used up, NTS NAK) always check dates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable
+
+from guest_client.nts_source import NtsServerSpec, NtsSource
+from guest_client.relay_link import RelayFailure, RelayLink, RelayReply
+from timesyncd import framing
+from timesyncd.clock import Clock
+from timesyncd.framing import ErrorCode, Frame, FrameType
+from timesyncd.nts.ke import KeError
+from timesyncd.nts.ke_session import NtsKeResult, NtsKeSession
+from timesyncd.nts.ntp import RandomBytes
+from timesyncd.packet import NtpPacket
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+_DATE_ERRORS = ("cert_expired", "cert_not_yet_valid")
+
+OnReply = Callable[[str, bytes, int, int, int], None]  # source, packet, rx_ns, r_in, r_out
+OnError = Callable[[str, str], None]  # source, reason
+OnSent = Callable[[str, int], None]  # source, t1_ns
+
+
+async def nts_ke_via_relay(link: RelayLink, endpoint: int, session: NtsKeSession,
+                           timeout_s: float) -> NtsKeResult:
+    """Run ``session`` over a relay byte stream to KE endpoint ``endpoint``; raise KeError."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[NtsKeResult] = loop.create_future()
+    sid: int | None = None
+
+    def on_frame(frame: Frame) -> None:
+        if done.done() or sid is None:
+            return
+        try:
+            if frame.type == FrameType.STREAM_OPEN:
+                return  # the relay connected; our ClientHello is already on its way
+            if frame.type == FrameType.ERROR:
+                code, message = framing.parse_error(frame)
+                name = ErrorCode(code).name.lower() if code in ErrorCode._value2member_map_ \
+                    else str(code)
+                raise KeError(f"relay_{name}", message)
+            if frame.type == FrameType.STREAM_DATA:
+                out = session.receive_data(frame.payload)
+            else:
+                reason = framing.parse_stream_close(frame)
+                if reason and session.result is None:
+                    raise KeError("stream_closed", reason)
+                out = session.receive_eof()
+            for f in framing.stream_data(sid, out):
+                link.send_frame(f)
+            if session.result is not None:
+                done.set_result(session.result)
+        except KeError as exc:
+            done.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a TLS library surprise must not escape
+            done.set_exception(KeError("tls_failed", str(exc)))
+
+    sid = link.open_stream(on_frame)
+    if sid is None:
+        raise KeError("relay_not_connected", "no relay connection for NTS-KE")
+    try:
+        link.send_frame(framing.stream_open(sid, endpoint))
+        for f in framing.stream_data(sid, session.start()):
+            link.send_frame(f)
+        return await asyncio.wait_for(done, timeout_s)
+    except TimeoutError:
+        raise KeError("timeout", f"no NTS-KE result in {timeout_s} s") from None
+    finally:
+        link.close_stream(sid)  # no-op if the relay already ended it
+        if done.done() and not done.cancelled():
+            done.exception()  # retrieved: no "never retrieved" warning
+
+
+class NtsManager:
+    """NTS sources of one daemon; the daemon calls the ``on_*`` hooks and :meth:`send`."""
+
+    def __init__(
+        self, specs: list[NtsServerSpec], *, cafile: str | None, clock: Clock,
+        is_synchronised: Callable[[], bool], on_reply: OnReply, on_error: OnError,
+        on_sent: OnSent, ke_timeout_s: float = 10.0, retry_min_s: float = 2.0,
+        retry_max_s: float = 600.0, random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        self.sources = {s.source_name: NtsSource(s, random_bytes) for s in specs}
+        self.cafile = cafile
+        self.clock = clock
+        self._synced = is_synchronised
+        self._on_reply = on_reply
+        self._on_error = on_error
+        self._on_sent = on_sent
+        self.ke_timeout_s = ke_timeout_s
+        self.retry_min_s = retry_min_s
+        self.retry_max_s = retry_max_s
+        self.link: RelayLink | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, int] = dict.fromkeys(self.sources, 0)
+        self._not_before: dict[str, float] = dict.fromkeys(self.sources, 0.0)  # monotonic s
+        self._last_request: dict[str, int] = {}
+        self._disabled: set[str] = set()
+
+    def owns(self, name: str) -> bool:
+        return name in self.sources
+
+    def attach(self, link: RelayLink) -> None:
+        self.link = link
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def on_relay_up(self) -> None:
+        """A (re)connected relay: keys may be fine, but run KE for sources that need it."""
+        for src in self.sources.values():
+            self._maybe_ke(src)
+
+    def on_relay_down(self) -> None:
+        self._last_request.clear()
+
+    def send(self, name: str, data: bytes) -> None:
+        """Send the controller's plain request ``data`` for NTS source ``name``."""
+        src = self.sources[name]
+        self._maybe_ke(src)
+        link = self.link
+        if name in self._disabled:
+            self._on_error(name, "nts_disabled")
+            return
+        wrapped = src.wrap(data)
+        if isinstance(wrapped, str):
+            self._on_error(name, wrapped)
+            self._maybe_ke(src)
+            return
+        if link is None or src.upstream is None:
+            self._on_error(name, "relay_not_connected")
+            return
+        last = self._last_request.pop(name, None)
+        if last is not None:
+            link.cancel(last)
+        t1 = self.clock.now_ns()
+        rid = link.send(src.upstream, wrapped, lambda r, n=name: self._on_result(n, r))
+        if rid is None:
+            self._on_error(name, "relay_not_connected")
+            return
+        self._last_request[name] = rid
+        self._on_sent(name, t1)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for name, src in self.sources.items():
+            st = src.status()
+            st["disabled"] = name in self._disabled
+            st["ke_running"] = name in self._tasks
+            st["note"] = src.note
+            out[name] = st
+        return out
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _on_result(self, name: str, result: RelayReply | RelayFailure) -> None:
+        src = self.sources[name]
+        if isinstance(result, RelayFailure):
+            if result.reason != "connection_lost":
+                self._on_error(name, result.reason)
+            return
+        verified = src.verify(result.packet)
+        if not isinstance(verified, NtpPacket):
+            log.warning("NTS source %s: rejected reply (%s%s)", name, verified.reason,
+                        f": {verified.detail}" if verified.detail else "")
+            self._on_error(name, verified.reason)
+            if src.needs_ke:
+                self._maybe_ke(src)
+            return
+        self._failures[name] = 0
+        # The relay's residence times are the untrusted host's word: a correction by them could
+        # move the offset by up to delay/2 *beyond* the raw measurement, doubling what a
+        # delaying host achieves while the bound (delay/2) claims otherwise. Ignore them.
+        self._on_reply(name, result.packet, result.rx_ns, 0, 0)
+        self._maybe_ke(src)  # validity re-check once synchronised
+
+    def _maybe_ke(self, src: NtsSource) -> None:
+        name = src.name
+        link = self.link
+        if name in self._disabled or name in self._tasks or link is None or not link.connected:
+            return
+        recheck = src.validity_unchecked and src.ready and self._synced()
+        if not (src.needs_ke or recheck):
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._not_before[name]:
+            return
+        self._tasks[name] = loop.create_task(self._key_exchange(src, link), name=f"nts-ke {name}")
+
+    async def _key_exchange(self, src: NtsSource, link: RelayLink) -> None:
+        name = src.name
+        loop = asyncio.get_running_loop()
+        failures = self._failures[name]
+        # every KE counts until a verified reply resets it: forged NAKs cannot force a KE storm
+        self._failures[name] = failures + 1
+        self._not_before[name] = loop.time() + min(self.retry_max_s,
+                                                   self.retry_min_s * 2.0 ** min(failures, 20))
+        trusted = self._synced()
+        try:
+            endpoint = self._ke_index(src, link)
+            if endpoint is None:
+                return
+            now = dt.datetime.fromtimestamp(self.clock.now_ns() / _NS, dt.UTC)
+            session = NtsKeSession(src.spec.tls_name, cafile=self.cafile, time_trusted=trusted,
+                                   verify_time=now)
+            result = await nts_ke_via_relay(link, endpoint, session, self.ke_timeout_s)
+        except KeError as exc:
+            src.on_ke_error(exc.reason, exc.detail)
+            self._on_error(name, f"nts_ke_{exc.reason}")
+            if trusted and exc.reason in _DATE_ERRORS:
+                self._disabled.add(name)
+                src.state = None
+                src.note = (f"certificate not valid at the synchronised time ({exc.reason}): "
+                            "source disabled")
+            log.warning("NTS-KE for %s failed: %s", name, src.note)
+            return
+        finally:
+            self._tasks.pop(name, None)
+        upstreams = {u.name: u.index for u in link.upstreams}
+        if src.on_ke_result(result, upstreams):
+            log.info("NTS-KE for %s done: %d cookies, NTP via relay upstream %d (%s)%s", name,
+                     len(result.cookies), src.upstream, src.ntp_server,
+                     "; certificate dates unchecked" if result.validity_unchecked else "")
+        else:
+            self._on_error(name, "ntp_server_not_allowlisted")
+            log.error("NTS source %s: %s", name, src.note)
+
+    def _ke_index(self, src: NtsSource, link: RelayLink) -> int | None:
+        entries = link.hello_info.get("nts_ke")
+        offered: dict[str, int] = {}
+        if isinstance(entries, list):
+            for e in entries:
+                if (isinstance(e, dict) and isinstance(e.get("name"), str)
+                        and isinstance(e.get("index"), int) and 0 <= e["index"] <= 255):
+                    offered[e["name"]] = e["index"]
+        index = offered.get(src.spec.ke_endpoint)
+        if index is None:
+            src.counters["ke_endpoint_not_offered"] += 1
+            src.note = (f"relay does not offer NTS-KE endpoint {src.spec.ke_endpoint} (it offers "
+                        f"{sorted(offered) or 'none'}); add it to the relay's nts_ke_servers")
+            self._on_error(src.name, "nts_ke_endpoint_not_offered")
+            log.error("NTS source %s: %s", src.name, src.note)
+        return index

@@ -29,6 +29,7 @@ from guest_client.actions import (
 )
 from timesyncd.clock import KernelStatus
 from timesyncd.discipline import (
+    MIN_WINDOW,
     CorrectionModel,
     DisciplineConfig,
     Estimate,
@@ -434,18 +435,34 @@ class GuestController:
         self.updates += 1
         self._last_update_t = now
         self.state = "synchronised"
-        freq, duration = slew_plan(offset, self._slope, self.config.max_slew_ppm,
-                                   self.config.slew_time_s)
+        freq, duration = slew_plan(offset * self._gain(offset, live), self._slope,
+                                   self.config.max_slew_ppm, self.config.slew_time_s)
         self._model.set_frequency(now, freq)
         actions.append(SetFrequency(freq * 1e6))
         self._slew_end_t = now + duration if duration > 0 else None
         actions.append(SetKernelStatus(self._kernel_status(now)))
 
+    def _gain(self, offset: float, live: list[_Source]) -> float:
+        """Share of ``offset`` to correct now: all of it when it is well above its uncertainty,
+        less when it may be noise (the rest, if real, is corrected by later updates).
+
+        Until a window has filled, the path floor itself is unknown: a sample's error may be
+        up to half its delay, shrinking as samples accumulate."""
+        sd = self._est_error_s
+        for src in live:
+            n = len(src.filter)
+            floor = src.filter.delay_floor()
+            if n < MIN_WINDOW and floor is not None:
+                sd = max(sd, floor / (2.0 * math.sqrt(n)))
+        var = offset * offset
+        return var / (var + sd * sd) if var > 0 else 1.0
+
     def _refit(self, src: _Source, x_now: float) -> Estimate | None:
         """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
         if src.dirty or src.estimate is None:
             src.dirty = False
-            est = fit_arrays(*src.filter.arrays(), x_now, self._slope)
+            est = fit_arrays(*src.filter.arrays(), x_now, self._slope,
+                             floor=src.filter.delay_floor())
             if est is None:
                 return None
             src.filter.prune(est.used)

@@ -39,3 +39,17 @@ def test_variance_grows_with_excess_delay() -> None:
     high = sample_variance(s(0, 400e-6), 200e-6)
     assert low < 2e-12
     assert abs(high - (200e-6) ** 2 / 12) < 2e-12
+
+
+def test_delay_floor_remembers_the_queue_free_delay_for_its_span() -> None:
+    f = SampleFilter(max_samples=4, max_delay_dev_ratio=0.0, floor_span_s=800.0)
+    f.add(s(0.0, 500e-6))
+    for i in range(1, 8):  # a loaded path: the window forgets the 500 us sample, the floor not
+        f.add(s(i * 50.0, 5e-3 + i * 1e-4))
+    assert f.min_delay() is not None and f.min_delay() > 5e-3
+    assert f.delay_floor() == 500e-6
+    for i in range(8, 30):
+        f.add(s(i * 50.0, 5e-3))
+    assert f.delay_floor() == 5e-3  # older than the span: the path may have changed
+    f.clear()
+    assert f.delay_floor() is None

@@ -26,6 +26,13 @@ from timesyncd.filter import ERROR_FLOOR_S, FilteredSample, sample_variance
 
 FloatArray = npt.NDArray[np.float64]
 
+#: The runs test never shrinks a window below this many samples.
+MIN_WINDOW = 16
+#: Added to every excess delay over the floor: the floor itself is a sample, not the truth.
+FLOOR_MARGIN_S = 10e-6
+#: Error bounds of older samples widen by this many slope standard errors per second of age.
+BOUND_SLOPE_SDS = 4.0
+
 
 @dataclass(frozen=True)
 class DisciplineConfig:
@@ -49,7 +56,7 @@ class DisciplineConfig:
         "help": "shortest duration of a phase correction, seconds", "min": 0.001})
     max_root_distance_s: float = field(default=1.5, metadata={
         "help": "samples with a larger root distance are rejected", "min": 0.0})
-    max_samples: int = field(default=64, metadata={
+    max_samples: int = field(default=128, metadata={
         "help": "regression window limit, samples per source", "min": 4, "max": 512})
     max_delay_dev_ratio: float = field(default=10.0, metadata={
         "help": "reject samples whose excess delay exceeds this many median excess delays",
@@ -128,7 +135,7 @@ def _runs_ok(resid: FloatArray, z: float) -> bool:
 
 
 def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0,
-        runs_z: float = 1.64) -> Estimate | None:
+        runs_z: float = 1.64, floor: float | None = None) -> Estimate | None:
     """Estimate offset (at ``at_x``) and slope from a source's samples, oldest first.
 
     The window starts at all samples and shrinks (oldest dropped, in quarters) until the
@@ -144,31 +151,66 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
         return Estimate(at_x, s.y + prior_slope * (at_x - s.x), prior_slope, sd, math.inf, 1, 1)
     return fit_arrays(np.array([s.x for s in samples]), np.array([s.y for s in samples]),
                       np.array([s.delay_s for s in samples]),
-                      np.array([s.dispersion_s for s in samples]), at_x, prior_slope, runs_z)
+                      np.array([s.dispersion_s for s in samples]), at_x, prior_slope, runs_z,
+                      floor)
 
 
 def fit_arrays(x: FloatArray, y: FloatArray, delay: FloatArray, disp: FloatArray, at_x: float,
-               prior_slope: float = 0.0, runs_z: float = 1.64) -> Estimate | None:
-    """:func:`fit` on columns (x, y, delay, dispersion), as ``SampleFilter.arrays`` gives."""
+               prior_slope: float = 0.0, runs_z: float = 1.64,
+               floor: float | None = None) -> Estimate | None:
+    """:func:`fit` on columns (x, y, delay, dispersion), as ``SampleFilter.arrays`` gives.
+
+    ``floor`` is the path's queue-free delay (``SampleFilter.delay_floor``); without it the
+    window's own smallest delays stand in for it.
+    """
     n = len(x)
     if n < 2:
         return fit([FilteredSample(float(x[i]), float(y[i]), float(delay[i]), float(disp[i]),
                                    0.0) for i in range(n)], at_x, prior_slope, runs_z)
     x = x - at_x
-    # The window's minimum delay is itself above the path's true minimum by about the gap
-    # between the smallest delays, so no sample is trusted beyond that.
-    k = min(4, n - 1)
-    low = np.partition(delay, k)[: k + 1]
-    d_min = float(low.min())
-    excess = delay - d_min + (float(low.max()) - d_min) / k
+    if floor is not None:
+        excess = np.maximum(delay - floor, 0.0) + FLOOR_MARGIN_S
+    else:
+        # The window's minimum delay is itself above the path's true minimum by about the gap
+        # between the smallest delays, so no sample is trusted beyond that.
+        k = min(4, n - 1)
+        low = np.partition(delay, k)[: k + 1]
+        d_min = float(low.min())
+        excess = delay - d_min + (float(low.max()) - d_min) / k
     w = 1.0 / (ERROR_FLOOR_S**2 + disp * disp + excess * excess / 12.0)
     start = 0
     result = _regress(x, y, w)
-    while n - start > 4 and not _runs_ok(result[4], runs_z):
-        start = min(start + max((n - start) // 4, 1), n - 4)
+    # Only residuals of the better half of the samples (by weight) carry a trend's signature;
+    # the others are mostly queueing noise whose signs would only add false alarms.
+    while n - start > MIN_WINDOW and not _runs_ok(
+            result[4][w[start:] >= np.median(w[start:])], runs_z):
+        start = min(start + max((n - start) // 4, 1), n - MIN_WINDOW)
         result = _regress(x[start:], y[start:], w[start:])
     offset, slope, offset_sd, slope_sd, _ = result
+    if floor is not None and math.isfinite(slope_sd):
+        offset, offset_sd = _bound_offset(x[start:], y[start:], excess[start:], disp[start:],
+                                          offset, slope, offset_sd, slope_sd)
     return Estimate(at_x, offset, slope, offset_sd, slope_sd, n - start, n)
+
+
+def _bound_offset(x: FloatArray, y: FloatArray, excess: FloatArray, disp: FloatArray,
+                  offset: float, slope: float, offset_sd: float, slope_sd: float
+                  ) -> tuple[float, float]:
+    """Offset at x=0 from the intersection of the samples' error bounds.
+
+    Queueing only adds delay, so a sample's offset error lies within half its excess delay
+    over the path's floor; projected to x=0 along the fitted slope (widened by the slope's
+    uncertainty) every sample bounds the offset. When the bounds intersect, its midpoint is
+    a far better estimate than the least-squares mean (errors are bounded, not Gaussian);
+    when they do not (floor or slope off), the regression stands.
+    """
+    proj = y - slope * x
+    half = excess / 2 + disp + BOUND_SLOPE_SDS * slope_sd * np.abs(x)
+    lo = float((proj - half).max())
+    hi = float((proj + half).min())
+    if lo > hi:
+        return offset, offset_sd
+    return (lo + hi) / 2, min(offset_sd, (hi - lo) / 2)
 
 
 class CorrectionModel:

@@ -45,9 +45,13 @@ class SampleFilter:
     idea), so queueing bursts do not pull the estimate while ordinary jitter is weighted.
     """
 
-    def __init__(self, max_samples: int = 64, max_delay_dev_ratio: float = 10.0) -> None:
+    def __init__(self, max_samples: int = 64, max_delay_dev_ratio: float = 10.0,
+                 floor_span_s: float = 86_400.0) -> None:
         self.max_samples = max_samples
         self.max_delay_dev_ratio = max_delay_dev_ratio
+        self.floor_span_s = floor_span_s
+        # minimum delay per time bucket (bucket start x, min delay), oldest first
+        self._floor: deque[tuple[float, float]] = deque()
         self._samples: deque[FilteredSample] = deque(maxlen=max_samples)
         # columns x, y, delay, dispersion in a buffer of twice the window: rows [lo, hi)
         self._buf = np.zeros((4, 2 * max_samples))
@@ -82,6 +86,7 @@ class SampleFilter:
         if self.is_spike(sample.delay_s):
             return "delay_spike"
         self._samples.append(sample)
+        self._note_delay(sample.x, sample.delay_s)
         buf = self._buf
         if self._hi == buf.shape[1]:  # compact: keep the newest rows at the front
             keep = self._hi - self._lo
@@ -91,6 +96,21 @@ class SampleFilter:
         self._hi += 1
         self._lo = self._hi - len(self._samples)
         return None
+
+    def _note_delay(self, x: float, delay: float) -> None:
+        floor = self._floor
+        bucket = self.floor_span_s / 8
+        if floor and x < floor[-1][0] + bucket:
+            if delay < floor[-1][1]:
+                floor[-1] = (floor[-1][0], delay)
+        else:
+            floor.append((x, delay))
+        while floor and floor[0][0] < x - self.floor_span_s:
+            floor.popleft()
+
+    def delay_floor(self) -> float | None:
+        """Smallest delay seen over the last ``floor_span_s``: the path's queue-free delay."""
+        return min((d for _, d in self._floor), default=None)
 
     def arrays(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """Columns (x, y, delay, dispersion) of the stored samples, oldest first (views)."""
@@ -105,6 +125,7 @@ class SampleFilter:
 
     def clear(self) -> None:
         self._samples.clear()
+        self._floor.clear()
         self._lo = self._hi = 0
 
     def latest(self) -> FilteredSample | None:

@@ -41,6 +41,7 @@ from timesyncd.exchange import PHI, ClientExchange, Rejection, Sample
 from timesyncd.filter import FilteredSample, SampleFilter
 from timesyncd.packet import Leap
 from timesyncd.selection import Candidate, select
+from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +378,30 @@ class GuestController:
         usable = [s for s in self._sources.values() if not s.disabled and s.reach]
         if len(usable) > 1 and len(confirming) < 2:
             return False
-        authenticated = all(s.config.trust == "authenticated" for s in confirming)
+        # every usable authenticated source agrees (host ones may too: a restored snapshot
+        # moves the guest against all of them)
+        auth = [s for s in usable if s.config.trust == "authenticated"]
+        authenticated = bool(auth) and all(s.jumps for s in auth)
         return self._discontinuity or authenticated
+
+    def _trust_bound(self, cands: list[Candidate], live: list[_Source]
+                     ) -> tuple[list[Candidate], list[_Source]]:
+        """With authenticated sources configured, host-trusted ones count only inside the
+        interval the authenticated ones allow (see :mod:`timesyncd.trust`)."""
+        auth = {s.config.name for s in self._sources.values()
+                if s.config.trust == "authenticated"}
+        if not auth:
+            return cands, live
+        bound = bound_by_authenticated(cands, auth)
+        for name, reason in bound.rejected.items():
+            src = self._sources[name]
+            self._count(reason, src)
+            src.status.selected = False
+            src.status.note = ("outside the bounds of the authenticated sources"
+                               if reason == OUTSIDE_AUTHENTICATED_BOUNDS
+                               else "unused: no authenticated source to bound it")
+        kept = {c.name for c in bound.kept}
+        return list(bound.kept), [s for s in live if s.config.name in kept]
 
     def _ready(self, now: float) -> bool:
         """Hold the first update until every armed source answered (or 2 s passed) so a
@@ -411,6 +434,7 @@ class GuestController:
             cands.append(Candidate(src.config.name, est.offset, est.slope, dist,
                                    src.last_sample.leap))
             live.append(src)
+        cands, live = self._trust_bound(cands, live)
         sel = select(cands)
         if sel is None:
             self._count("no_majority", None)

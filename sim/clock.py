@@ -1,20 +1,27 @@
 """``SimClock``: a ``timesyncd.clock.Clock`` in true virtual time, integrated exactly.
 
-Between events the reading advances by ``(1 + c) * (dt + phase)`` where ``phase`` is the
-oscillator's exact integral over the interval and ``c`` the applied frequency correction:
-corrections *multiply* the oscillator's rate, as Linux applies ``adjtimex`` frequency and
-tick (no tick granularity is modelled). Steps add to the reading. Read noise (Gaussian) only
-affects what ``now_ns`` returns, never the clock itself.
+Corrections *multiply* the oscillator's rate, as Linux applies ``adjtimex`` frequency and tick
+(no tick granularity is modelled): since the last frequency change or step (an *anchor* at true
+``a``) the reading is ``reading(a) + (1 + c) * ((t - a) + P(t) - P(a))`` where ``P`` is the
+oscillator's exact phase from 0 and ``c`` the applied correction. The reading is therefore a
+function of the anchors only, not of the instants at which the engine happened to advance the
+clock: :meth:`SimClock.offsets_at` evaluates any number of past instants at once, bit for bit
+what :meth:`offset_s` would have said there. Read noise (Gaussian) only affects what ``now_ns``
+returns, never the clock itself.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
+import numpy.typing as npt
+
 from sim.oscillator import Oscillator
 from timesyncd.clock import Clock, KernelStatus
 
 _NS = 1_000_000_000
+FloatArray = npt.NDArray[np.float64]
 
 
 class SimClock(Clock):
@@ -28,10 +35,19 @@ class SimClock(Clock):
         self.read_noise_s = read_noise_s
         self._rng = rng or random.Random(0)
         self._t = 0.0  # true seconds since start
+        self._p = 0.0  # oscillator phase from 0 to _t
         self._reading_s = initial_offset_s  # reading minus start_unix, seconds
+        self._rate = 1.0  # 1 + correction
         self.frequency_ppm = 0.0
         self.kernel_status = KernelStatus(synchronised=False)
         self.steps: list[tuple[float, int]] = []  # (true_s, offset_ns)
+        self.offsets_before_steps_s: list[float] = []
+        # anchors (true_s, reading_s, phase, 1 + correction), in order; the last one is current
+        self._anchors: list[tuple[float, float, float, float]] = []
+        self._anchor()
+
+    def _anchor(self) -> None:
+        self._anchors.append((self._t, self._reading_s, self._p, self._rate))
 
     @property
     def true_s(self) -> float:
@@ -41,23 +57,44 @@ class SimClock(Clock):
         """Move true time forward (never back) to ``true_s``."""
         if true_s <= self._t:
             return
-        dt = true_s - self._t
-        gained = self.oscillator.phase_s(self._t, true_s)
-        self._reading_s += (1.0 + self.frequency_ppm * 1e-6) * (dt + gained)
+        a_t, a_reading, a_p, rate = self._anchors[-1]
+        p = self.oscillator.phase_to(true_s)
+        self._reading_s = a_reading + rate * ((true_s - a_t) + (p - a_p))
         self._t = true_s
+        self._p = p
 
     def offset_s(self) -> float:
         """Exact clock minus true time, seconds (no read noise)."""
         return self._reading_s - self._t
 
+    def offsets_at(self, times_s: FloatArray) -> FloatArray:
+        """:meth:`offset_s` at each of ``times_s`` (true seconds, 0 <= t <= :attr:`true_s`),
+        as it was or would have been after every change made at or before that instant."""
+        t = np.asarray(times_s, dtype=np.float64)
+        if len(t) and (t.min() < 0.0 or t.max() > self._t):
+            raise ValueError("offsets_at: instants must lie in [0, true_s]")
+        a = np.array(self._anchors)
+        i = np.searchsorted(a[:, 0], t, side="right") - 1
+        p = self.oscillator.phase_to_array(t)
+        reading = a[i, 1] + a[i, 3] * ((t - a[i, 0]) + (p - a[i, 2]))
+        return reading - t
+
+    def breakpoints(self) -> tuple[FloatArray, FloatArray]:
+        """(true_s, offset_s) after every frequency change and step. Between them the offset's
+        slope only follows the oscillator's slow wander and load, so its extremes are here (and,
+        for steps, at :attr:`offsets_before_steps_s`)."""
+        a = np.array(self._anchors)
+        return a[:, 0].copy(), a[:, 1] - a[:, 0]
+
     def rate_error_ppm(self) -> float:
         """Current rate of the corrected clock relative to true time, minus one, ppm."""
         e = self.oscillator.ppm_at(self._t) * 1e-6
-        return ((1.0 + e) * (1.0 + self.frequency_ppm * 1e-6) - 1.0) * 1e6
+        return ((1.0 + e) * self._rate - 1.0) * 1e6
 
     def true_time_at(self, reading_ns: int) -> float:
         """Approximate true time at which the clock will read ``reading_ns`` (rate held)."""
-        rate = 1.0 + self.rate_error_ppm() * 1e-6
+        e = self.oscillator.ppm_at(self._t) * 1e-6  # rate_error_ppm(), inlined: hot path
+        rate = 1.0 + ((1.0 + e) * self._rate - 1.0) * 1e6 * 1e-6
         target = (reading_ns - self.start_unix_ns) / _NS
         return self._t + max(target - self._reading_s, 0.0) / rate
 
@@ -68,10 +105,14 @@ class SimClock(Clock):
 
     def set_frequency(self, ppm: float) -> None:
         self.frequency_ppm = max(-self.max_frequency_ppm, min(self.max_frequency_ppm, ppm))
+        self._rate = 1.0 + self.frequency_ppm * 1e-6
+        self._anchor()
 
     def step(self, offset_ns: int) -> None:
+        self.offsets_before_steps_s.append(self.offset_s())
         self._reading_s += offset_ns / _NS
         self.steps.append((self._t, offset_ns))
+        self._anchor()
 
     def set_kernel_status(self, status: KernelStatus) -> None:
         self.kernel_status = status

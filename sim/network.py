@@ -31,7 +31,7 @@ class Hop:
 
     def one_way(self, true_s: float, rng: random.Random, outbound: bool) -> float | None:
         """Delay of one traversal starting at ``true_s``; None when the packet is lost."""
-        if self.down(true_s) or (self.loss > 0 and rng.random() < self.loss):
+        if (self.outages and self.down(true_s)) or (self.loss > 0 and rng.random() < self.loss):
             return None
         delay = self.base_s + (self.asymmetry_s if outbound else 0.0)
         if self.jitter_s > 0:

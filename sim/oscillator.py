@@ -25,8 +25,10 @@ import random
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 _BLOCK = 4096
+FloatArray = npt.NDArray[np.float64]
 
 
 class Oscillator:
@@ -42,48 +44,75 @@ class Oscillator:
         self.step_s = step_s
         self.extra_ppm = extra_ppm
         self.extra_mean_ppm = extra_mean_ppm
+        #: optional vectorised ``extra_mean_ppm(0, t)`` over an array of ``t`` (bit for bit)
+        self.extra_mean_from_zero_ppm: Callable[[FloatArray], FloatArray] | None = None
         self._sigma = wander_ppm_per_sqrt_s * math.sqrt(step_s) * 1e-6
         seed = (rng or random.Random(0)).getrandbits(63)
         self._gen = np.random.default_rng(seed)
         # per block of _BLOCK steps: wander level of each step, phase accumulated before it
-        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._blocks: list[tuple[FloatArray, FloatArray]] = []
+        self._level: list[float] = []  # wander level of each step, all blocks
+        self._phase: list[float] = []  # wander phase accumulated before each step
+        self._flat: tuple[FloatArray, FloatArray] | None = None
         self._next_level = 0.0
         self._next_phase = 0.0
 
-    def _block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        b = k // _BLOCK
-        while len(self._blocks) <= b:
-            if self._sigma > 0:
-                inc = self._gen.normal(0.0, self._sigma, _BLOCK)
-                steps = np.cumsum(inc)
-                level = self._next_level + steps - inc  # level of step i
-                end_level = self._next_level + float(steps[-1])
-            else:
-                level = np.full(_BLOCK, self._next_level)
-                end_level = self._next_level
-            before = np.concatenate(([0.0], np.cumsum(level)[:-1])) * self.step_s
-            phase = self._next_phase + before
-            self._next_phase = float(phase[-1] + level[-1] * self.step_s)
-            self._next_level = end_level
-            self._blocks.append((level, phase))
-        return self._blocks[b]
+    def _ensure(self, k: int) -> None:
+        """Draw blocks until step ``k`` exists."""
+        while len(self._level) <= k:
+            self._grow()
+
+    def _grow(self) -> None:
+        if self._sigma > 0:
+            inc = self._gen.normal(0.0, self._sigma, _BLOCK)
+            steps = np.cumsum(inc)
+            level = self._next_level + steps - inc  # level of step i
+            end_level = self._next_level + float(steps[-1])
+        else:
+            level = np.full(_BLOCK, self._next_level)
+            end_level = self._next_level
+        before = np.concatenate(([0.0], np.cumsum(level)[:-1])) * self.step_s
+        phase = self._next_phase + before
+        self._next_phase = float(phase[-1] + level[-1] * self.step_s)
+        self._next_level = end_level
+        self._blocks.append((level, phase))
+        # flat lists: scalar lookups on the engine's hot path are cheaper than numpy indexing
+        self._level.extend(level.tolist())
+        self._phase.extend(phase.tolist())
+        self._flat = None
 
     def _wander_phase(self, t: float) -> float:
         """Integral of the wander from 0 to ``t`` (t >= 0), seconds."""
         k = int(t / self.step_s)
-        level, phase = self._block(k)
-        i = k % _BLOCK
-        return float(phase[i]) + float(level[i]) * (t - k * self.step_s)
+        if k >= len(self._level):
+            self._ensure(k)
+        return self._phase[k] + self._level[k] * (t - k * self.step_s)
+
+    def _wander_phase_array(self, t: FloatArray) -> FloatArray:
+        """:meth:`_wander_phase` of each element (t >= 0), bit for bit."""
+        if not len(t):
+            return np.zeros(0)
+        k = (t / self.step_s).astype(np.int64)  # truncation, as int() for t >= 0
+        self._ensure(int(k.max()))
+        if self._flat is None:
+            self._flat = (np.concatenate([b[0] for b in self._blocks]),
+                          np.concatenate([b[1] for b in self._blocks]))
+        level, phase = self._flat
+        return phase[k] + level[k] * (t - k.astype(np.float64) * self.step_s)
 
     def wander_ppm(self, t: float) -> float:
         k = int(max(t, 0.0) / self.step_s)
-        level, _ = self._block(k)
-        return float(level[k % _BLOCK]) * 1e6
+        if k >= len(self._level):
+            self._ensure(k)
+        return self._level[k] * 1e6
 
     def ppm_at(self, t: float) -> float:
         """Rate error at true time ``t``, ppm."""
         extra = self.extra_ppm(t) if self.extra_ppm is not None else 0.0
-        return self.base_ppm + self.wander_ppm(t) + extra
+        k = int(max(t, 0.0) / self.step_s)
+        if k >= len(self._level):
+            self._ensure(k)
+        return self.base_ppm + self._level[k] * 1e6 + extra
 
     def phase_s(self, t0: float, t1: float) -> float:
         """Time gained by the uncorrected clock over true ``[t0, t1]`` beyond ``t1 - t0``."""
@@ -98,3 +127,39 @@ class Oscillator:
             h = (t1 - t0) / n
             gained += sum(self.extra_ppm(t0 + (i + 0.5) * h) for i in range(n)) * 1e-6 * h
         return gained
+
+    def phase_to(self, t: float) -> float:
+        """``phase_s(0, t)``, bit for bit: the clock integrates from 0 so that its reading does
+        not depend on the instants at which it happened to be advanced."""
+        if t <= 0.0:
+            return 0.0
+        gained = self.base_ppm * 1e-6 * t
+        gained += self._wander_phase(t)  # minus _wander_phase(0) == 0.0: exact
+        if self.extra_mean_ppm is not None:
+            gained += self.extra_mean_ppm(0.0, t) * 1e-6 * t
+        elif self.extra_ppm is not None:
+            gained = self.phase_s(0.0, t)  # midpoint rule from 0: O(t / step_s) per call
+        return gained
+
+    def phase_to_array(self, times: FloatArray) -> FloatArray:
+        """:meth:`phase_to` of each element, bit for bit, vectorised.
+
+        The extra term is vectorised through ``extra_mean_from_zero_ppm`` when set (a function
+        of an array of ``t`` equal element-wise to ``extra_mean_ppm(0, t)``), else called per
+        element.
+        """
+        t = np.asarray(times, dtype=np.float64)
+        pos = np.maximum(t, 0.0)
+        out = self.base_ppm * 1e-6 * pos
+        out = out + self._wander_phase_array(pos)
+        if self.extra_mean_ppm is not None:
+            if self.extra_mean_from_zero_ppm is not None:
+                mean = self.extra_mean_from_zero_ppm(pos)
+            else:
+                f = self.extra_mean_ppm
+                mean = np.fromiter((f(0.0, x) for x in pos.tolist()), np.float64, len(pos))
+            out = out + mean * 1e-6 * pos
+        elif self.extra_ppm is not None:
+            out = np.array([self.phase_s(0.0, x) for x in pos.tolist()])
+        out[t <= 0.0] = 0.0
+        return out

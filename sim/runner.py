@@ -19,7 +19,12 @@ Progress = Callable[[str], None]
 def build_inputs(scenario: Scenario, load: LoadProfile | None = None) -> SimInputs:
     if load is None:
         load = make_load(scenario.load, seed=scenario.seed, horizon_s=scenario.duration_s)
-    return SimInputs(scenario, load, RateModel(scenario, load))
+    rate = RateModel(scenario, load)
+    # the vectorised twin of RateModel's coupling term ``k * load.mean(0, t)`` (bit for bit;
+    # tests/test_sim_speed.py checks it against the scalar path for every profile)
+    k = scenario.load_coupling_ppm
+    rate.oscillator.extra_mean_from_zero_ppm = lambda ts: k * load.mean_from_zero(ts)
+    return SimInputs(scenario, load, rate)
 
 
 def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
@@ -53,7 +58,8 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
             ser_o = np.concatenate([ser_o, before, before + traj.jumps_s])
             order = np.argsort(ser_t, kind="stable")
             ser_t, ser_o = ser_t[order], ser_o[order]
-        max_abs = float(max(np.max(np.abs(offsets)), np.max(np.abs(ser_o))))
+        max_abs = float(max(np.max(np.abs(offsets)), np.max(np.abs(ser_o)),
+                            np.max(np.abs(traj.breakpoint_offsets_s), initial=0.0)))
         results[name] = StrategyResult(
             name=name, times_s=ser_t, offsets_s=ser_o, max_abs_offset_s=max_abs,
             offset_at_day_end_s=[float(x) for x in offsets[np.searchsorted(all_s, day_ends)]],

@@ -47,10 +47,18 @@ class Trajectory:
     offsets_at_jumps_before_s: FloatArray = field(default_factory=lambda: np.zeros(0))
     extra: dict[str, Any] = field(default_factory=dict)
     engine: Engine | None = None  # discipline: the engine that drove the controller
+    # offsets at the trajectory's own breakpoints (discipline: every frequency change and step),
+    # where a piecewise-linear offset has its extremes; counted in max |offset|
+    breakpoint_offsets_s: FloatArray = field(default_factory=lambda: np.zeros(0))
+
+
+def free_offset_s(inputs: SimInputs, times_s: FloatArray) -> FloatArray:
+    """``inputs.rate.free_offset_s`` bit for bit, vectorised (the oscillator's phase from 0)."""
+    return inputs.rate.oscillator.phase_to_array(np.asarray(times_s, dtype=np.float64))
 
 
 def run_none(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
-    return Trajectory(inputs.scenario.initial_offset_s + inputs.rate.free_offset_s(times_s))
+    return Trajectory(inputs.scenario.initial_offset_s + free_offset_s(inputs, times_s))
 
 
 def vsock_delays(inputs: SimInputs, at_s: FloatArray, rng: np.random.Generator) -> FloatArray:
@@ -82,13 +90,13 @@ def run_step(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
     sets = (sends + out + back)[ok]
     host_err = sc.upstream_error_s  # the host's own clock error, it is "truth" to the guest
     after = -back[ok] + host_err  # guest reads host time, which is already `back` old
-    free_at_set = inputs.rate.free_offset_s(sets)
+    free_at_set = free_offset_s(inputs, sets)
     before = np.empty_like(after)
     if len(sets):
         before[0] = sc.initial_offset_s + free_at_set[0]
         before[1:] = after[:-1] + free_at_set[1:] - free_at_set[:-1]
     jumps = after - before
-    free = inputs.rate.free_offset_s(times_s)
+    free = free_offset_s(inputs, times_s)
     offsets = sc.initial_offset_s + free
     k = np.searchsorted(sets, times_s, side="right") - 1
     stepped = k >= 0
@@ -127,21 +135,23 @@ def build_engine(inputs: SimInputs) -> Engine:
 
 
 def run_discipline(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+    """One pass of the engine to the end, then the clock's offset at every requested instant
+    from its anchors (exactly what reading it there during the run would have given)."""
     engine = build_engine(inputs)
     clock = engine.clock
-    offsets = np.empty(len(times_s))
-    for i, t in enumerate(times_s.tolist()):
-        engine.run(t)
-        offsets[i] = clock.offset_s()
-    engine.run(inputs.scenario.duration_s)
+    end = max(inputs.scenario.duration_s, float(times_s[-1]) if len(times_s) else 0.0)
+    engine.run(end)
+    offsets = clock.offsets_at(times_s)
     jump_t = np.array([t for t, _ in clock.steps])
     jumps = np.array([ns / 1e9 for _, ns in clock.steps])
-    before = np.array([np.nan] * len(jumps))  # only the steps' sizes are recorded
+    before = np.array(clock.offsets_before_steps_s)
+    _, bp_offsets = clock.breakpoints()
     st = engine.controller.status(clock.now_ns())
     extra = {"controller_steps": st.steps, "refused_jumps": st.refused_jumps,
              "final_state": st.state, "frequency_ppm": round(st.frequency_ppm, 4),
              "packets_sent": engine.packets_sent}
-    return Trajectory(offsets, jumps, jump_t, before, extra=extra, engine=engine)
+    return Trajectory(offsets, jumps, jump_t, before, extra=extra, engine=engine,
+                      breakpoint_offsets_s=np.concatenate([bp_offsets, before]))
 
 
 STRATEGY_FUNCS: dict[str, Callable[[SimInputs, FloatArray], Trajectory]] = {

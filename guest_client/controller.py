@@ -352,7 +352,10 @@ class GuestController:
             log.warning("refused clock jump of %+.6f s from %s", jump, src.config.name)
             return []
         actions: list[Action] = []
-        jumps = sorted(j for s in self._sources.values() for j in s.jumps)
+        # the host cannot forge authenticated sources: when they confirm, they alone size it
+        jumps = sorted([j for s in self._sources.values() if s.config.trust == "authenticated"
+                        for j in s.jumps]
+                       or [j for s in self._sources.values() for j in s.jumps])
         now_ns = self._step(now_ns, -jumps[len(jumps) // 2], actions)
         self._clear_samples()
         self._discontinuity = False

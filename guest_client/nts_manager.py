@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -163,7 +164,7 @@ class NtsManager:
         if last is not None:
             link.cancel(last)
         t1 = self.clock.now_ns()
-        rid = link.send(src.upstream, wrapped, lambda r, n=name: self._on_result(n, r))
+        rid = link.send(src.upstream, wrapped, functools.partial(self._on_result, name))
         if rid is None:
             self._on_error(name, "relay_not_connected")
             return

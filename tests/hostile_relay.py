@@ -5,6 +5,7 @@ It sees and controls everything the host controls: every frame both ways. Byte s
 
 * ``honest``  - forward unchanged
 * ``rewrite`` - add ``shift_s`` to the server's receive and transmit timestamps
+* ``rewrite_plain`` - the same, but only for plain (48-byte, unauthenticated) replies
 * ``replay``  - answer with an old reply recorded earlier (same source, new request id)
 * ``strip``   - cut every extension field (NTS fields gone; the NTP header alone stays)
 * ``corrupt`` - flip one bit in the last byte (the NTS authenticator's ciphertext)
@@ -25,7 +26,7 @@ from pathlib import Path
 from timesyncd.framing import Frame, FrameDecoder, FrameType
 from timesyncd.transport import open_stream
 
-MODES = ("honest", "rewrite", "replay", "strip", "corrupt", "delay")
+MODES = ("honest", "rewrite", "rewrite_plain", "replay", "strip", "corrupt", "delay")
 
 
 class HostileRelay:
@@ -101,7 +102,9 @@ class HostileRelay:
                 self._recorded.append(payload)
             return frame
         self.counts[mode] += 1
-        if mode == "rewrite":
+        if mode == "rewrite_plain" and len(packet) != 48:
+            return frame
+        if mode in ("rewrite", "rewrite_plain"):
             delta = round(self.shift_s * 2**32)
             rx = (int.from_bytes(packet[32:40], "big") + delta) % 2**64
             tx = (int.from_bytes(packet[40:48], "big") + delta) % 2**64

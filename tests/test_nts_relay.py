@@ -322,3 +322,138 @@ def test_one_way_delay_stays_within_reported_bound(chrony: NtsServer, tmp_path: 
         assert host.counts["delay"] >= 5
 
     run(chrony, tmp_path, scenario)
+
+
+def test_plain_source_is_bounded_by_nts_and_snapshot_jump_is_stepped_once(
+        chrony: NtsServer, tmp_path: Path) -> None:
+    """NTS and the same server as a plain relay source. The host shifts plain replies by
+    50 ms (below the step threshold): the plain source is held outside the authenticated
+    bounds. Then the guest's clock jumps 30 s (a restored snapshot): NTS confirms it, it is
+    stepped back once and reported."""
+
+    async def scenario(daemon: GuestDaemon, clock: SoftwareClock, host: HostileRelay,
+                       relay: RelayService) -> None:
+        await synced(daemon, clock)
+        (plain,) = [s for s in daemon.status()["sources"] if s["name"].startswith("relay:")]
+        assert not plain["authenticated"] and plain["trust"] == "host"
+        host.mode, host.shift_s = "rewrite_plain", 0.05
+        await wait_for(lambda: next(
+            s for s in daemon.status()["sources"] if s["name"] == plain["name"]
+        )["rejected"].get("outside_authenticated_bounds", 0) >= 3, 15, "bounded plain source")
+        assert abs(clock.true_offset_ns()) < 5e6  # not dragged towards +-50 ms
+        steps = len(clock.steps)
+        refused = daemon.status()["refused_jumps"]
+        clock.step(30 * 1_000_000_000)  # restored snapshot: the guest is 30 s ahead
+        await wait_for(lambda: len(clock.steps) > steps + 1, 15, "confirmed step")
+        await asyncio.sleep(1.0)
+        assert len(clock.steps) == steps + 2  # ours, then exactly one correction
+        assert abs(clock.steps[-1] / 1e9 + 30.0) < 0.1  # sized by the NTS source
+        st = daemon.status()
+        assert st["refused_jumps"] > refused  # reported before it was confirmed
+        assert abs(clock.true_offset_ns()) < 5e6
+
+    run(chrony, tmp_path, scenario, guest_kw={"relay_plain_sources": True, "step_limit": 2})
+
+
+def test_bootstrap_with_clock_far_ahead_rechecks_certificate_dates(
+        chrony: NtsServer, tmp_path: Path) -> None:
+    """The guest boots two years ahead: to its clock chronyd's certificate has expired. The
+    first NTS-KE tolerates that (chain and name still checked), the guest syncs, then NTS-KE
+    runs again with dates checked against the now disciplined clock, and passes."""
+
+    async def scenario(daemon: GuestDaemon, clock: SoftwareClock, host: HostileRelay,
+                       relay: RelayService) -> None:
+        await wait_for(lambda: nts_status(daemon)["nts"]["key_exchanges"] >= 2
+                       and nts_status(daemon)["nts"]["certificate_dates_checked"], 20,
+                       "date re-check")
+        assert abs(clock.true_offset_ns()) < 5e6
+        src = nts_status(daemon)
+        assert src["rejected"].get("nts_ke_cert_expired", 0) == 0
+        assert src["nts"]["ready"] and not src["nts"]["disabled"]
+
+    run(chrony, tmp_path, scenario, offset_s=2 * 365 * 86400.0)
+
+
+def test_bootstrap_certificate_invalid_at_synchronised_time_disables_source(
+        tmp_path: Path) -> None:
+    """chronyd's certificate is valid only from next year. Booting with the real time, the
+    guest tolerates it once, syncs, then the date check against its synchronised clock fails
+    and the source is disabled for good."""
+    import datetime as dt
+
+    from nts_fixture import make_cert
+
+    cert = make_cert(tmp_path, not_before=dt.datetime.now(dt.UTC) + dt.timedelta(days=365))
+    with chronyd_nts(tmp_path / "srv", cert) as server:
+        async def scenario(daemon: GuestDaemon, clock: SoftwareClock, host: HostileRelay,
+                           relay: RelayService) -> None:
+            await wait_for(lambda: nts_status(daemon)["nts"]["disabled"], 20, "disabled")
+            src = nts_status(daemon)
+            assert "certificate not valid at the synchronised time" in src["note"]
+            assert src["rejected"]["nts_ke_cert_not_yet_valid"] == 1
+            samples = src["samples"]
+            await asyncio.sleep(1.0)
+            assert nts_status(daemon)["rejected"]["nts_disabled"] >= 2
+            assert nts_status(daemon)["samples"] <= samples
+
+        run(server, tmp_path, scenario, offset_s=0.5)
+
+
+def test_cli_guest_with_nts_source_syncs_and_status_shows_it_authenticated(
+        chrony: NtsServer, tmp_path: Path) -> None:
+    """The whole thing as a user runs it: `timesync relay`, `timesync guest --nts-server`,
+    `timesync status`, as separate processes (software clock: nothing writes the real one)."""
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-c", "from timesyncd.cli import main; main()"]
+    relay_sock, status_sock = tmp_path / "relay.sock", tmp_path / "guest.sock"
+    logs_out = [(tmp_path / f"{n}.log").open("wb") for n in ("relay", "guest")]
+    procs = [
+        subprocess.Popen(cli + [
+            "relay", "--listen", f"unix:{relay_sock}",
+            "--upstream", f"udp:{chrony.host}:{chrony.ntp_port}",
+            "--nts-ke-server", f"tcp:{chrony.host}:{chrony.ke_port}"],
+            stdout=subprocess.DEVNULL, stderr=logs_out[0]),
+    ]
+    try:
+        deadline = time.monotonic() + 10
+        while not relay_sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs.append(subprocess.Popen(cli + [
+            "guest", "--relay", f"unix:{relay_sock}", "--clock", "software",
+            "--software-offset", "3", "--status-socket", str(status_sock),
+            "--nts-server", f"localhost@{chrony.host}:{chrony.ke_port}",
+            "--nts-ca-file", str(chrony.cafile), "--no-relay-plain-sources",
+            "--minpoll", "-2", "--maxpoll", "-1"],
+            stdout=subprocess.DEVNULL, stderr=logs_out[1]))
+        st: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out = subprocess.run(cli + ["status", "--socket", str(status_sock), "--json"],
+                                 capture_output=True, text=True, timeout=10)
+            if out.returncode == 0:
+                st = json.loads(out.stdout)
+                if st["state"] == "synchronised" and abs(st["true_offset_s"]) < 0.005:
+                    break
+            time.sleep(0.2)
+        logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in ("relay", "guest")}
+        assert st.get("state") == "synchronised", (st, logs)
+        (src,) = st["sources"]
+        assert src["name"].startswith("nts:") and src["authenticated"] and src["nts"]["ready"]
+        text = subprocess.run(cli + ["status", "--socket", str(status_sock)],
+                              capture_output=True, text=True, timeout=10).stdout
+        line = next(x for x in text.splitlines() if x.startswith("nts:"))
+        assert " yes " in line and "*" in line  # authenticated and selected
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for fh in logs_out:
+            fh.close()

@@ -100,3 +100,22 @@ def test_host_only_jump_is_refused_with_authenticated_source_present() -> None:
     engine.run(2000.0)
     assert ctl.steps == steps_before and abs(clock.offset_s()) < 1e-3
     assert ctl.refused_jumps > 0
+
+
+def test_confirmed_step_back_holds_at_fast_polls() -> None:
+    """Regression: right after a backward step the clock reading could round just below the
+    step's segment in the correction model, which then reported the pre-step correction: the
+    controller slewed at its limit and later stepped the 30 s back in. Seeds that hit it."""
+    for seed in (4, 6, 12, 16, 19, 25):
+        shift = {"on": False}
+        host = Upstream("host", LAN, error_s=lambda t, s=shift: 0.05 if s["on"] else 0.0)
+        engine, clock, ctl = make([Upstream("nts", LAN), host], seed=seed,
+                                  jump_confirm_samples=3, minpoll=-2, maxpoll=-2, burst=2,
+                                  step_limit=2)
+        engine.run(5.0)
+        shift["on"] = True
+        engine.run(8.0 + seed * 0.1)
+        engine.call_at(8.5 + seed * 0.1, lambda e, c=clock: c.step(30 * 1_000_000_000))
+        engine.run(20.0)
+        assert len(clock.steps) == 2, (seed, clock.steps)
+        assert abs(clock.offset_s()) < 1e-3, seed

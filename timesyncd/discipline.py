@@ -227,8 +227,11 @@ class CorrectionModel:
         self.freq = freq  # current total correction (fraction, not ppm)
 
     def correction_at(self, t: float) -> float:
+        # Newest segment first, with 1 ns of slack: right after a backward step the caller's
+        # clock reading may round a hair below the step segment's start, and the segments
+        # before it (from the readings the step repeats) would then answer wrongly.
         for start, c0, k in reversed(self._segments):
-            if t >= start:
+            if t >= start - 1e-9:
                 return c0 + k * (t - start)
         start, c0, k = self._segments[0]
         return c0 + k * (t - start)

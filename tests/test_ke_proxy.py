@@ -1,0 +1,157 @@
+"""The relay's NTS-KE pass-through with raw frames: bytes only, bounded, nothing leaks.
+
+A loopback TCP echo server stands in for the NTS-KE server (the relay never parses the
+stream, so any byte stream shows what it does). Real NTS-KE through it: test_nts_relay.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from relay_helpers import Guest
+
+from host_relay.ke_proxy import KeProxyLimits
+from host_relay.service import RelayService
+from host_relay.settings import RelaySettings
+from timesyncd import framing
+from timesyncd.framing import ErrorCode, FrameType
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Echo:
+    """TCP echo server counting its open connections."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.accepted = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.open += 1
+        self.accepted += 1
+        try:
+            while data := await r.read(65536):
+                if data == b"bye":
+                    break
+                w.write(data)
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            w.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def until(cond: object, timeout: float = 3.0) -> None:
+    assert callable(cond)
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+def test_stream_pass_through_limits_and_cleanup(tmp_path: Path) -> None:
+    async def main() -> None:
+        echo = Echo()
+        port = await echo.start()
+        sock = tmp_path / "r.sock"
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",),
+                                           nts_ke_servers=(f"tcp:127.0.0.1:{port}",),
+                                           rate_limit=1000.0, rate_burst=100))
+        await relay.start()
+        relay.ke_proxy.limits = KeProxyLimits(max_streams=2, max_stream_bytes=20_000)
+        fds = len(os.listdir("/proc/self/fd"))
+        guest = await Guest.connect(f"unix:{sock}")
+        try:
+            assert guest.hello["nts_ke"] == [{"index": 0, "name": f"tcp:127.0.0.1:{port}"}]
+            # open, send early (before the ack), get the bytes back unchanged
+            guest.send(framing.stream_open(5, 0))
+            for f in framing.stream_data(5, b"x" * 5000):
+                guest.send(f)
+            first = await guest.recv()
+            assert (first.type, first.request_id, first.payload) == (FrameType.STREAM_OPEN, 5, b"")
+            got = b""
+            while len(got) < 5000:
+                f = await guest.recv()
+                assert (f.type, f.request_id) == (FrameType.STREAM_DATA, 5)
+                got += f.payload
+            assert got == b"x" * 5000
+            # the endpoint ends the stream: a clean STREAM_CLOSE
+            guest.send(framing.stream_data(5, b"bye")[0])
+            f = await guest.recv()
+            assert (f.type, f.request_id, framing.parse_stream_close(f)) == (
+                FrameType.STREAM_CLOSE, 5, "")
+            # unknown endpoint and kind are refused with an error naming the stream
+            guest.send(framing.stream_open(6, 3))
+            f = await guest.recv()
+            assert f.type == FrameType.ERROR and f.request_id == 6
+            assert framing.parse_error(f)[0] == ErrorCode.UNKNOWN_ENDPOINT
+            # at most two streams per connection
+            for sid in (7, 8, 9):
+                guest.send(framing.stream_open(sid, 0))
+            frames = [await guest.recv() for _ in range(3)]
+            errors = [f for f in frames if f.type == FrameType.ERROR]
+            assert [f.request_id for f in errors] == [9]
+            assert framing.parse_error(errors[0])[0] == ErrorCode.BUSY
+            # more than max_stream_bytes: the stream is closed with a reason
+            for f in framing.stream_data(7, b"y" * 25_000):
+                guest.send(f)
+            while True:
+                f = await guest.recv()
+                if f.type == FrameType.STREAM_CLOSE and f.request_id == 7:
+                    break
+            assert "limit" in framing.parse_stream_close(f)
+            await until(lambda: echo.open == 1)  # stream 8 still up
+            counters = relay.ke_proxy.counters
+            assert counters["stream_too_long"] == 1 and counters["too_many_streams"] == 1
+            assert counters["unknown_endpoint"] == 1
+        finally:
+            await guest.close()
+        # the guest went away: its remaining stream and the endpoint connection are gone
+        await until(lambda: relay.ke_proxy.open_streams == 0 and echo.open == 0)
+        await relay.stop()
+        await echo.stop()
+        await until(lambda: len(os.listdir("/proc/self/fd")) <= fds)
+
+    asyncio.run(main())
+
+
+def test_unreachable_endpoint_and_stream_frames_for_unknown_ids(tmp_path: Path) -> None:
+    async def main() -> None:
+        echo = Echo()
+        port = await echo.start()
+        await echo.stop()  # nothing listens there any more: connect is refused
+        await asyncio.sleep(0.05)
+        sock = tmp_path / "r.sock"
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",),
+                                           nts_ke_servers=(f"tcp:127.0.0.1:{port}",)))
+        await relay.start()
+        guest = await Guest.connect(f"unix:{sock}")
+        try:
+            guest.send(framing.stream_open(3, 0))
+            f = await guest.recv()
+            assert f.type == FrameType.ERROR and f.request_id == 3
+            assert framing.parse_error(f)[0] == ErrorCode.STREAM_FAILED
+            guest.send(framing.stream_data(42, b"stray")[0])  # no such stream
+            f = await guest.recv()
+            assert (f.type, f.request_id) == (FrameType.STREAM_CLOSE, 42)
+            guest.send(framing.stream_close(43))  # ignored, connection stays up
+            guest.send(framing.Frame(FrameType.STREAM_OPEN, 44, b"\x01"))  # malformed
+            assert await guest.closed_by_peer()
+            assert relay.stats.errors["bad_payload"] == 1
+            assert relay.ke_proxy.counters["connect_failed"] == 1
+        finally:
+            await guest.close()
+            await relay.stop()
+
+    asyncio.run(main())

@@ -34,7 +34,7 @@ from timesyncd.discipline import (
     DisciplineConfig,
     Estimate,
     PollState,
-    fit_arrays,
+    fit_filter,
     slew_plan,
 )
 from timesyncd.exchange import PHI, ClientExchange, Rejection, Sample
@@ -488,8 +488,7 @@ class GuestController:
         """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
         if src.dirty or src.estimate is None:
             src.dirty = False
-            est = fit_arrays(*src.filter.arrays(), x_now, self._slope,
-                             floor=src.filter.delay_floor())
+            est = fit_filter(src.filter, x_now, self._slope)
             if est is None:
                 return None
             src.filter.prune(est.used)

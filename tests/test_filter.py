@@ -1,7 +1,10 @@
 from __future__ import annotations
 
-import numpy as np
+import random
 
+import pytest
+
+from timesyncd.discipline import fit, fit_filter
 from timesyncd.filter import FilteredSample, SampleFilter, sample_variance
 
 
@@ -24,14 +27,15 @@ def test_window_limit_prune_and_arrays_stay_in_sync() -> None:
     f = SampleFilter(max_samples=4, max_delay_dev_ratio=0.0)
     for i in range(11):
         f.add(s(float(i), 1e-4, y=float(i) * 2))
-    x, y, d, _ = f.arrays()
-    assert list(x) == [7.0, 8.0, 9.0, 10.0] and list(y) == [14.0, 16.0, 18.0, 20.0]
+    x, y, d, _ = f.columns()
+    assert x == [7.0, 8.0, 9.0, 10.0] and y == [14.0, 16.0, 18.0, 20.0]
+    assert len(f.window) == 4
     f.prune(2)
-    x, y, _, _ = f.arrays()
-    assert list(x) == [9.0, 10.0] and [p.x for p in f] == [9.0, 10.0]
+    x, y, _, _ = f.columns()
+    assert x == [9.0, 10.0] and [p.x for p in f] == [9.0, 10.0] and len(f.window) == 2
     f.add(s(11.0, 1e-4))
-    assert list(f.arrays()[0]) == [9.0, 10.0, 11.0]
-    assert np.all(d == 1e-4)
+    assert f.columns()[0] == [9.0, 10.0, 11.0] and len(f.window) == 3
+    assert d == [1e-4] * 4
 
 
 def test_variance_grows_with_excess_delay() -> None:
@@ -53,3 +57,28 @@ def test_delay_floor_remembers_the_queue_free_delay_for_its_span() -> None:
     assert f.delay_floor() == 5e-3  # older than the span: the path may have changed
     f.clear()
     assert f.delay_floor() is None
+
+
+def test_window_fit_matches_a_fresh_fit_through_evictions_prunes_and_floor_changes() -> None:
+    """The incremental window (prefix sums, detrended origin, cached weights) must give the
+    fit a from-scratch computation gives on the same samples, whatever happened before."""
+    rng = random.Random(4)
+    f = SampleFilter(max_samples=32, max_delay_dev_ratio=0.0, floor_span_s=2000.0)
+    x = 1e6  # days into uncorrected time, offset drifting at 80 ppm: raw sums would cancel
+    for i in range(400):
+        x += 16.0
+        delay = 300e-6 + rng.expovariate(1 / 2e-3) * (3 if 150 < i < 200 else 1)
+        f.add(s(x, delay, y=20.0 + 80e-6 * x + rng.uniform(-delay, delay) / 4))
+        if i % 37 == 36:
+            f.prune(len(f) // 2)
+        if i % 9 == 0 or i > 390:
+            floor = f.delay_floor()
+            inc = fit_filter(f, x + 1.0)
+            ref = fit(f.samples, x + 1.0, floor=floor)
+            assert inc is not None and ref is not None
+            assert inc.used == ref.used and inc.total == ref.total == len(f)
+            assert abs(inc.offset - ref.offset) < 1e-12
+            assert abs(inc.slope - ref.slope) < 1e-14
+            assert inc.offset_sd == pytest.approx(ref.offset_sd, rel=1e-6)
+            assert inc.slope_sd == pytest.approx(ref.slope_sd, rel=1e-6)
+

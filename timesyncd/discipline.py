@@ -16,20 +16,22 @@ The model (sans-IO, no clock reads here):
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
-import numpy as np
-import numpy.typing as npt
-
-from timesyncd.filter import ERROR_FLOOR_S, FilteredSample, sample_variance
-
-FloatArray = npt.NDArray[np.float64]
+from timesyncd.filter import (
+    ERROR_FLOOR_S,
+    FilteredSample,
+    FitWindow,
+    SampleFilter,
+    floor_weight,
+    sample_variance,
+)
 
 #: The runs test never shrinks a window below this many samples.
 MIN_WINDOW = 16
-#: Added to every excess delay over the floor: the floor itself is a sample, not the truth.
-FLOOR_MARGIN_S = 10e-6
 #: Error bounds of older samples widen by this many slope standard errors per second of age.
 BOUND_SLOPE_SDS = 4.0
 
@@ -97,41 +99,89 @@ class Estimate:
     total: int
 
 
-def _regress(x: FloatArray, y: FloatArray, w: FloatArray
-             ) -> tuple[float, float, float, float, FloatArray]:
-    """Weighted line fit with x relative to the evaluation time.
+_Fit = tuple[float, float, float, float]  # (offset, slope, offset_sd, slope_sd), local coords
 
-    Returns (offset at x=0, slope, offset_sd, slope_sd, residuals)."""
-    sw = float(w.sum())
-    xbar = float(w @ x) / sw
-    ybar = float(w @ y) / sw
-    dx = x - xbar
-    wdx = w * dx
-    sxx = float(wdx @ dx)
-    slope = float(wdx @ (y - ybar)) / sxx if sxx > 0 else 0.0
-    resid = y - ybar - slope * dx
-    n = len(x)
-    chi2 = float(w @ (resid * resid))
+
+def _regress(win: FitWindow, a: int, at: float) -> _Fit:
+    """Weighted line fit over rows ``[a, end)`` of ``win`` from its prefix sums.
+
+    ``at`` is the evaluation point in the window's local x; offset and slope are in its
+    detrended coordinates (add ``y0 + s0 * at`` and ``s0`` for the real ones)."""
+    sw, swx, swy, swxx, swxy, swyy = win.moments(a)
+    n = len(win.X) - a
+    xm = swx / sw
+    ym = swy / sw
+    sxx = swxx - swx * xm
+    sxy = swxy - swx * ym
+    if sxx > 0:
+        slope = sxy / sxx
+        chi2 = max(swyy - swy * ym - slope * sxy, 0.0)
+    else:  # no spread in x: no slope information (the real slope is 0, as before)
+        slope = -win.s0
+        chi2 = 0.0
     scale = max(chi2 / (n - 2), 1.0) if n > 2 else 1.0
-    offset = ybar - slope * xbar
-    offset_var = scale * (1.0 / sw + (xbar * xbar / sxx if sxx > 0 else 0.0))
+    dx = xm - at
+    offset = ym - slope * dx
+    offset_var = scale * (1.0 / sw + (dx * dx / sxx if sxx > 0 else 0.0))
     slope_sd = math.sqrt(scale / sxx) if sxx > 0 else math.inf
-    return offset, slope, math.sqrt(offset_var), slope_sd, resid
+    return offset, slope, math.sqrt(offset_var), slope_sd
 
 
-def _runs_ok(resid: FloatArray, z: float) -> bool:
-    """Wald-Wolfowitz runs test on residual signs: too few runs means the line is stale."""
-    signs = resid > 0
+def _median(values: list[float]) -> float:
+    """Median of sorted ``values`` (mean of the middle two for an even count)."""
+    k = len(values) // 2
+    return values[k] if len(values) % 2 else (values[k - 1] + values[k]) / 2
+
+
+def _runs_ok(win: FitWindow, a: int, slope: float, offset: float, at: float, z: float) -> bool:
+    """Wald-Wolfowitz runs test on the residual signs of the better half of rows ``[a, end)``
+    (by weight): too few runs means the line is stale.
+
+    Only the better half carries a trend's signature; the others are mostly queueing noise
+    whose signs would only add false alarms."""
+    w = win.w
+    med = _median(win.sorted_w if a == win.lo else sorted(w[a:]))
+    c = offset - slope * at  # residual = Y - slope * X - c
+    signs = [y - slope * x > c for x, y, wi in zip(win.X[a:], win.Y[a:], w[a:], strict=True)
+             if wi >= med]
     n = len(signs)
-    pos = int(np.count_nonzero(signs))
+    pos = sum(signs)
     neg = n - pos
     if pos == 0 or neg == 0:  # all on one side: stale, unless the fit is exact
-        return n < 4 or float(np.abs(resid).max()) < 1e-12
-    runs = 1 + int(np.count_nonzero(signs[1:] != signs[:-1]))
+        return n < 4 or max(abs(y - slope * x - c) for x, y, wi
+                            in zip(win.X[a:], win.Y[a:], w[a:], strict=True)
+                            if wi >= med) < 1e-12
+    runs = 1 + sum(map(operator.ne, signs, islice(signs, 1, None)))
     p2 = 2.0 * pos * neg
     mean = p2 / n + 1.0
     var = p2 * (p2 - n) / (n * n * (n - 1.0))
     return runs >= mean - z * math.sqrt(max(var, 0.0))
+
+
+def _bound_offset(win: FitWindow, a: int, at: float, fitted: _Fit) -> tuple[float, float]:
+    """Offset at ``at`` from the intersection of the samples' error bounds.
+
+    Queueing only adds delay, so a sample's offset error lies within half its excess delay
+    over the path's floor; projected to ``at`` along the fitted slope (widened by the
+    slope's uncertainty) every sample bounds the offset. When the bounds intersect, its
+    midpoint is a far better estimate than the least-squares mean (errors are bounded, not
+    Gaussian); when they do not (floor or slope off), the regression stands.
+    """
+    offset, slope, offset_sd, slope_sd = fitted
+    k = BOUND_SLOPE_SDS * slope_sd
+    X = win.X[a:]
+    if win.x_max <= at:  # every sample is older than ``at``: |X - at| = at - X
+        u, v = slope - k, slope + k
+        lo = max([yl - u * x for x, yl in zip(X, win.YLO[a:], strict=True)]) + u * at
+        hi = min([yh - v * x for x, yh in zip(X, win.YHI[a:], strict=True)]) + v * at
+    else:
+        lo = max([yl - slope * (x - at) - k * abs(x - at)
+                  for x, yl in zip(X, win.YLO[a:], strict=True)])
+        hi = min([yh - slope * (x - at) + k * abs(x - at)
+                  for x, yh in zip(X, win.YHI[a:], strict=True)])
+    if lo > hi:
+        return offset, offset_sd
+    return (lo + hi) / 2, min(offset_sd, (hi - lo) / 2)
 
 
 def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0,
@@ -141,6 +191,9 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
     The window starts at all samples and shrinks (oldest dropped, in quarters) until the
     runs test accepts the residuals; ``used`` tells the caller how many to keep.
     With a single sample the slope is ``prior_slope`` (the last known frequency).
+    ``floor`` is the path's queue-free delay (``SampleFilter.delay_floor``): it sets the
+    weights and bounds each sample's error; without it the window's own smallest delays
+    stand in for it (weights only).
     """
     n = len(samples)
     if n == 0:
@@ -149,68 +202,47 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
         s = samples[0]
         sd = math.sqrt(sample_variance(s, s.delay_s))
         return Estimate(at_x, s.y + prior_slope * (at_x - s.x), prior_slope, sd, math.inf, 1, 1)
-    return fit_arrays(np.array([s.x for s in samples]), np.array([s.y for s in samples]),
-                      np.array([s.delay_s for s in samples]),
-                      np.array([s.dispersion_s for s in samples]), at_x, prior_slope, runs_z,
-                      floor)
-
-
-def fit_arrays(x: FloatArray, y: FloatArray, delay: FloatArray, disp: FloatArray, at_x: float,
-               prior_slope: float = 0.0, runs_z: float = 1.64,
-               floor: float | None = None) -> Estimate | None:
-    """:func:`fit` on columns (x, y, delay, dispersion), as ``SampleFilter.arrays`` gives.
-
-    ``floor`` is the path's queue-free delay (``SampleFilter.delay_floor``); without it the
-    window's own smallest delays stand in for it.
-    """
-    n = len(x)
-    if n < 2:
-        return fit([FilteredSample(float(x[i]), float(y[i]), float(delay[i]), float(disp[i]),
-                                   0.0) for i in range(n)], at_x, prior_slope, runs_z)
-    x = x - at_x
     if floor is not None:
-        excess = np.maximum(delay - floor, 0.0) + FLOOR_MARGIN_S
+        rows = [(s.x, s.y) + floor_weight(s.delay_s, s.dispersion_s, floor) for s in samples]
     else:
         # The window's minimum delay is itself above the path's true minimum by about the gap
         # between the smallest delays, so no sample is trusted beyond that.
         k = min(4, n - 1)
-        low = np.partition(delay, k)[: k + 1]
-        d_min = float(low.min())
-        excess = delay - d_min + (float(low.max()) - d_min) / k
-    w = 1.0 / (ERROR_FLOOR_S**2 + disp * disp + excess * excess / 12.0)
+        low = sorted(s.delay_s for s in samples)[: k + 1]
+        gap = (low[-1] - low[0]) / k
+        rows = []
+        for s in samples:
+            excess = s.delay_s - low[0] + gap
+            rows.append((s.x, s.y, 1.0 / (ERROR_FLOOR_S**2 + s.dispersion_s**2
+                                          + excess * excess / 12.0), 0.0))
+    return fit_window(FitWindow(rows), at_x, runs_z, bounded=floor is not None)
+
+
+def fit_filter(f: SampleFilter, at_x: float, prior_slope: float = 0.0,
+               runs_z: float = 1.64) -> Estimate | None:
+    """:func:`fit` on a source's filter, with the path floor it tracks (no copies)."""
+    if len(f) < 2:
+        latest = f.latest()
+        return fit([latest] if latest is not None else [], at_x, prior_slope, runs_z)
+    return fit_window(f.window, at_x, runs_z, bounded=True)
+
+
+def fit_window(win: FitWindow, at_x: float, runs_z: float = 1.64,
+               bounded: bool = True) -> Estimate:
+    """:func:`fit` on a window of at least two rows; ``bounded`` applies the error bounds."""
+    n = len(win)
+    at = at_x - win.x0
     start = 0
-    result = _regress(x, y, w)
-    # Only residuals of the better half of the samples (by weight) carry a trend's signature;
-    # the others are mostly queueing noise whose signs would only add false alarms.
-    while n - start > MIN_WINDOW and not _runs_ok(
-            result[4][w[start:] >= np.median(w[start:])], runs_z):
+    result = _regress(win, win.lo, at)
+    while n - start > MIN_WINDOW and not _runs_ok(win, win.lo + start, result[1], result[0],
+                                                   at, runs_z):
         start = min(start + max((n - start) // 4, 1), n - MIN_WINDOW)
-        result = _regress(x[start:], y[start:], w[start:])
-    offset, slope, offset_sd, slope_sd, _ = result
-    if floor is not None and math.isfinite(slope_sd):
-        offset, offset_sd = _bound_offset(x[start:], y[start:], excess[start:], disp[start:],
-                                          offset, slope, offset_sd, slope_sd)
-    return Estimate(at_x, offset, slope, offset_sd, slope_sd, n - start, n)
-
-
-def _bound_offset(x: FloatArray, y: FloatArray, excess: FloatArray, disp: FloatArray,
-                  offset: float, slope: float, offset_sd: float, slope_sd: float
-                  ) -> tuple[float, float]:
-    """Offset at x=0 from the intersection of the samples' error bounds.
-
-    Queueing only adds delay, so a sample's offset error lies within half its excess delay
-    over the path's floor; projected to x=0 along the fitted slope (widened by the slope's
-    uncertainty) every sample bounds the offset. When the bounds intersect, its midpoint is
-    a far better estimate than the least-squares mean (errors are bounded, not Gaussian);
-    when they do not (floor or slope off), the regression stands.
-    """
-    proj = y - slope * x
-    half = excess / 2 + disp + BOUND_SLOPE_SDS * slope_sd * np.abs(x)
-    lo = float((proj - half).max())
-    hi = float((proj + half).min())
-    if lo > hi:
-        return offset, offset_sd
-    return (lo + hi) / 2, min(offset_sd, (hi - lo) / 2)
+        result = _regress(win, win.lo + start, at)
+    offset, slope, offset_sd, slope_sd = result
+    if bounded and math.isfinite(slope_sd):
+        offset, offset_sd = _bound_offset(win, win.lo + start, at, result)
+    base = win.y0 + win.s0 * at
+    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, n - start, n)
 
 
 class CorrectionModel:

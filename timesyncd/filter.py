@@ -1,4 +1,4 @@
-"""Per-source sample store: spike rejection by delay and delay-aware weights.
+"""Per-source sample store: spike rejection by delay, delay-aware weights, a fit window.
 
 Samples are kept in the *uncorrected* time scale of the disciplined clock (see
 ``timesyncd.discipline.CorrectionModel``): ``x`` is what the clock would read had we never
@@ -8,21 +8,23 @@ do not change these values, so stored samples stay consistent without being rewr
 Why delay matters: with a minimum round-trip delay ``d_min`` and a sample of delay ``d``,
 the offset error lies within ``+-(d - d_min)/2``; the excess delay is the best noise
 predictor we have, so it sets each sample's weight in the regression.
+
+Plain Python on purpose (no numpy): the guest daemon must stay small, and windows hold at
+most a few hundred samples. Prefix sums make each update's regression O(1).
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
-
-FloatArray = npt.NDArray[np.float64]
 
 #: Floor of a sample's standard error, seconds: timestamping and read noise on the best path.
 ERROR_FLOOR_S = 1e-6
+#: Added to every excess delay over the floor: the floor itself is a sample, not the truth.
+FLOOR_MARGIN_S = 10e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +39,114 @@ class FilteredSample:
     leap: int = 0
 
 
+def floor_weight(delay_s: float, dispersion_s: float, floor_s: float) -> tuple[float, float]:
+    """(regression weight, error half-width) of a sample given the path's queue-free delay.
+
+    Queueing only adds delay, so the offset error lies within half the excess over the floor
+    (plus the dispersion); as noise it is about uniform: variance ``excess**2 / 12``.
+    """
+    excess = max(delay_s - floor_s, 0.0) + FLOOR_MARGIN_S
+    return (1.0 / (ERROR_FLOOR_S * ERROR_FLOOR_S + dispersion_s * dispersion_s
+                   + excess * excess / 12.0), excess / 2 + dispersion_s)
+
+
+def _slope(rows: list[tuple[float, float, float, float]]) -> float:
+    """Weighted least-squares slope of (x, y, weight, _) rows (two passes: well conditioned)."""
+    sw = math.fsum(r[2] for r in rows)
+    if len(rows) < 2 or sw <= 0:
+        return 0.0
+    xm = math.fsum(r[2] * r[0] for r in rows) / sw
+    ym = math.fsum(r[2] * r[1] for r in rows) / sw
+    sxx = math.fsum(r[2] * (r[0] - xm) ** 2 for r in rows)
+    sxy = math.fsum(r[2] * (r[0] - xm) * (r[1] - ym) for r in rows)
+    return sxy / sxx if sxx > 0 else 0.0
+
+
+class FitWindow:
+    """Rows of a weighted line fit, with prefix sums so that any suffix regresses in O(1).
+
+    Rows live in ``[lo, len(X))`` of the column lists. Coordinates are local and detrended:
+    ``X = x - x0`` and ``Y = y - y0 - s0 * X``. Uncorrected time runs for days and the
+    uncorrected offset drifts at the native rate (seconds per day), so raw moments would
+    cancel catastrophically; near a line through the data they stay small. ``YLO``/``YHI``
+    are ``Y`` minus/plus each sample's error half-width (for the bound intersection).
+    """
+
+    __slots__ = ("x0", "y0", "s0", "x_max", "X", "Y", "w", "YLO", "YHI", "lo", "sorted_w",
+                 "pw", "pwx", "pwy", "pwxx", "pwxy", "pwyy")
+
+    def __init__(self, rows: Iterable[tuple[float, float, float, float]] = ()) -> None:
+        self.reset(rows)
+
+    def reset(self, rows: Iterable[tuple[float, float, float, float]]) -> None:
+        """Rebuild from (x, y, weight, half-width) rows, oldest first, with a fresh origin."""
+        rows = list(rows)
+        self.x0 = rows[0][0] if rows else 0.0
+        self.y0 = rows[0][1] if rows else 0.0
+        self.s0 = _slope(rows)
+        self.x_max = -float("inf")
+        self.X: list[float] = []
+        self.Y: list[float] = []
+        self.w: list[float] = []
+        self.YLO: list[float] = []
+        self.YHI: list[float] = []
+        self.lo = 0
+        self.sorted_w: list[float] = []
+        self.pw = [0.0]
+        self.pwx = [0.0]
+        self.pwy = [0.0]
+        self.pwxx = [0.0]
+        self.pwxy = [0.0]
+        self.pwyy = [0.0]
+        for x, y, w, half in rows:
+            self.append(x, y, w, half)
+
+    def __len__(self) -> int:
+        return len(self.X) - self.lo
+
+    def append(self, x: float, y: float, w: float, half: float) -> None:
+        X = x - self.x0
+        Y = y - self.y0 - self.s0 * X
+        self.X.append(X)
+        self.Y.append(Y)
+        self.w.append(w)
+        self.YLO.append(Y - half)
+        self.YHI.append(Y + half)
+        if X > self.x_max:
+            self.x_max = X
+        insort(self.sorted_w, w)
+        wx = w * X
+        wy = w * Y
+        self.pw.append(self.pw[-1] + w)
+        self.pwx.append(self.pwx[-1] + wx)
+        self.pwy.append(self.pwy[-1] + wy)
+        self.pwxx.append(self.pwxx[-1] + wx * X)
+        self.pwxy.append(self.pwxy[-1] + wx * Y)
+        self.pwyy.append(self.pwyy[-1] + wy * Y)
+
+    def drop_front(self, k: int) -> None:
+        """Forget the ``k`` oldest rows (their prefix sums stay; only ``lo`` moves)."""
+        end = min(self.lo + max(k, 0), len(self.X))
+        sw = self.sorted_w
+        for i in range(self.lo, end):
+            del sw[bisect_left(sw, self.w[i])]
+        self.lo = end
+
+    def moments(self, a: int) -> tuple[float, float, float, float, float, float]:
+        """Weighted sums (w, wX, wY, wXX, wXY, wYY) over rows ``[a, len(X))`` (absolute a)."""
+        return (self.pw[-1] - self.pw[a], self.pwx[-1] - self.pwx[a],
+                self.pwy[-1] - self.pwy[a], self.pwxx[-1] - self.pwxx[a],
+                self.pwxy[-1] - self.pwxy[a], self.pwyy[-1] - self.pwyy[a])
+
+
 class SampleFilter:
     """Keeps the recent samples of one source and rejects delay spikes.
 
     A sample is a spike when its delay exceeds the recent minimum by more than
     ``max_delay_dev_ratio`` times the median excess delay (chrony's ``maxdelaydevratio``
     idea), so queueing bursts do not pull the estimate while ordinary jitter is weighted.
+    The samples' weights follow the path's delay floor (smallest delay over
+    ``floor_span_s``); ``window`` holds them ready for the regression.
     """
 
     def __init__(self, max_samples: int = 64, max_delay_dev_ratio: float = 10.0,
@@ -52,10 +156,10 @@ class SampleFilter:
         self.floor_span_s = floor_span_s
         # minimum delay per time bucket (bucket start x, min delay), oldest first
         self._floor: deque[tuple[float, float]] = deque()
-        self._samples: deque[FilteredSample] = deque(maxlen=max_samples)
-        # columns x, y, delay, dispersion in a buffer of twice the window: rows [lo, hi)
-        self._buf = np.zeros((4, 2 * max_samples))
-        self._lo = self._hi = 0
+        self._floor_s: float | None = None
+        self._samples: deque[FilteredSample] = deque()
+        self._sorted_delays: list[float] = []
+        self.window = FitWindow()
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -68,34 +172,49 @@ class SampleFilter:
         return list(self._samples)
 
     def min_delay(self) -> float | None:
-        return min((s.delay_s for s in self._samples), default=None)
+        return self._sorted_delays[0] if self._sorted_delays else None
 
     def is_spike(self, delay_s: float) -> bool:
         """Whether a sample with this delay would be rejected as a delay spike."""
-        if len(self._samples) < 4 or self.max_delay_dev_ratio <= 0:
+        delays = self._sorted_delays
+        if len(delays) < 4 or self.max_delay_dev_ratio <= 0:
             return False
-        delays = self.arrays()[2]
-        d_min = float(delays.min())
-        k = len(delays) // 2
-        excess = float(np.partition(delays, k)[k]) - d_min
+        excess = delays[len(delays) // 2] - delays[0]
         allowance = max(excess, 5 * ERROR_FLOOR_S) * self.max_delay_dev_ratio
-        return delay_s - d_min > allowance
+        return delay_s - delays[0] > allowance
 
     def add(self, sample: FilteredSample) -> str | None:
         """Store ``sample``; return a rejection reason (``"delay_spike"``) instead if it is one."""
         if self.is_spike(sample.delay_s):
             return "delay_spike"
+        if len(self._samples) >= self.max_samples:
+            self._drop_oldest(len(self._samples) - self.max_samples + 1)
         self._samples.append(sample)
+        insort(self._sorted_delays, sample.delay_s)
         self._note_delay(sample.x, sample.delay_s)
-        buf = self._buf
-        if self._hi == buf.shape[1]:  # compact: keep the newest rows at the front
-            keep = self._hi - self._lo
-            buf[:, :keep] = buf[:, self._lo:self._hi]
-            self._lo, self._hi = 0, keep
-        buf[:, self._hi] = (sample.x, sample.y, sample.delay_s, sample.dispersion_s)
-        self._hi += 1
-        self._lo = self._hi - len(self._samples)
+        floor = self.delay_floor()
+        assert floor is not None
+        win = self.window
+        if floor != self._floor_s or len(win.X) >= 2 * self.max_samples:
+            self._floor_s = floor
+            self._rebuild()
+        else:
+            w, half = floor_weight(sample.delay_s, sample.dispersion_s, floor)
+            win.append(sample.x, sample.y, w, half)
         return None
+
+    def _rebuild(self) -> None:
+        """Weights for the current floor and a fresh origin for the window."""
+        floor = self._floor_s if self._floor_s is not None else 0.0
+        self.window.reset((s.x, s.y) + floor_weight(s.delay_s, s.dispersion_s, floor)
+                          for s in self._samples)
+
+    def _drop_oldest(self, k: int) -> None:
+        delays = self._sorted_delays
+        for _ in range(min(k, len(self._samples))):
+            s = self._samples.popleft()
+            del delays[bisect_left(delays, s.delay_s)]
+        self.window.drop_front(len(self.window) - len(self._samples))
 
     def _note_delay(self, x: float, delay: float) -> None:
         floor = self._floor
@@ -112,21 +231,22 @@ class SampleFilter:
         """Smallest delay seen over the last ``floor_span_s``: the path's queue-free delay."""
         return min((d for _, d in self._floor), default=None)
 
-    def arrays(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-        """Columns (x, y, delay, dispersion) of the stored samples, oldest first (views)."""
-        view = self._buf[:, self._lo:self._hi]
-        return view[0], view[1], view[2], view[3]
+    def columns(self) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Columns (x, y, delay, dispersion) of the stored samples, oldest first."""
+        s = self._samples
+        return ([p.x for p in s], [p.y for p in s], [p.delay_s for p in s],
+                [p.dispersion_s for p in s])
 
     def prune(self, keep: int) -> None:
         """Drop all but the newest ``keep`` samples (the regression found older ones stale)."""
-        while len(self._samples) > max(keep, 0):
-            self._samples.popleft()
-        self._lo = self._hi - len(self._samples)
+        self._drop_oldest(len(self._samples) - max(keep, 0))
 
     def clear(self) -> None:
         self._samples.clear()
+        self._sorted_delays.clear()
         self._floor.clear()
-        self._lo = self._hi = 0
+        self._floor_s = None
+        self.window.reset(())
 
     def latest(self) -> FilteredSample | None:
         return self._samples[-1] if self._samples else None

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from guest_client.nts_source import NtsServerSpec, NtsSource
 from guest_client.relay_link import RelayFailure, RelayLink, RelayReply
@@ -29,9 +30,11 @@ from timesyncd import framing
 from timesyncd.clock import Clock
 from timesyncd.framing import ErrorCode, Frame, FrameType
 from timesyncd.nts.ke import KeError
-from timesyncd.nts.ke_session import NtsKeResult, NtsKeSession
-from timesyncd.nts.ntp import RandomBytes
 from timesyncd.packet import NtpPacket
+
+if TYPE_CHECKING:  # the NTS modules load cryptography and pyOpenSSL (~15 MiB): only when used
+    from timesyncd.nts.ke_session import NtsKeResult, NtsKeSession
+    from timesyncd.nts.ntp import RandomBytes
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +234,8 @@ class NtsManager:
             if endpoint is None:
                 return
             now = dt.datetime.fromtimestamp(self.clock.now_ns() / _NS, dt.UTC)
+            from timesyncd.nts.ke_session import NtsKeSession
+
             session = NtsKeSession(src.spec.tls_name, cafile=self.cafile, time_trusted=trusted,
                                    verify_time=now)
             result = await nts_ke_via_relay(link, endpoint, session, self.ke_timeout_s)

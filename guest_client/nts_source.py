@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timesyncd.exchange import Rejection
-from timesyncd.nts.ke_session import NtsKeResult
-from timesyncd.nts.ntp import NtsError, NtsState, RandomBytes
 from timesyncd.packet import NtpPacket, PacketError, decode
+
+if TYPE_CHECKING:  # the NTS modules load cryptography and pyOpenSSL (~15 MiB): only when used
+    from timesyncd.nts.ke_session import NtsKeResult
+    from timesyncd.nts.ntp import NtsState, RandomBytes
 
 DEFAULT_KE_PORT = 4460
 
@@ -140,6 +142,8 @@ class NtsSource:
             self.note = (f"NTS-KE server sends NTP to {self.ntp_server}, which the relay does not "
                          f"allowlist; add {candidates[-1]} to the relay's upstreams")
             return False
+        from timesyncd.nts.ntp import NtsState
+
         self.state = NtsState(result.c2s_key, result.s2c_key, result.cookies,
                               aead_id=result.aead_id)
         self.upstream = index
@@ -155,6 +159,8 @@ class NtsSource:
         """The controller's plain request with NTS fields, or the reason it cannot be sent."""
         if self.state is None or self.upstream is None:
             return "nts_not_ready"
+        from timesyncd.nts.ntp import NtsError  # loaded with the state
+
         try:
             header = decode(data)
             return self.state.request(replace(header, extensions=()), self._random)

@@ -2,9 +2,11 @@
 
 The daemon owns all I/O and the clock: it wakes the controller at the times it asks for,
 carries its requests to the relay or to plain UDP servers, stamps send and receive times on
-the disciplined clock as close to the socket as asyncio allows, and applies the controller's
-clock actions immediately and in order. Everything it decides itself is transport: which
-socket a source name maps to, reconnecting, and reporting errors back as events.
+the disciplined clock as close to the socket as asyncio allows (relay send: right after the
+write returns; receive: in the transport's ``data_received``/``datagram_received``), and
+applies the controller's clock actions immediately and in order. Everything it decides itself
+is transport: which socket a source name maps to, reconnecting, and reporting errors back as
+events.
 """
 
 from __future__ import annotations
@@ -342,9 +344,12 @@ class GuestDaemon:
             return
         if route.last_request is not None:
             self.link.cancel(route.last_request)  # superseded: the controller forgot it too
-        t1 = self.clock.now_ns()
         rid = self.link.send(route.upstream, action.data,
                              functools.partial(self._on_relay_result, name))
+        # t1 is when the write returned, not when the controller built the request: framing
+        # and the write syscall are on the outbound path (stamping before them biased every
+        # offset low by half their cost)
+        t1 = self.clock.now_ns()
         route.last_request = rid
         if rid is None:
             self._source_error(name, "relay_not_connected")

@@ -306,8 +306,7 @@ def test_one_way_delay_stays_within_reported_bound(chrony: NtsServer, tmp_path: 
     async def scenario(daemon: GuestDaemon, clock: SoftwareClock, host: HostileRelay,
                        relay: RelayService) -> None:
         host.mode, host.delay_s, host.lie_residence = "delay", delay_s, lie
-        # past the initial step (right after it the controller's status can briefly report
-        # the pre-step offset: a known controller issue, reported separately)
+        # past the initial step and the first few samples of the new time scale
         await wait_for(lambda: daemon.controller.state == "synchronised"
                        and nts_status(daemon)["samples"] >= 4, 15, "sync")
         worst = 0.0

@@ -14,7 +14,8 @@ Modes (what one "exchange" is):
               HELLO reply, request, reply, close); latency is measured from ``connect``.
 
 Prints one JSON object: exchanges/s in the measured window, latency percentiles (us), errors
-by reason, CPU use (fraction of one core) of watched processes, optional RSS of one process.
+by reason, how many connections got at least one valid reply in the window (steady modes),
+CPU use (fraction of one core) of watched processes, optional RSS of one process.
 Bounded by ``--warmup + --seconds`` plus a short drain.
 """
 
@@ -84,7 +85,7 @@ def _reply_ok(packet: bytes, cookie: bytes) -> bool:
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "cookie", "rid", "t0", "phase")
+    __slots__ = ("sock", "buf", "cookie", "rid", "t0", "phase", "answered")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -93,6 +94,7 @@ class Conn:
         self.rid = 0
         self.t0 = 0
         self.phase = 0  # churn-relay: 0 waiting for HELLO, 1 waiting for the reply
+        self.answered = 0  # valid replies inside the measured window
 
 
 class Run:
@@ -280,6 +282,7 @@ def run_steady(args: argparse.Namespace) -> dict[str, Any]:
                     run.errors["bad_reply"] += 1
                 elif packet:
                     run.record(conn.t0, now)
+                    conn.answered += run.in_window
                 if stopping:
                     outstanding -= 1
                 else:
@@ -287,9 +290,13 @@ def run_steady(args: argparse.Namespace) -> dict[str, Any]:
     if args.rss_pid:
         rss["after_traffic_kib"] = procstat.status_kib(args.rss_pid)
         rss["hwm_kib"] = procstat.status_kib(args.rss_pid, "VmHWM")
+    answered = [c.answered for c in run.conns.values()]
     for conn in list(run.conns.values()):
         run.close(conn)
     out = run.result()
+    # every connection must keep being answered, not just the total: the scale check
+    out["answered_conns"] = sum(1 for n in answered if n)
+    out["min_replies_per_conn"] = min(answered, default=0)
     if rss:
         out["rss"] = rss
     return out

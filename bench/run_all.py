@@ -327,9 +327,14 @@ def report(args: argparse.Namespace, fwd: dict[str, Any] | None, scale: dict[str
         yield f"| relay RSS after traffic on all | {rss['after_traffic_kib'] / 1024:.1f} MiB " \
               f"(peak {rss['hwm_kib'] / 1024:.1f}) | <= 100 MB | " \
               f"{verdict(rss['hwm_kib'] * 1024 <= 100e6)} |"
+        answering = (scale.get("answered_conns") == scale["conns"] and not scale["errors"]
+                     and scale["exchanges"] > 0)
         yield f"| still answering: exchanges/s over all | {scale['rate']:,.0f} " \
-              f"(p50 {scale['p50_us']:,.0f} us, p99 {scale['p99_us']:,.0f} us) | answers | " \
-              f"{verdict(scale['exchanges'] > 0 and not scale['errors'])} |"
+              f"(p50 {scale['p50_us']:,.0f} us, p99 {scale['p99_us']:,.0f} us) | answers | |"
+        yield f"| connections answered in the window, errors | " \
+              f"{scale.get('answered_conns', 0):,} of {scale['conns']:,} (fewest replies on " \
+              f"one: {scale.get('min_replies_per_conn', 0):,}); errors: " \
+              f"{errors_of([scale])} | all, none | {verdict(answering)} |"
         yield ""
     if guest:
         g = guest

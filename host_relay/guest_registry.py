@@ -8,11 +8,10 @@ name it announces; the name is shown beside it.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from timesyncd.health import HealthError, HealthReport, parse_health
 
@@ -48,6 +47,12 @@ class GuestRecord:
         }
 
 
+class PeerInfo(Protocol):
+    """Anything with a transport's ``get_extra_info`` (a transport, a StreamWriter, ...)."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
 class GuestRegistry:
     """Keyed by the relay's connection object (identity), so a reconnect is a new record."""
 
@@ -58,7 +63,7 @@ class GuestRegistry:
     def __len__(self) -> int:
         return len(self._guests)
 
-    def connect(self, conn: object, writer: asyncio.StreamWriter, name: str,
+    def connect(self, conn: object, writer: PeerInfo, name: str,
                 now_mono_ns: int | None = None) -> GuestRecord:
         self._seq += 1
         ident = self._unique(peer_identity(writer, self._seq))
@@ -114,7 +119,7 @@ class GuestRegistry:
         return f"{ident}/{n}"
 
 
-def peer_identity(writer: asyncio.StreamWriter, seq: int) -> str:
+def peer_identity(writer: PeerInfo, seq: int) -> str:
     """What the host knows for sure about the peer: a vsock CID, a TCP peer, else a number.
 
     Over Firecracker's hybrid vsock and plain Unix sockets the peer is anonymous, so the

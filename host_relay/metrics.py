@@ -53,7 +53,8 @@ class Histogram:
         self.count += 1
 
     def cumulative(self) -> list[tuple[str, float]]:
-        out, running = [], 0
+        out: list[tuple[str, float]] = []
+        running = 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += n
             out.append(("+Inf" if bound == float("inf") else repr(bound), running))
@@ -68,6 +69,16 @@ class UpstreamFigures:
     errors: Counter[str] = field(default_factory=Counter)
     rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS))
 
+    def result(self, reason: str, rtt_ns: int) -> None:
+        """``reason`` as the upstream reports it: "" (a reply), "timeout", or an error."""
+        if not reason:
+            self.replies += 1
+            self.rtt.observe(rtt_ns / 1e9)
+        elif reason == "timeout":
+            self.timeouts += 1
+        else:
+            self.errors[reason] += 1
+
 
 class RelayMetrics:
     """What the service records per event, beyond :class:`RelayStats`."""
@@ -80,15 +91,8 @@ class RelayMetrics:
         self.upstreams[name].requests += 1
 
     def upstream_result(self, name: str, reason: str, rtt_ns: int) -> None:
-        """``reason`` as the upstream reports it: "" (a reply), "timeout", or an error."""
-        fig = self.upstreams[name]
-        if not reason:
-            fig.replies += 1
-            fig.rtt.observe(rtt_ns / 1e9)
-        elif reason == "timeout":
-            fig.timeouts += 1
-        else:
-            fig.errors[reason] += 1
+        """See :meth:`UpstreamFigures.result` (the service calls that directly)."""
+        self.upstreams[name].result(reason, rtt_ns)
 
     def upstream_error(self, name: str, reason: str) -> None:
         self.upstreams[name].errors[reason] += 1

@@ -2,8 +2,12 @@
 
 Nothing is rewritten: a reply belongs to the in-flight request whose transmit timestamp it
 carries as its origin timestamp (RFC 5905's own cookie), and the socket is connected, so only
-the upstream's address can answer. Unmatched datagrams are counted and dropped. Callbacks,
-not tasks, carry results: a cancelled request costs one dict delete and one timer cancel.
+the upstream's address can answer. Unmatched datagrams are counted and dropped.
+
+Hot-path economy: results go to one callback fixed at construction (no closure per request),
+and timeouts need no timer per request: every request has the same timeout, so the in-flight
+dict's insertion order is deadline order and one timer, armed for the oldest request, sweeps
+the expired ones from the front. A cancelled request costs one dict delete.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 from host_relay.stats import RelayStats
 from timesyncd.addresses import Address
@@ -20,9 +24,9 @@ from timesyncd.transport import UdpEndpoint, open_udp
 
 log = logging.getLogger(__name__)
 
-#: ``on_result(reply or None, monotonic ns of the reply or failure, reason)``; reason is
-#: ``""`` with a reply, else ``timeout``, ``unreachable`` or ``closed``.
-ResultCallback = Callable[[bytes | None, int, str], None]
+#: SO_RCVBUF/SO_SNDBUF asked for: replies to a few thousand guests polling in step (a 48-byte
+#: datagram costs ~800 bytes of buffer on Linux; the ~208 KiB default holds about 270).
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 _XMT = slice(40, 48)  # transmit timestamp of a request
 _ORG = slice(24, 32)  # origin timestamp of a reply
@@ -36,28 +40,47 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
-@dataclass(eq=False, slots=True)
 class Pending:
-    key: bytes
-    on_result: ResultCallback | None
-    sent_ns: int
-    timer: asyncio.TimerHandle | None = None
+    """One request in flight; ``owner``, ``request_id`` and ``rx_ns`` are the caller's."""
+
+    __slots__ = ("key", "owner", "request_id", "rx_ns", "sent_ns", "deadline_ns", "upstream")
+
+    def __init__(self, key: bytes, owner: Any, request_id: int, rx_ns: int, sent_ns: int,
+                 deadline_ns: int, upstream: Upstream) -> None:
+        self.key = key
+        self.owner = owner
+        self.request_id = request_id
+        self.rx_ns = rx_ns
+        self.sent_ns = sent_ns
+        self.deadline_ns = deadline_ns
+        self.upstream = upstream
+
+
+#: ``on_result(pending, reply or None, monotonic ns of the reply or failure, reason)``; reason
+#: is ``""`` with a reply, else ``timeout``, ``unreachable`` or ``closed``.
+ResultCallback = Callable[[Pending, bytes | None, int, str], None]
 
 
 class Upstream:
-    def __init__(self, index: int, address: Address, stats: RelayStats, timeout_s: float) -> None:
+    def __init__(self, index: int, address: Address, stats: RelayStats, timeout_s: float,
+                 on_result: ResultCallback, *,
+                 buffer_bytes: int = SOCKET_BUFFER_BYTES) -> None:
         self.index = index
         self.address = address
         self.name = str(address)
         self._stats = stats
-        self._timeout_s = timeout_s
+        self._timeout_ns = int(timeout_s * 1e9)
+        self._on_result = on_result
+        self._buffer_bytes = buffer_bytes
         self._pending: dict[bytes, Pending] = {}
         self._endpoint: UdpEndpoint | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._endpoint = await open_udp(self.address, self._on_datagram, self._on_error)
+        self._endpoint = await open_udp(self.address, self._on_datagram, self._on_error,
+                                        buffer_bytes=self._buffer_bytes)
 
     @property
     def in_flight(self) -> int:
@@ -67,63 +90,88 @@ class Upstream:
     def foreign_datagrams(self) -> int:
         return self._endpoint.foreign if self._endpoint is not None else 0
 
-    def submit(self, packet: bytes, on_result: ResultCallback) -> Pending:
-        """Send ``packet`` (at least 48 bytes) now; ``on_result`` is called exactly once later
-        unless :meth:`cancel` is called first."""
-        if self._endpoint is None or self._endpoint.closed or self._loop is None:
+    @property
+    def buffer_sizes(self) -> tuple[int, int]:
+        """Effective (SO_RCVBUF, SO_SNDBUF) of the upstream socket."""
+        return self._endpoint.buffer_sizes() if self._endpoint is not None else (0, 0)
+
+    def submit(self, packet: bytes, owner: Any, request_id: int, rx_ns: int) -> Pending:
+        """Send ``packet`` (at least 48 bytes) now; the result callback gets the returned
+        :class:`Pending` exactly once later, unless :meth:`cancel` is called first."""
+        endpoint = self._endpoint
+        if endpoint is None or endpoint.closed:
             raise UpstreamError("upstream_closed", f"upstream {self.name} is not open")
-        key = bytes(packet[_XMT])
-        if key in self._pending:
+        key = packet[_XMT]
+        pending_map = self._pending
+        if key in pending_map:
             raise UpstreamError(
                 "duplicate_transmit", "a request with this transmit timestamp is in flight"
             )
-        sent_ns = self._endpoint.send(packet)
-        pending = Pending(key, on_result, sent_ns)
-        pending.timer = self._loop.call_later(self._timeout_s, self._expire, pending)
-        self._pending[key] = pending
+        sent_ns = endpoint.send(packet)
+        pending = Pending(key, owner, request_id, rx_ns, sent_ns, sent_ns + self._timeout_ns,
+                          self)
+        pending_map[key] = pending
         self._stats.upstream_requests += 1
+        if self._sweeper is None:
+            self._arm(pending.deadline_ns)
         return pending
 
     def cancel(self, pending: Pending) -> None:
         """Forget a request whose requester went away; a late reply is then unsolicited."""
         if self._pending.get(pending.key) is pending:
             del self._pending[pending.key]
-        if pending.timer is not None:
-            pending.timer.cancel()
-        pending.on_result = None
+        if not self._pending and self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def close(self) -> None:
-        for pending in list(self._pending.values()):
-            self._finish(pending, None, time.monotonic_ns(), "closed")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        now = time.monotonic_ns()
+        pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            self._on_result(p, None, now, "closed")
         if self._endpoint is not None:
             self._endpoint.close()
 
     # --- internals -------------------------------------------------------------------
 
-    def _finish(self, pending: Pending, reply: bytes | None, at_ns: int, reason: str) -> None:
-        self._pending.pop(pending.key, None)
-        if pending.timer is not None:
-            pending.timer.cancel()
-        callback, pending.on_result = pending.on_result, None
-        if callback is not None:
-            callback(reply, at_ns, reason)
-
     def _on_datagram(self, data: bytes, rx_ns: int) -> None:
-        pending = self._pending.get(data[_ORG]) if len(data) >= 48 else None
+        pending = self._pending.pop(data[_ORG], None) if len(data) >= 48 else None
         if pending is None:
             self._stats.upstream_unsolicited += 1
             return
         self._stats.upstream_replies += 1
-        self._finish(pending, data, rx_ns, "")
+        self._on_result(pending, data, rx_ns, "")
 
-    def _expire(self, pending: Pending) -> None:
-        self._stats.upstream_timeouts += 1
-        self._finish(pending, None, time.monotonic_ns(), "timeout")
+    def _arm(self, deadline_ns: int) -> None:
+        assert self._loop is not None
+        delay = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+        self._sweeper = self._loop.call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        """Expire every request past its deadline (they sit at the front), re-arm for the next."""
+        self._sweeper = None
+        now = time.monotonic_ns()
+        pending_map = self._pending
+        while pending_map:
+            oldest = next(iter(pending_map.values()))
+            if oldest.deadline_ns > now:
+                self._arm(oldest.deadline_ns)
+                return
+            del pending_map[oldest.key]
+            self._stats.upstream_timeouts += 1
+            self._on_result(oldest, None, now, "timeout")
 
     def _on_error(self, reason: str) -> None:
         # ICMP errors on a connected socket say the upstream is unreachable; fail fast.
         self._stats.upstream_errors += 1
         log.debug("upstream %s: %s; failing %d pending", self.name, reason, len(self._pending))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         now = time.monotonic_ns()
-        for pending in list(self._pending.values()):
-            self._finish(pending, None, now, "unreachable")
+        pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            self._on_result(p, None, now, "unreachable")

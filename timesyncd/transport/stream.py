@@ -1,9 +1,10 @@
 """Stream listen/connect for ``vsock:``, ``unix:``, ``fc:`` and ``tcp:`` addresses.
 
-Both sides get plain asyncio streams whatever the address kind, so the relay and the guest
-never branch on transport. ``fc:UDS:PORT`` follows Firecracker's hybrid vsock: the host side
-listens on ``UDS_PORT`` (where Firecracker delivers guest connections to vsock port PORT) and
-a host-side client connects to ``UDS`` and speaks ``CONNECT PORT`` / ``OK <n>``.
+Both sides get plain asyncio streams (or, listening, a protocol) whatever the address kind,
+so the relay and the guest never branch on transport. ``fc:UDS:PORT`` follows Firecracker's
+hybrid vsock: the host side listens on ``UDS_PORT`` (where Firecracker delivers guest
+connections to vsock port PORT) and a host-side client connects to ``UDS`` and speaks
+``CONNECT PORT`` / ``OK <n>``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from timesyncd.addresses import Address, parse_address
 from timesyncd.transport.errors import TransportError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ProtocolFactory = Callable[[], asyncio.Protocol]
 
 #: Longest line a Firecracker muxer answers to CONNECT ("OK <u32>\n" is far shorter).
 _FC_MAX_LINE = 64
@@ -197,29 +199,47 @@ async def listen_stream(
 ) -> StreamListener:
     """Listen on a stream address and run ``handler(reader, writer)`` per connection.
 
-    ``backlog`` is passed to the loop too (asyncio re-``listen``s a given socket with its own
-    default of 100, too few for a burst of guests). ``unix:`` and ``fc:`` paths: a stale socket
-    file is removed first (never a regular file or a socket with a live listener);
-    ``socket_mode`` sets the file's permissions.
+    Convenience over :func:`listen_protocol` for code that prefers streams to protocols.
+    """
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.Protocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=limit, loop=loop),
+                                            handler, loop=loop)
+
+    return await listen_protocol(address, factory, backlog=backlog, socket_mode=socket_mode)
+
+
+async def listen_protocol(
+    address: Address | str, protocol_factory: ProtocolFactory, *, backlog: int = 1024,
+    socket_mode: int | None = None,
+) -> StreamListener:
+    """Listen on a stream address; each accepted connection gets ``protocol_factory()``.
+
+    Protocols let a busy server (the relay) handle bytes in ``data_received`` without a task
+    switch per read. ``backlog`` is passed to the loop too (asyncio re-``listen``s a given
+    socket with its own default of 100, too few for a burst of guests). ``unix:`` and ``fc:``
+    paths: a stale socket file is removed first (never a regular file or a socket with a live
+    listener); ``socket_mode`` sets the file's permissions.
     """
     addr = _as_address(address)
     if not addr.is_stream:
         raise TransportError("bad_address", f"{addr} is not a stream address")
+    loop = asyncio.get_running_loop()
     try:
         if addr.kind in ("unix", "fc"):
             path = addr.listen_path
             sock, dev, ino = _bind_unix(path, backlog, socket_mode)
             try:
-                server = await asyncio.start_unix_server(
-                    handler, sock=sock, limit=limit, backlog=backlog
-                )
+                server = await loop.create_unix_server(protocol_factory, sock=sock,
+                                                       backlog=backlog)
             except BaseException:
                 sock.close()
                 raise
             return StreamListener(addr, addr, server, (path, dev, ino))
         if addr.kind == "tcp":
-            server = await asyncio.start_server(
-                handler, addr.host, addr.port, backlog=backlog, limit=limit, reuse_address=True
+            server = await loop.create_server(
+                protocol_factory, addr.host, addr.port, backlog=backlog, reuse_address=True
             )
             host, port = server.sockets[0].getsockname()[:2]
             return StreamListener(addr, Address("tcp", host=host, port=port), server, None)
@@ -228,7 +248,7 @@ async def listen_stream(
             sock.bind((addr.cid, addr.port))
             sock.listen(backlog)
             sock.setblocking(False)
-            server = await asyncio.start_server(handler, sock=sock, limit=limit, backlog=backlog)
+            server = await loop.create_server(protocol_factory, sock=sock, backlog=backlog)
         except BaseException:
             sock.close()
             raise

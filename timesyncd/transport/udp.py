@@ -2,12 +2,20 @@
 
 Connecting the socket makes the kernel drop datagrams from other peers; we check the source
 address again anyway (some loops report it) and count what we drop. The receive time is taken
-on a monotonic clock as the datagram is handed to us, for residence-time measurement.
+on a monotonic clock as the datagram is handed to us, the send time just before the datagram
+is handed to the kernel, for residence-time measurement.
+
+A relay sends one request per guest on one socket, so replies to guests polling in step arrive
+together: ``buffer_bytes`` raises SO_RCVBUF/SO_SNDBUF beyond Linux's ~208 KiB default (about
+270 small datagrams), which would otherwise drop replies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -15,8 +23,13 @@ from typing import Any, cast
 from timesyncd.addresses import Address, parse_address
 from timesyncd.transport.errors import TransportError
 
+log = logging.getLogger(__name__)
+
 DatagramCallback = Callable[[bytes, int], None]
 ErrorCallback = Callable[[str], None]
+
+#: Linux SO_RCVBUFFORCE / SO_SNDBUFFORCE: exceed net.core.[rw]mem_max with CAP_NET_ADMIN.
+_FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform == "linux" else {}
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -27,18 +40,24 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._on_datagram = on_datagram
         self._on_error = on_error
         self._transport: asyncio.DatagramTransport | None = None
+        self._sendto: Callable[[bytes], None] | None = None
         self.peer: tuple[Any, ...] = ()
+        self._peer_host: Any = None
+        self._peer_port: Any = None
         self.foreign = 0
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self._sendto = self._transport.sendto
         self.peer = tuple(transport.get_extra_info("peername") or ())
+        if len(self.peer) >= 2:
+            self._peer_host, self._peer_port = self.peer[0], self.peer[1]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         rx_ns = time.monotonic_ns()
-        if addr is not None and tuple(addr)[:2] != self.peer[:2]:
+        if addr is not None and (addr[1] != self._peer_port or addr[0] != self._peer_host):
             self.foreign += 1
             return
         self._on_datagram(data, rx_ns)
@@ -49,38 +68,75 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._sendto = None
 
     # API
     def send(self, data: bytes) -> int:
-        """Send one datagram; return the monotonic time just after handing it to the kernel."""
-        if self._transport is None:
+        """Send one datagram; return the monotonic time just before handing it to the kernel."""
+        sendto = self._sendto
+        if sendto is None:
             raise TransportError("closed", "UDP endpoint is closed")
-        self._transport.sendto(data)
-        return time.monotonic_ns()
+        sent_ns = time.monotonic_ns()
+        sendto(data)
+        return sent_ns
 
     @property
     def closed(self) -> bool:
         return self._transport is None
 
+    def buffer_sizes(self) -> tuple[int, int]:
+        """Effective (SO_RCVBUF, SO_SNDBUF) in bytes as the kernel reports them (0 if closed)."""
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None:
+            return 0, 0
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+            self._sendto = None
+
+
+def _set_buffer(sock: Any, option: int, size: int) -> None:
+    """Ask for ``size`` bytes, forcing past the sysctl cap when privileged; else the cap."""
+    force = _FORCE.get(option)
+    if force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            return
+        except OSError:
+            pass  # no CAP_NET_ADMIN: the plain option is capped at net.core.[rw]mem_max
+    sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 async def open_udp(
     remote: Address | str, on_datagram: DatagramCallback,
-    on_error: ErrorCallback | None = None,
+    on_error: ErrorCallback | None = None, *, buffer_bytes: int = 0,
 ) -> UdpEndpoint:
-    """Open a UDP socket connected to ``remote`` (``udp:HOST:PORT``)."""
+    """Open a UDP socket connected to ``remote`` (``udp:HOST:PORT``); ``buffer_bytes`` > 0 asks
+    for receive and send buffers of that size (best effort; see the module doc)."""
     addr = parse_address(remote) if isinstance(remote, str) else remote
     if addr.kind != "udp":
         raise TransportError("bad_address", f"{addr} is not a udp: address")
     loop = asyncio.get_running_loop()
     try:
-        _, endpoint = await loop.create_datagram_endpoint(
+        transport, endpoint = await loop.create_datagram_endpoint(
             lambda: UdpEndpoint(on_datagram, on_error), remote_addr=(addr.host, addr.port)
         )
     except OSError as exc:
         raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
+    if buffer_bytes > 0:
+        sock = transport.get_extra_info("socket")
+        try:
+            _set_buffer(sock, socket.SO_RCVBUF, buffer_bytes)
+            _set_buffer(sock, socket.SO_SNDBUF, buffer_bytes)
+        except OSError as exc:
+            log.warning("%s: could not size socket buffers: %s", addr, exc)
+        rcv, _ = endpoint.buffer_sizes()
+        if rcv < buffer_bytes:  # Linux reports twice the requested size when granted
+            log.warning("%s: receive buffer is %d bytes, asked for %d (raise "
+                        "net.core.rmem_max or grant CAP_NET_ADMIN); replies to many guests "
+                        "polling at once may be dropped", addr, rcv, buffer_bytes)
     return endpoint

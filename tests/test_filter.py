@@ -82,3 +82,33 @@ def test_window_fit_matches_a_fresh_fit_through_evictions_prunes_and_floor_chang
             assert inc.offset_sd == pytest.approx(ref.offset_sd, rel=1e-6)
             assert inc.slope_sd == pytest.approx(ref.slope_sd, rel=1e-6)
 
+
+
+def test_window_offset_is_the_midpoint_of_the_bound_intersection() -> None:
+    """Checked against a brute-force intersection of every kept sample's error bound."""
+    rng = random.Random(9)
+    f = SampleFilter(max_samples=128, max_delay_dev_ratio=0.0)
+    x, checked = 5e5, 0
+    for i in range(300):
+        x += 16.0
+        out, back = rng.expovariate(1 / 1e-3), rng.expovariate(1 / 1e-3)
+        f.add(FilteredSample(x, 3.0 - 12e-6 * x + (out - back) / 2, 400e-6 + out + back,
+                             2e-7, 1e-3))
+        if i < 20:
+            continue
+        at = x + 2.0
+        est = fit_filter(f, at)
+        assert est is not None
+        floor = f.delay_floor()
+        assert floor is not None
+        kept = f.samples[-est.used:]
+        k = 4.0 * est.slope_sd
+        lo = max(p.y - est.slope * (p.x - at) - (max(p.delay_s - floor, 0) + 10e-6) / 2
+                 - p.dispersion_s - k * abs(p.x - at) for p in kept)
+        hi = min(p.y - est.slope * (p.x - at) + (max(p.delay_s - floor, 0) + 10e-6) / 2
+                 + p.dispersion_s + k * abs(p.x - at) for p in kept)
+        if lo <= hi:
+            checked += 1
+            assert abs(est.offset - (lo + hi) / 2) < 1e-12
+        f.prune(est.used)
+    assert checked > 200

@@ -172,8 +172,13 @@ def _bound_offset(win: FitWindow, a: int, at: float, fitted: _Fit) -> tuple[floa
     X = win.X[a:]
     if win.x_max <= at:  # every sample is older than ``at``: |X - at| = at - X
         u, v = slope - k, slope + k
-        lo = max([yl - u * x for x, yl in zip(X, win.YLO[a:], strict=True)]) + u * at
-        hi = min([yh - v * x for x, yh in zip(X, win.YHI[a:], strict=True)]) + v * at
+        if win.monotonic:  # X[a] and X[-1] span the rows: search from the tightest bounds
+            xc, d = (X[0] + X[-1]) / 2, (X[-1] - X[0]) / 2
+            lo = _envelope(win.lo_order, win.X, a, u, xc, d) + u * at
+            hi = v * at - _envelope(win.hi_order, win.X, a, -v, xc, d)
+        else:
+            lo = max([yl - u * x for x, yl in zip(X, win.YLO[a:], strict=True)]) + u * at
+            hi = min([yh - v * x for x, yh in zip(X, win.YHI[a:], strict=True)]) + v * at
     else:
         lo = max([yl - slope * (x - at) - k * abs(x - at)
                   for x, yl in zip(X, win.YLO[a:], strict=True)])
@@ -182,6 +187,27 @@ def _bound_offset(win: FitWindow, a: int, at: float, fitted: _Fit) -> tuple[floa
     if lo > hi:
         return offset, offset_sd
     return (lo + hi) / 2, min(offset_sd, (hi - lo) / 2)
+
+
+def _envelope(order: list[tuple[float, int]], X: list[float], a: int, slope: float,
+              xc: float, d: float) -> float:
+    """``max(-key - slope * X[row])`` over the rows ``>= a`` of ``order`` ((key, row) pairs,
+    ascending key), with every such ``X`` within ``xc +- d``.
+
+    Walks the rows from the largest ``-key`` and stops once no later one can win: a row's
+    value is at most ``-key - slope * xc + |slope| * d``. The tight samples come first and
+    decide, so this visits a handful of rows instead of the whole window."""
+    best = -math.inf
+    reach = abs(slope) * d - slope * xc
+    for key, row in order:
+        if row < a:
+            continue
+        if reach - key <= best:
+            break
+        value = -key - slope * X[row]
+        if value > best:
+            best = value
+    return best
 
 
 def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0,

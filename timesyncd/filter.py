@@ -73,6 +73,7 @@ class FitWindow:
     """
 
     __slots__ = ("x0", "y0", "s0", "x_max", "X", "Y", "w", "YLO", "YHI", "lo", "sorted_w",
+                 "lo_order", "hi_order", "monotonic",
                  "pw", "pwx", "pwy", "pwxx", "pwxy", "pwyy")
 
     def __init__(self, rows: Iterable[tuple[float, float, float, float]] = ()) -> None:
@@ -92,6 +93,10 @@ class FitWindow:
         self.YHI: list[float] = []
         self.lo = 0
         self.sorted_w: list[float] = []
+        # rows by lower bound, highest first, and by upper bound, lowest first: (key, row)
+        self.lo_order: list[tuple[float, int]] = []
+        self.hi_order: list[tuple[float, int]] = []
+        self.monotonic = True  # X never decreases (samples arrive in time order)
         self.pw = [0.0]
         self.pwx = [0.0]
         self.pwy = [0.0]
@@ -107,6 +112,9 @@ class FitWindow:
     def append(self, x: float, y: float, w: float, half: float) -> None:
         X = x - self.x0
         Y = y - self.y0 - self.s0 * X
+        row = len(self.X)
+        if self.X and X < self.X[-1]:
+            self.monotonic = False
         self.X.append(X)
         self.Y.append(Y)
         self.w.append(w)
@@ -115,6 +123,8 @@ class FitWindow:
         if X > self.x_max:
             self.x_max = X
         insort(self.sorted_w, w)
+        insort(self.lo_order, (half - Y, row))
+        insort(self.hi_order, (Y + half, row))
         wx = w * X
         wy = w * Y
         self.pw.append(self.pw[-1] + w)
@@ -128,8 +138,11 @@ class FitWindow:
         """Forget the ``k`` oldest rows (their prefix sums stay; only ``lo`` moves)."""
         end = min(self.lo + max(k, 0), len(self.X))
         sw = self.sorted_w
+        lo_order, hi_order = self.lo_order, self.hi_order
         for i in range(self.lo, end):
             del sw[bisect_left(sw, self.w[i])]
+            del lo_order[bisect_left(lo_order, (-self.YLO[i], i))]
+            del hi_order[bisect_left(hi_order, (self.YHI[i], i))]
         self.lo = end
 
     def moments(self, a: int) -> tuple[float, float, float, float, float, float]:

@@ -141,7 +141,9 @@ class NtsManager:
 
     def on_relay_up(self) -> None:
         """A (re)connected relay: keys may be fine, but run KE for sources that need it."""
+        upstreams = {u.name: u.index for u in self.link.upstreams} if self.link else {}
         for src in self.sources.values():
+            src.remap(upstreams)
             self._maybe_ke(src)
 
     def on_relay_down(self) -> None:

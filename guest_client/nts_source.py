@@ -112,6 +112,7 @@ class NtsSource:
         self.validity_unchecked = False
         self.key_exchanges = 0
         self.note = "NTS-KE pending"
+        self._candidates: list[str] = []  # relay upstream names our NTP server may have
         #: KE failures and rejected replies by reason
         self.counters: Counter[str] = Counter()
 
@@ -134,6 +135,7 @@ class NtsSource:
         self.validity_unchecked = result.validity_unchecked
         self.ntp_server = f"{_host(result.server)}:{result.port}"
         candidates = ntp_upstream_candidates(self.spec, result.server, result.port)
+        self._candidates = candidates
         index = next((upstreams[c] for c in candidates if c in upstreams), None)
         if index is None:
             self.state = None
@@ -150,6 +152,15 @@ class NtsSource:
         self.note = "" if not result.validity_unchecked else (
             "certificate dates unchecked (clock not yet trusted); NTS-KE again once synchronised")
         return True
+
+    def remap(self, upstreams: dict[str, int]) -> None:
+        """The relay reconnected: its upstream indices may have changed. Keep the keys if our
+        NTP server is still offered, else drop them (the next poll runs NTS-KE again)."""
+        index = next((upstreams[c] for c in self._candidates if c in upstreams), None)
+        if index is None and self.state is not None:
+            self.state = None
+            self.note = f"relay no longer offers {self._candidates[-1]}: NTS-KE again"
+        self.upstream = index
 
     def on_ke_error(self, reason: str, detail: str) -> None:
         self.counters[f"ke_{reason}"] += 1

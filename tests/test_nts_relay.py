@@ -22,7 +22,7 @@ from nts_fixture import NtsServer, chronyd_nts, free_port
 from guest_client.clocks import SoftwareClock
 from guest_client.daemon import GuestDaemon
 from guest_client.nts_manager import nts_ke_via_relay
-from guest_client.nts_source import ntp_upstream_candidates, parse_nts_server
+from guest_client.nts_source import NtsSource, ntp_upstream_candidates, parse_nts_server
 from guest_client.relay_link import RelayLink
 from guest_client.settings import GuestSettings
 from host_relay.service import RelayService
@@ -456,3 +456,22 @@ def test_cli_guest_with_nts_source_syncs_and_status_shows_it_authenticated(
                 p.wait()
         for fh in logs_out:
             fh.close()
+
+
+def test_nts_source_remaps_after_relay_reconnect() -> None:
+    """Sans-IO: keys survive a reconnect that moves our NTP server to another index, and
+    are dropped (KE again) when the relay stops offering it."""
+    import os as _os
+
+    from timesyncd.nts.ke_session import NtsKeResult
+
+    spec = parse_nts_server("localhost@127.0.0.1:4460")
+    src = NtsSource(spec)
+    result = NtsKeResult(15, _os.urandom(32), _os.urandom(32), (b"c" * 64,) * 8,
+                         "localhost", 1234)
+    assert src.on_ke_result(result, {"udp:127.0.0.1:1234": 2}) and src.upstream == 2
+    src.remap({"udp:10.0.0.1:123": 0, "udp:127.0.0.1:1234": 1})
+    assert src.ready and src.upstream == 1
+    src.remap({"udp:10.0.0.1:123": 0})
+    assert not src.ready and src.needs_ke and "no longer offers" in src.note
+    assert src.wrap(b"\x23" + bytes(47)) == "nts_not_ready"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import click
 
 from guest_client.settings import GuestSettings
 from timesyncd.cli.options import build_settings, settings_options
-from timesyncd.cli.runtime import run_until_signal
+from timesyncd.cli.runtime import serve_until_signal
 
 
 @click.command()
@@ -25,13 +24,4 @@ def guest(ctx: click.Context, config: str | None, **flags: Any) -> None:
         clock = make_clock(settings)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-
-    async def serve(stop: asyncio.Event) -> None:
-        daemon = GuestDaemon(settings, clock)
-        await daemon.start()
-        try:
-            await stop.wait()
-        finally:
-            await daemon.stop()
-
-    run_until_signal(serve, (ctx.obj or {}).get("loop", "auto"))
+    serve_until_signal(lambda: GuestDaemon(settings, clock), (ctx.obj or {}).get("loop", "auto"))

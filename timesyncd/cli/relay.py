@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -10,7 +9,7 @@ import click
 
 from host_relay.settings import RelaySettings
 from timesyncd.cli.options import build_settings, settings_options
-from timesyncd.cli.runtime import run_until_signal
+from timesyncd.cli.runtime import serve_until_signal
 
 log = logging.getLogger("timesync.relay")
 
@@ -24,15 +23,9 @@ def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
     from host_relay.service import RelayService
 
     settings = build_settings(RelaySettings, config, "relay", flags)
-
-    async def serve(stop: asyncio.Event) -> None:
-        service = RelayService(settings)
-        await service.start()
-        log.info("relay listening on %s; upstreams: %s", ", ".join(settings.listen),
-                 ", ".join(settings.upstreams) or "host clock (local stratum)")
-        try:
-            await stop.wait()
-        finally:
-            await service.stop()
-
-    run_until_signal(serve, (ctx.obj or {}).get("loop", "auto"))
+    serve_until_signal(
+        lambda: RelayService(settings), (ctx.obj or {}).get("loop", "auto"),
+        on_started=lambda: log.info(
+            "relay listening on %s; upstreams: %s", ", ".join(settings.listen),
+            ", ".join(settings.upstreams) or "host clock (local stratum)"),
+    )

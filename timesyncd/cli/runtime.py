@@ -1,11 +1,16 @@
-"""Run a service coroutine on the best event loop, stopping cleanly on SIGINT/SIGTERM."""
+"""Run a service on the best event loop, stopping cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -38,3 +43,20 @@ def run_until_signal(
 
     with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
         return runner.run(wrapper())
+
+
+def serve_until_signal(make: Callable[[], Service], loop: str = "auto",
+                       on_started: Callable[[], None] | None = None) -> None:
+    """Create the service inside the loop, start it, and stop it on SIGINT/SIGTERM."""
+
+    async def serve(stop: asyncio.Event) -> None:
+        service = make()
+        await service.start()
+        if on_started is not None:
+            on_started()
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    run_until_signal(serve, loop)

@@ -168,8 +168,8 @@ class NtsManager:
         last = self._last_request.pop(name, None)
         if last is not None:
             link.cancel(last)
-        t1 = self.clock.now_ns()
         rid = link.send(src.upstream, wrapped, functools.partial(self._on_result, name))
+        t1 = self.clock.now_ns()  # after the write, as for plain relay sources (daemon._send)
         if rid is None:
             self._on_error(name, "relay_not_connected")
             return

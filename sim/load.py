@@ -192,10 +192,25 @@ class _Steps:
 
 
 @dataclass(frozen=True)
-class TraceLoad(LoadProfile):
-    """A recorded trace of requests per second (see the module docstring for the CSV format)."""
+class StepLoad(LoadProfile):
+    """A load that is a step function of time (a recorded trace, or generated bursts)."""
 
     steps: _Steps
+
+    def rps(self, true_s: float) -> float:
+        return self.steps.value(true_s)
+
+    def mean_rps(self, t0: float, t1: float) -> float:
+        return self.steps.mean(t0, t1)
+
+    def _mean_rps_from_zero(self, t: FloatArray) -> FloatArray:
+        return self.steps.mean_from_zero(t)
+
+
+@dataclass(frozen=True)
+class TraceLoad(StepLoad):
+    """A recorded trace of requests per second (see the module docstring for the CSV format)."""
+
     full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
     source: str = ""
 
@@ -229,25 +244,15 @@ class TraceLoad(LoadProfile):
                 raise ValueError(f"{path}: row {lineno}: not numbers: {row!r}") from None
         return cls.from_rows(rows, repeat=repeat, full_scale_rps=full_scale_rps, source=str(path))
 
-    def rps(self, true_s: float) -> float:
-        return self.steps.value(true_s)
-
-    def mean_rps(self, t0: float, t1: float) -> float:
-        return self.steps.mean(t0, t1)
-
-    def _mean_rps_from_zero(self, t: FloatArray) -> FloatArray:
-        return self.steps.mean_from_zero(t)
-
 
 @dataclass(frozen=True)
-class BurstyLoad(LoadProfile):
+class BurstyLoad(StepLoad):
     """A quiet baseline with seeded random bursts (exponential gaps and lengths).
 
     The bursts are drawn once at construction for ``horizon_s``, so the profile is a plain
     deterministic function of time afterwards (the same for every strategy of a run).
     """
 
-    steps: _Steps
     full_scale_rps: float = DEFAULT_FULL_SCALE_RPS
 
     @classmethod
@@ -268,15 +273,6 @@ class BurstyLoad(LoadProfile):
             times.append(t)
             values.append(base_rps)
         return cls(_Steps.build(times, values, None), full_scale_rps)
-
-    def rps(self, true_s: float) -> float:
-        return self.steps.value(true_s)
-
-    def mean_rps(self, t0: float, t1: float) -> float:
-        return self.steps.mean(t0, t1)
-
-    def _mean_rps_from_zero(self, t: FloatArray) -> FloatArray:
-        return self.steps.mean_from_zero(t)
 
 
 def _is_number(text: str) -> bool:

@@ -59,22 +59,20 @@ class Network:
 
     def request(self, true_s: float, rng: random.Random) -> tuple[float, float] | None:
         """(arrival time at the server, relay residence) for a request sent at ``true_s``."""
-        d1 = self.vsock.one_way(true_s, rng, True)
-        if d1 is None:
-            return None
-        r = self._residence(rng)
-        d2 = self.upstream.one_way(true_s + d1 + r, rng, True)
-        if d2 is None:
-            return None
-        return true_s + d1 + r + d2, r
+        return self._through_relay(self.vsock, self.upstream, True, true_s, rng)
 
     def reply(self, true_s: float, rng: random.Random) -> tuple[float, float] | None:
         """(arrival time at the guest, relay residence) for a reply sent at ``true_s``."""
-        d3 = self.upstream.one_way(true_s, rng, False)
-        if d3 is None:
+        return self._through_relay(self.upstream, self.vsock, False, true_s, rng)
+
+    def _through_relay(self, first: Hop, second: Hop, outbound: bool, true_s: float,
+                       rng: random.Random) -> tuple[float, float] | None:
+        """Cross ``first``, wait in the relay, cross ``second``; None if either hop drops it."""
+        d1 = first.one_way(true_s, rng, outbound)
+        if d1 is None:
             return None
         r = self._residence(rng)
-        d4 = self.vsock.one_way(true_s + d3 + r, rng, False)
-        if d4 is None:
+        d2 = second.one_way(true_s + d1 + r, rng, outbound)
+        if d2 is None:
             return None
-        return true_s + d3 + r + d4, r
+        return true_s + d1 + r + d2, r

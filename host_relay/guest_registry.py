@@ -58,6 +58,7 @@ class GuestRegistry:
 
     def __init__(self) -> None:
         self._guests: dict[object, GuestRecord] = {}
+        self._taken: set[str] = set()  # identities in use (O(1) uniqueness on connect)
         self._seq = 0
 
     def __len__(self) -> int:
@@ -71,10 +72,14 @@ class GuestRegistry:
                              now_mono_ns if now_mono_ns is not None else time.monotonic_ns())
         record._tokens_ns = record.connected_mono_ns
         self._guests[conn] = record
+        self._taken.add(ident)
         return record
 
     def disconnect(self, conn: object) -> GuestRecord | None:
-        return self._guests.pop(conn, None)
+        record = self._guests.pop(conn, None)
+        if record is not None:
+            self._taken.discard(record.guest)
+        return record
 
     def get(self, conn: object) -> GuestRecord | None:
         return self._guests.get(conn)
@@ -110,7 +115,7 @@ class GuestRegistry:
         return [r.to_json(now) for r in self.records()]
 
     def _unique(self, ident: str) -> str:
-        taken = {r.guest for r in self._guests.values()}
+        taken = self._taken
         if ident not in taken:
             return ident
         n = 2
@@ -125,8 +130,10 @@ def peer_identity(writer: PeerInfo, seq: int) -> str:
     Over Firecracker's hybrid vsock and plain Unix sockets the peer is anonymous, so the
     connection number (per relay process) stands in.
     """
-    sock = writer.get_extra_info("socket")
     peer = writer.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:  # AF_UNIX: no peer address to go by
+        return f"conn:{seq}"
+    sock = writer.get_extra_info("socket")
     family = getattr(sock, "family", None)
     vsock = getattr(socket, "AF_VSOCK", 40)
     if family == vsock and isinstance(peer, tuple) and peer:

@@ -207,7 +207,7 @@ class RelayService:
         if not self._connections:
             self._all_gone.set()
         record = self.guests.disconnect(conn)
-        if record is not None:
+        if record is not None and log.isEnabledFor(logging.INFO):
             log.info("guest %s (%r) disconnected", record.guest, record.name,
                      extra={"event": "guest_disconnected", "guest": record.guest,
                             "guest_name": record.name, "reports": record.reports})
@@ -252,9 +252,10 @@ class RelayService:
         conn.deadline_ns = rx_ns + self._limits.idle_ns
         conn.send_frame(framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
         record = self.guests.connect(conn, conn, conn.name, rx_ns)
-        log.info("guest %s (%r) connected", record.guest, conn.name,
-                 extra={"event": "guest_connected", "guest": record.guest,
-                        "guest_name": conn.name})
+        if log.isEnabledFor(logging.INFO):
+            log.info("guest %s (%r) connected", record.guest, conn.name,
+                     extra={"event": "guest_connected", "guest": record.guest,
+                            "guest_name": conn.name})
 
     # --- the NTP path ------------------------------------------------------------------
 

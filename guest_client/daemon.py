@@ -33,6 +33,7 @@ from guest_client.status_server import StatusServer
 from guest_client.udp_source import UdpSource
 from timesyncd.addresses import parse_address
 from timesyncd.clock import Clock
+from timesyncd.config import parse_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,8 @@ class GuestDaemon:
                 )
                 self.nts.attach(self.link)
             if s.status_socket:
-                self.status_server = StatusServer(
-                    s.status_socket, self.status, mode=int(s.status_socket_mode, 8))
+                mode = parse_file_mode("status_socket_mode", s.status_socket_mode)
+                self.status_server = StatusServer(s.status_socket, self.status, mode=mode)
                 await self.status_server.start()
             if s.forward_ntp and self.link is not None:
                 self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending)

@@ -14,6 +14,7 @@ from typing import Any
 
 from guest_client.nts_source import parse_nts_server
 from timesyncd.addresses import AddressError, parse_address
+from timesyncd.config import parse_file_mode
 from timesyncd.discipline import DisciplineConfig
 
 DEFAULT_STATUS_SOCKET = "/run/timesync/guest.sock"
@@ -145,13 +146,7 @@ class GuestSettings:
                              "lower minpoll or raise maxpoll")
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ValueError("reconnect_min_s: above reconnect_max_s; swap or fix them")
-        try:
-            mode = int(self.status_socket_mode, 8)
-        except ValueError:
-            mode = -1
-        if not 0 <= mode <= 0o777:
-            raise ValueError(f"status_socket_mode: {self.status_socket_mode!r} is not an octal "
-                             "mode like 0660")
+        parse_file_mode("status_socket_mode", self.status_socket_mode)
         self.discipline_config()  # its own cross-field checks, e.g. minpoll <= maxpoll
 
     def _validate_nts(self) -> None:

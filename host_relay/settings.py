@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from timesyncd.addresses import AddressError, parse_address
+from timesyncd.config import parse_file_mode
 from timesyncd.framing import HEADER, MAX_PAYLOAD
 
 #: Smallest frame that can carry an NTP request (header + upstream index + 48-byte packet).
@@ -138,14 +139,9 @@ class RelaySettings:
                 raise ValueError(f"metrics: {self.metrics!r} is not tcp:HOST:PORT; Prometheus "
                                  "scrapes over TCP, e.g. tcp:127.0.0.1:9123")
         if self.socket_mode is not None:
-            try:
-                mode = int(self.socket_mode, 8)
-            except ValueError:
-                mode = -1
-            if not 0 <= mode <= 0o777:
-                raise ValueError(f"socket_mode: {self.socket_mode!r} is not an octal mode like "
-                                 "'0660'")
+            parse_file_mode("socket_mode", self.socket_mode)
 
     @property
     def socket_mode_bits(self) -> int | None:
-        return None if self.socket_mode is None else int(self.socket_mode, 8)
+        return None if self.socket_mode is None else parse_file_mode("socket_mode",
+                                                                      self.socket_mode)

@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A refused setting; the message names the key and how to fix it."""
 
 
+def parse_file_mode(key: str, text: str) -> int:
+    """Permission bits from an octal string such as ``'0660'``; ValueError names ``key``."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{key}: {text!r} is not an octal mode like '0660'")
+    return mode
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Option:
     """One setting as the loader, the CLI and the config reference see it."""

@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import socket
-import stat
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from guest_client.settings import DEFAULT_STATUS_SOCKET
+from timesyncd.addresses import Address
+from timesyncd.transport import StreamListener, listen_stream
 
 __all__ = ["DEFAULT_STATUS_SOCKET", "StatusError", "StatusServer", "query_status"]
 
@@ -43,29 +44,26 @@ class StatusServer:
         self.path = path
         self.mode = mode
         self._provider = provider
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: StreamListener | None = None
         self._slots = asyncio.Semaphore(max_clients)
         self.errors: Counter[str] = Counter()
         self.served = 0
 
     async def start(self) -> None:
-        _remove_stale_socket(self.path)
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, mode=0o755, exist_ok=True)
-        self._server = await asyncio.start_unix_server(
-            self._handle, path=self.path, limit=MAX_REQUEST
+        # the transport replaces a stale socket, refuses a live one or a regular file, and
+        # on close unlinks the socket only if it is still ours
+        self._listener = await listen_stream(
+            Address("unix", path=self.path), self._handle, backlog=16, limit=MAX_REQUEST,
+            socket_mode=self.mode,
         )
-        os.chmod(self.path, self.mode)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -115,24 +113,6 @@ class StatusServer:
         writer.write(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
         await writer.drain()
 
-
-def _remove_stale_socket(path: str) -> None:
-    """Replace a socket left by a dead daemon; refuse to steal a live one or clobber a file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"status socket path {path} exists and is not a socket; remove it or "
-                      "choose another --status-socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # nobody listening: stale
-            return
-    raise OSError(f"status socket {path} is in use by a running daemon")
 
 
 def query_status(path: str = DEFAULT_STATUS_SOCKET, timeout: float = 2.0) -> dict[str, Any]:

@@ -73,11 +73,17 @@ def test_relay_returns_chronyd_reply_unchanged(chrony_server, tmp_path):  # noqa
             assert reply[24:32] == request[40:48]
             t2 = ntp_to_unix_ns(int.from_bytes(reply[32:40], "big"), t1)
             t3 = ntp_to_unix_ns(int.from_bytes(reply[40:48], "big"), t1)
-            offsets.append(((t1 - t2) + (t4 - t3)) / 2e9)  # guest minus server
+            offset = ((t1 - t2) + (t4 - t3)) / 2e9  # guest minus server
+            delay = ((t4 - t1) - (t3 - t2)) / 1e9
+            # guest and chronyd read the same machine clock, so each offset is pure path
+            # asymmetry: never more than half the round trip (plus timestamp rounding),
+            # however long a loaded machine kept either process off the CPU
+            assert abs(offset) <= delay / 2 + 2e-6, (offset, delay)
+            offsets.append(offset)
             rtts.append((t4 - t1) / 1e3)
             residences.append((r_in + r_out) / 1e3)
         assert len(seen) == 50
-        assert max(abs(o) for o in offsets) < 0.002
+        assert statistics.median(abs(o) for o in offsets) < 0.0005
         assert statistics.median(residences) < 2000
         print(f"\nvia relay to chronyd: median rtt {statistics.median(rtts):.0f} us, "
               f"median relay residence {statistics.median(residences):.0f} us, "

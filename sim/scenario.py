@@ -71,7 +71,8 @@ class Scenario:
     step_interval_s: float = field(default=300.0, metadata={
         "help": "step strategy: host time read over vsock this often"})
     sample_interval_s: float = field(default=60.0, metadata={
-        "help": "offset series resolution (plots, CSV, max |offset|)"})
+        "help": "offset series resolution for plots and CSV (max |offset| also counts every "
+        "token check, frequency change and step)"})
     network: NetworkParams = NetworkParams()
     tokens: TokenConfig = TokenConfig()
 

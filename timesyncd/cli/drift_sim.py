@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -161,11 +162,12 @@ def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bo
                else _doc(*next(iter(runs.values()))))
         click.echo(json.dumps(doc, indent=2))
     else:
-        out = click.get_text_stream("stdout")
         for s, (sc, results) in runs.items():
+            out = io.StringIO()
             write_tables(results, out, f"drift-sim: {sc.days:g} days, load {sc.load}, seed {s}, "
                          f"JWT leeway {sc.tokens.jwt_leeway_s:g} s, transit "
                          f"{sc.tokens.transit_s:g} s, X.509 backdate {sc.tokens.x509_backdate_s} s")
+            click.echo(out.getvalue(), nl=False)
     first_sc, first = next(iter(runs.values()))
     try:
         if csv_path:

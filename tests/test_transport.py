@@ -1,4 +1,4 @@
-"""Stream and UDP transports over AF_UNIX and loopback (AF_VSOCK is never connected here)."""
+"""Stream and UDP transports over AF_UNIX and loopback (vsock sockets are never opened here)."""
 
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ _FRAME_TYPES = frozenset(FRAME_NAMES)
 _HEADER = framing.HEADER
 _HEADER_SIZE = framing.HEADER.size
 _NTP_REQUEST = int(FrameType.NTP_REQUEST)
+_VERSION = framing.VERSION
 #: NTP_REPLY frame head: frame header + residence in/out (``framing.ntp_reply`` in one pack).
 REPLY_HEAD = struct.Struct(_HEADER.format + "II")
 
@@ -145,7 +146,7 @@ class GuestConnection(asyncio.Protocol):
         try:
             while n - off >= _HEADER_SIZE:
                 version, ftype, length, rid = unpack(data, off)
-                if version != framing.VERSION:
+                if version != _VERSION:
                     raise FramingError("bad_version",
                                        f"frame version {version}, expected {framing.VERSION}")
                 if ftype not in _FRAME_TYPES:
@@ -200,8 +201,10 @@ class GuestConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Queue encoded frame bytes (nothing once closing)."""
         if not self.closed:
-            with contextlib.suppress(Exception):  # a vanished peer ends in connection_lost
+            try:
                 self.transport.write(data)  # type: ignore[union-attr]
+            except Exception:  # a vanished peer ends in connection_lost
+                pass
 
     def send_frame(self, frame: framing.Frame) -> None:
         if self.closed:

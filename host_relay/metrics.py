@@ -37,20 +37,32 @@ RESIDENCE_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.00
 
 
 class Histogram:
-    """Fixed buckets, plain counts: ``observe`` is one bisect and two additions."""
+    """Fixed buckets, plain counts in integer nanoseconds: ``observe_ns`` is one bisect and
+    two integer additions (no float division on the hot path); seconds at scrape time."""
 
-    __slots__ = ("bounds", "counts", "total", "count")
+    __slots__ = ("bounds", "bounds_ns", "counts", "total_ns", "count")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
+        #: bucket ``i`` counts values <= bounds[i]; ns bounds are exact for these decimal bounds
+        self.bounds_ns = tuple(round(b * 1e9) for b in self.bounds)
         self.counts = [0] * (len(self.bounds) + 1)
-        self.total = 0.0
+        self.total_ns = 0
         self.count = 0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe_ns(self, value_ns: int) -> None:
+        self.counts[bisect.bisect_left(self.bounds_ns, value_ns)] += 1
+        self.total_ns += value_ns
         self.count += 1
+
+    def observe(self, value: float) -> None:
+        """Seconds (for callers that have them); stored in ns."""
+        self.observe_ns(round(value * 1e9))
+
+    @property
+    def total(self) -> float:
+        """Sum of observations in seconds."""
+        return self.total_ns / 1e9
 
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -73,7 +85,7 @@ class UpstreamFigures:
         """``reason`` as the upstream reports it: "" (a reply), "timeout", or an error."""
         if not reason:
             self.replies += 1
-            self.rtt.observe(rtt_ns / 1e9)
+            self.rtt.observe_ns(rtt_ns)
         elif reason == "timeout":
             self.timeouts += 1
         else:
@@ -98,7 +110,7 @@ class RelayMetrics:
         self.upstreams[name].errors[reason] += 1
 
     def observe_residence(self, residence_ns: int) -> None:
-        self.residence.observe(residence_ns / 1e9)
+        self.residence.observe_ns(residence_ns)
 
 
 class RelayCollector(Collector):

@@ -73,6 +73,8 @@ class RelayService:
         self.guests = GuestRegistry()
         self.metrics = RelayMetrics(names)
         self._figures = [self.metrics.upstreams[u.name] for u in self._upstreams]
+        self._residence = self.metrics.residence
+        self._max_pending = settings.max_pending
         self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight)
         self.metrics_registry = make_registry(self._collector)
         self._metrics_server: MetricsServer | None = None
@@ -285,7 +287,7 @@ class RelayService:
         if self._local is not None:
             self._answer_locally(conn, rid, packet, rx_ns)
             return
-        if len(conn.pending) >= self.settings.max_pending:
+        if len(conn.pending) >= self._max_pending:
             stats.errors["busy"] += 1
             conn.send_error(rid, ErrorCode.BUSY, "too many requests in flight")
             return
@@ -307,20 +309,22 @@ class RelayService:
         conn: GuestConnection = pending.owner
         conn.pending.discard(pending)
         upstream = pending.upstream
+        sent_ns = pending.sent_ns
         if reply is not None:
+            fig = self._figures[upstream.index]
+            fig.replies += 1
+            fig.rtt.observe_ns(at_ns - sent_ns)
             if not conn.closed:
-                out_ns = time.monotonic_ns()
-                r_in = pending.sent_ns - pending.rx_ns
-                r_out = out_ns - at_ns
+                r_in = sent_ns - pending.rx_ns
+                r_out = time.monotonic_ns() - at_ns
                 conn.write(REPLY_HEAD.pack(
                     framing.VERSION, _REPLY_TYPE, 8 + len(reply), pending.request_id,
                     r_in if r_in < _CLAMP else _CLAMP, r_out if r_out < _CLAMP else _CLAMP,
                 ) + reply)
                 self.stats.frames_out["NTP_REPLY"] += 1
-                self.metrics.residence.observe((r_in + r_out) / 1e9)
-            self._figures[upstream.index].result("", at_ns - pending.sent_ns)
+                self._residence.observe_ns(r_in + r_out)
             return
-        self._figures[upstream.index].result(reason, at_ns - pending.sent_ns)
+        self._figures[upstream.index].result(reason, at_ns - sent_ns)
         log.warning("upstream %s: request failed (%s)", upstream.name, reason,
                     extra={"event": "upstream_failure", "upstream": upstream.name,
                            "reason": reason})

@@ -8,19 +8,30 @@ Hot-path economy: results go to one callback fixed at construction (no closure p
 and timeouts need no timer per request: every request has the same timeout, so the in-flight
 dict's insertion order is deadline order and one timer, armed for the oldest request, sweeps
 the expired ones from the front. A cancelled request costs one dict delete.
+
+The socket is a plain non-blocking connected socket watched with ``loop.add_reader`` rather
+than a datagram transport: ``send`` goes straight to the kernel, and a read wake-up calls
+``recv`` only while requests are in flight. A transport would turn the peer address of every
+datagram into a ``(str, int)`` tuple (``inet_ntop``) and read until EAGAIN, one wasted
+``recvmsg`` per exchange at one guest; the connected socket already drops other peers. The
+loop's readiness is level-triggered, so a datagram left unread (nothing in flight, or the
+per-wake-up bound reached) wakes the reader again on the next turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from host_relay.stats import RelayStats
 from timesyncd.addresses import Address
-from timesyncd.transport import UdpEndpoint, open_udp
+from timesyncd.packet import MAX_PACKET_LEN
+from timesyncd.transport import TransportError
+from timesyncd.transport.udp import _set_buffer  # the one SO_*BUFFORCE policy
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +41,8 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 _XMT = slice(40, 48)  # transmit timestamp of a request
 _ORG = slice(24, 32)  # origin timestamp of a reply
+#: Datagrams read per wake-up at most, so a flooding upstream cannot starve the guests.
+_READS_PER_WAKEUP = 256
 
 
 class UpstreamError(Exception):
@@ -73,14 +86,43 @@ class Upstream:
         self._on_result = on_result
         self._buffer_bytes = buffer_bytes
         self._pending: dict[bytes, Pending] = {}
-        self._endpoint: UdpEndpoint | None = None
+        self._sock: socket.socket | None = None
+        self._send: Callable[[bytes], int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._endpoint = await open_udp(self.address, self._on_datagram, self._on_error,
-                                        buffer_bytes=self._buffer_bytes)
+        """Resolve, connect and watch the socket; raises ``TransportError`` on failure."""
+        addr = self.address
+        if addr.kind != "udp":
+            raise TransportError("bad_address", f"{addr} is not a udp: address")
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
+            family, _, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        except OSError as exc:
+            raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
+        try:
+            sock.setblocking(False)
+            sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
+        if self._buffer_bytes > 0:
+            try:
+                _set_buffer(sock, socket.SO_RCVBUF, self._buffer_bytes)
+                _set_buffer(sock, socket.SO_SNDBUF, self._buffer_bytes)
+            except OSError as exc:
+                log.warning("%s: could not size socket buffers: %s", addr, exc)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < self._buffer_bytes:
+                log.warning("%s: receive buffer is below %d bytes (raise net.core.rmem_max "
+                            "or grant CAP_NET_ADMIN); replies to many guests polling at once "
+                            "may be dropped", addr, self._buffer_bytes)
+        self._loop = loop
+        self._sock = sock
+        self._send = sock.send
+        loop.add_reader(sock.fileno(), self._readable)
 
     @property
     def in_flight(self) -> int:
@@ -88,18 +130,29 @@ class Upstream:
 
     @property
     def foreign_datagrams(self) -> int:
-        return self._endpoint.foreign if self._endpoint is not None else 0
+        """Always 0: the socket is connected, so the kernel drops other peers' datagrams."""
+        return 0
+
+    @property
+    def local_address(self) -> Any:
+        """The socket's own address (where the upstream's replies go), or None if closed."""
+        return self._sock.getsockname() if self._sock is not None else None
 
     @property
     def buffer_sizes(self) -> tuple[int, int]:
         """Effective (SO_RCVBUF, SO_SNDBUF) of the upstream socket."""
-        return self._endpoint.buffer_sizes() if self._endpoint is not None else (0, 0)
+        sock = self._sock
+        if sock is None:
+            return 0, 0
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
     def submit(self, packet: bytes, owner: Any, request_id: int, rx_ns: int) -> Pending:
         """Send ``packet`` (at least 48 bytes) now; the result callback gets the returned
-        :class:`Pending` exactly once later, unless :meth:`cancel` is called first."""
-        endpoint = self._endpoint
-        if endpoint is None or endpoint.closed:
+        :class:`Pending` exactly once later, unless :meth:`cancel` is called first. A full
+        send buffer or a pending ICMP error raises ``OSError``."""
+        send = self._send
+        if send is None:
             raise UpstreamError("upstream_closed", f"upstream {self.name} is not open")
         key = packet[_XMT]
         pending_map = self._pending
@@ -107,7 +160,8 @@ class Upstream:
             raise UpstreamError(
                 "duplicate_transmit", "a request with this transmit timestamp is in flight"
             )
-        sent_ns = endpoint.send(packet)
+        sent_ns = time.monotonic_ns()
+        send(packet)
         pending = Pending(key, owner, request_id, rx_ns, sent_ns, sent_ns + self._timeout_ns,
                           self)
         pending_map[key] = pending
@@ -132,10 +186,32 @@ class Upstream:
         pending, self._pending = list(self._pending.values()), {}
         for p in pending:
             self._on_result(p, None, now, "closed")
-        if self._endpoint is not None:
-            self._endpoint.close()
+        sock, self._sock, self._send = self._sock, None, None
+        if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
 
     # --- internals -------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        """Read while requests are in flight (see the module doc), stamping each datagram."""
+        sock = self._sock
+        if sock is None:
+            return
+        recv = sock.recv
+        on_datagram = self._on_datagram
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                data = recv(MAX_PACKET_LEN)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP error on the connected socket, e.g. refused
+                self._on_error(type(exc).__name__)
+                return
+            on_datagram(data, time.monotonic_ns())
+            if not self._pending or self._sock is None:  # nothing expected, or closed
+                return
 
     def _on_datagram(self, data: bytes, rx_ns: int) -> None:
         pending = self._pending.pop(data[_ORG], None) if len(data) >= 48 else None

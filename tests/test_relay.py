@@ -170,7 +170,7 @@ def test_unsolicited_and_duplicate_replies_are_dropped_and_counted(tmp_path):
         guest.request(1, 0, packet)
         assert (await guest.recv()).type == FrameType.NTP_REPLY
         # the upstream repeats itself, invents a reply nobody asked for, and sends junk
-        relay_side = relay._upstreams[0]._endpoint._transport.get_extra_info("sockname")
+        relay_side = relay._upstreams[0].local_address
         for junk in (echo_reply(packet), echo_reply(client_packet()), b"tiny"):
             up.transport.sendto(junk, relay_side)
         for _ in range(100):

@@ -110,7 +110,7 @@ def test_1000_replies_arriving_at_once_are_all_delivered(tmp_path, loop_kind):
         guest.writer.write(b"".join(framing.ntp_request(rid, 0, client_packet()).encode()
                                     for rid in range(n)))
         await wait_until(lambda: len(upstream.received) == n)
-        relay_side = relay._upstreams[0]._endpoint._transport.get_extra_info("sockname")
+        relay_side = relay._upstreams[0].local_address
         for req in upstream.received:  # all sent before the relay's loop can read any
             upstream.transport.sendto(echo_reply(req), relay_side)
         replies = [await guest.recv(timeout=5.0) for _ in range(n)]

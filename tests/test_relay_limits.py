@@ -230,7 +230,7 @@ def test_disconnect_cancels_pending_upstream_work(tmp_path):
         assert len(asyncio.all_tasks()) == baseline_tasks
         assert relay.stats.upstream_timeouts == 0  # timers were cancelled, not left to fire
         # the upstream answers late: dropped as unsolicited, nothing written anywhere
-        relay_side = relay._upstreams[0]._endpoint._transport.get_extra_info("sockname")
+        relay_side = relay._upstreams[0].local_address
         for req in held:
             silent.transport.sendto(echo_reply(req), relay_side)
         await wait_until(lambda: relay.stats.upstream_unsolicited == 10)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import ntplib
 import pytest
+from loops import LOOPS, run
 from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
 
 from host_relay.service import RelayService
@@ -16,20 +16,6 @@ from timesyncd import framing
 from timesyncd.framing import ErrorCode, FrameType
 from timesyncd.ntptime import unix_ns_to_ntp
 from timesyncd.packet import ExtensionField, ExtType, NtpPacket
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None  # type: ignore[assignment]
-
-LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], loop_kind: str = "asyncio") -> None:
-    if loop_kind == "uvloop":
-        uvloop.run(coro_fn())  # type: ignore[union-attr]
-    else:
-        asyncio.run(coro_fn())
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
+from loops import LOOPS, run
 from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
 
 from host_relay.connection import MAX_WRITE_BUFFER, REPLY_HEAD
@@ -19,20 +20,6 @@ from timesyncd import framing
 from timesyncd.addresses import parse_address
 from timesyncd.framing import ErrorCode, FrameType
 from timesyncd.transport import open_udp
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None  # type: ignore[assignment]
-
-LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], loop_kind: str = "asyncio") -> None:
-    if loop_kind == "uvloop":
-        uvloop.run(coro_fn())  # type: ignore[union-attr]
-    else:
-        asyncio.run(coro_fn())
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> None:

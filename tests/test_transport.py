@@ -5,26 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
+from loops import LOOPS, run
 
 from timesyncd.addresses import parse_address
 from timesyncd.transport import TransportError, listen_stream, open_stream, open_udp
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None  # type: ignore[assignment]
-
-LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], loop_kind: str = "asyncio") -> None:
-    if loop_kind == "uvloop":
-        uvloop.run(coro_fn())  # type: ignore[union-attr]
-    else:
-        asyncio.run(coro_fn())
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,20 @@
+"""Run a test coroutine on plain asyncio or uvloop: the relay must work on both."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None  # type: ignore[assignment]
+
+LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
+
+
+def run(coro_fn: Callable[[], Awaitable[None]], loop_kind: str = "asyncio") -> None:
+    if loop_kind == "uvloop":
+        uvloop.run(coro_fn())  # type: ignore[union-attr]
+    else:
+        asyncio.run(coro_fn())  # type: ignore[arg-type]

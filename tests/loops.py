@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 try:
     import uvloop
@@ -13,8 +14,8 @@ except ImportError:  # pragma: no cover
 LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
 
 
-def run(coro_fn: Callable[[], Awaitable[None]], loop_kind: str = "asyncio") -> None:
+def run(coro_fn: Callable[[], Coroutine[Any, Any, None]], loop_kind: str = "asyncio") -> None:
     if loop_kind == "uvloop":
         uvloop.run(coro_fn())  # type: ignore[union-attr]
     else:
-        asyncio.run(coro_fn())  # type: ignore[arg-type]
+        asyncio.run(coro_fn())

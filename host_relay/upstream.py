@@ -31,7 +31,7 @@ from host_relay.stats import RelayStats
 from timesyncd.addresses import Address
 from timesyncd.packet import MAX_PACKET_LEN
 from timesyncd.transport import TransportError
-from timesyncd.transport.udp import _set_buffer  # the one SO_*BUFFORCE policy
+from timesyncd.transport.udp import size_buffers
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,7 @@ class Upstream:
             sock.close()
             raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
         if self._buffer_bytes > 0:
-            try:
-                _set_buffer(sock, socket.SO_RCVBUF, self._buffer_bytes)
-                _set_buffer(sock, socket.SO_SNDBUF, self._buffer_bytes)
-            except OSError as exc:
-                log.warning("%s: could not size socket buffers: %s", addr, exc)
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < self._buffer_bytes:
-                log.warning("%s: receive buffer is below %d bytes (raise net.core.rmem_max "
-                            "or grant CAP_NET_ADMIN); replies to many guests polling at once "
-                            "may be dropped", addr, self._buffer_bytes)
+            size_buffers(sock, self._buffer_bytes, str(addr))
         self._loop = loop
         self._sock = sock
         self._send = sock.send

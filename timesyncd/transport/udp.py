@@ -111,6 +111,21 @@ def _set_buffer(sock: Any, option: int, size: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
+def size_buffers(sock: Any, size: int, label: str) -> None:
+    """Ask for ``size``-byte receive and send buffers (best effort), and warn when the kernel
+    granted less: replies to many guests polling at once would then be dropped."""
+    try:
+        _set_buffer(sock, socket.SO_RCVBUF, size)
+        _set_buffer(sock, socket.SO_SNDBUF, size)
+    except OSError as exc:
+        log.warning("%s: could not size socket buffers: %s", label, exc)
+    rcv = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if rcv < size:  # Linux reports twice the requested size when granted
+        log.warning("%s: receive buffer is %d bytes, asked for %d (raise net.core.rmem_max or "
+                    "grant CAP_NET_ADMIN); replies to many guests polling at once may be "
+                    "dropped", label, rcv, size)
+
+
 async def open_udp(
     remote: Address | str, on_datagram: DatagramCallback,
     on_error: ErrorCallback | None = None, *, buffer_bytes: int = 0,
@@ -128,15 +143,5 @@ async def open_udp(
     except OSError as exc:
         raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
     if buffer_bytes > 0:
-        sock = transport.get_extra_info("socket")
-        try:
-            _set_buffer(sock, socket.SO_RCVBUF, buffer_bytes)
-            _set_buffer(sock, socket.SO_SNDBUF, buffer_bytes)
-        except OSError as exc:
-            log.warning("%s: could not size socket buffers: %s", addr, exc)
-        rcv, _ = endpoint.buffer_sizes()
-        if rcv < buffer_bytes:  # Linux reports twice the requested size when granted
-            log.warning("%s: receive buffer is %d bytes, asked for %d (raise "
-                        "net.core.rmem_max or grant CAP_NET_ADMIN); replies to many guests "
-                        "polling at once may be dropped", addr, rcv, buffer_bytes)
+        size_buffers(transport.get_extra_info("socket"), buffer_bytes, str(addr))
     return endpoint

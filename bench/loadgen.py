@@ -260,9 +260,10 @@ def run_steady(args: argparse.Namespace) -> dict[str, Any]:
                 run.errors["unanswered"] += outstanding
                 break
         for fd, _ in events:
-            conn = run.conns.get(fd)
-            if conn is None:
+            found = run.conns.get(fd)
+            if found is None:
                 continue
+            conn = found
             try:
                 data = conn.sock.recv(65536)
             except BlockingIOError:
@@ -352,9 +353,10 @@ def run_churn(args: argparse.Namespace) -> dict[str, Any]:
                 run.errors["unanswered"] += active
                 break
         for fd, _ in events:
-            conn = run.conns.get(fd)
-            if conn is None:
+            found = run.conns.get(fd)
+            if found is None:
                 continue
+            conn = found
             try:
                 data = conn.sock.recv(65536)
             except BlockingIOError:
@@ -381,12 +383,12 @@ def run_churn(args: argparse.Namespace) -> dict[str, Any]:
                             conn.rid = run.rid
                             conn.sock.send(_frame(_NTP_REQUEST, conn.rid, b"\x00" + packet))
                 if not done and (not relay or conn.phase == 1):
-                    packet = _take_reply(run, conn)
-                    if packet is not None:
+                    reply = _take_reply(run, conn)
+                    if reply is not None:
                         done = True
-                        if packet and _reply_ok(packet, conn.cookie):
+                        if reply and _reply_ok(reply, conn.cookie):
                             run.record(conn.t0, now)
-                        elif packet:
+                        elif reply:
                             run.errors["bad_reply"] += 1
             if done:
                 run.close(conn)

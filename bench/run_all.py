@@ -172,7 +172,7 @@ def bench_forwarding(args: argparse.Namespace, procs: Procs, tmp: Path, port: in
     results: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeats):
         for conns in (1, 100):
-            cases = [
+            cases: list[tuple[str, dict[str, Any], dict[str, int]]] = [
                 ("udp", {"udp_port": port}, {}),
                 ("socat", {"path": socat_path}, {"forwarder": socat.pid}),
                 ("relay", {"path": relay_path}, {"forwarder": relay.pid}),
@@ -224,7 +224,7 @@ def bench_guest(args: argparse.Namespace, procs: Procs, tmp: Path, port: int) ->
     cpu1 = procstat.sched_cpu_seconds(guest.pid)
     t1 = time.monotonic()
     ticks = procstat.cpu_seconds(guest.pid)
-    out = {
+    out: dict[str, Any] = {
         "window_s": round(t1 - t0, 1),
         "cpu_window_s": round(cpu1 - cpu0, 4),
         "cpu_ticks_total_s": ticks,

@@ -367,9 +367,10 @@ class GuestDaemon:
     def _log_changes(self) -> None:
         st = self.controller.status(self.clock.now_ns())
         if st.state != self._last_state:
-            log.info("state %s -> %s (offset %s, frequency %+.3f ppm)", self._last_state,
-                     st.state, "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
-                     st.frequency_ppm)
+            if self._last_state is not None:  # the start-up state is in "daemon started"
+                log.info("state %s -> %s (offset %s, frequency %+.3f ppm)", self._last_state,
+                         st.state, "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
+                         st.frequency_ppm)
             self._last_state = st.state
         if st.refused_jumps > self._last_refused:
             log.warning("refused a time jump reported by the sources (%d refused so far); "

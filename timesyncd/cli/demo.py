@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +96,9 @@ async def run_demo(duration: float, freq_ppm: float, offset_s: float,
 def demo(ctx: click.Context, duration: float, freq_ppm: float, offset: float) -> None:
     """Relay + guest on a Unix socket: watch a drifting software clock converge."""
     loop = (ctx.obj or {}).get("loop", "auto")
+    if logging.getLogger().level > logging.DEBUG:  # keep service chatter out of the live table
+        for name in ("host_relay", "guest_client"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     summary = run_until_signal(lambda stop: run_demo(duration, freq_ppm, offset, stop), loop)
     conv = summary.converged_after_s
     click.echo("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -13,7 +14,8 @@ from sim.scenario import DAY_S, RateModel, Scenario
 from sim.strategies import STRATEGY_FUNCS, SimInputs
 from sim.tokens import NS, OffsetLookup, TokenSchedule
 
-Progress = Callable[[str], None]
+#: Called with a strategy's name and the fraction of it done (0 when it starts).
+Progress = Callable[[str, float], None]
 
 
 def build_inputs(scenario: Scenario, load: LoadProfile | None = None) -> SimInputs:
@@ -41,10 +43,12 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
     all_s = np.unique(np.concatenate([series_s, token_s]))
     results: dict[str, StrategyResult] = {}
     for name in scenario.strategies:
+        report = None
         if progress:
-            progress(name)
+            progress(name, 0.0)
+            report = functools.partial(progress, name)
         started = time.perf_counter()
-        traj = STRATEGY_FUNCS[name](inputs, all_s)
+        traj = STRATEGY_FUNCS[name](inputs, all_s, report)
         offsets = traj.offsets_s
         lookup = OffsetLookup(token_ns, np.rint(offsets[np.searchsorted(all_s, token_s)] * NS)
                               .astype(np.int64))

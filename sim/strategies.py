@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 FloatArray = npt.NDArray[np.float64]
 
+#: Called with the fraction of a strategy's virtual time simulated so far (0..1].
+Fraction = Callable[[float], None]
+PROGRESS_CHUNKS = 50
+
 
 @dataclass
 class SimInputs:
@@ -57,7 +61,8 @@ def free_offset_s(inputs: SimInputs, times_s: FloatArray) -> FloatArray:
     return inputs.rate.oscillator.phase_to_array(np.asarray(times_s, dtype=np.float64))
 
 
-def run_none(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+def run_none(inputs: SimInputs, times_s: FloatArray,
+             progress: Fraction | None = None) -> Trajectory:
     return Trajectory(inputs.scenario.initial_offset_s + free_offset_s(inputs, times_s))
 
 
@@ -77,7 +82,8 @@ def in_outage(inputs: SimInputs, at_s: FloatArray) -> npt.NDArray[np.bool_]:
     return down
 
 
-def run_step(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+def run_step(inputs: SimInputs, times_s: FloatArray,
+             progress: Fraction | None = None) -> Trajectory:
     """Every interval: request over vsock, host reads its clock, guest sets it on arrival."""
     sc = inputs.scenario
     rng = np.random.default_rng([sc.seed, 0x57E9])
@@ -134,13 +140,23 @@ def build_engine(inputs: SimInputs) -> Engine:
     return engine
 
 
-def run_discipline(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
+def run_discipline(inputs: SimInputs, times_s: FloatArray,
+                   progress: Fraction | None = None) -> Trajectory:
     """One pass of the engine to the end, then the clock's offset at every requested instant
-    from its anchors (exactly what reading it there during the run would have given)."""
+    from its anchors (exactly what reading it there during the run would have given).
+
+    With ``progress`` the engine runs in chunks (it continues exactly where it stopped) and
+    reports the fraction of virtual time done after each."""
     engine = build_engine(inputs)
     clock = engine.clock
     end = max(inputs.scenario.duration_s, float(times_s[-1]) if len(times_s) else 0.0)
-    engine.run(end)
+    if progress is None:
+        engine.run(end)
+    else:
+        chunks = PROGRESS_CHUNKS
+        for i in range(1, chunks + 1):
+            engine.run(end * i / chunks)
+            progress(i / chunks)
     offsets = clock.offsets_at(times_s)
     jump_t = np.array([t for t, _ in clock.steps])
     jumps = np.array([ns / 1e9 for _, ns in clock.steps])
@@ -154,7 +170,7 @@ def run_discipline(inputs: SimInputs, times_s: FloatArray) -> Trajectory:
                       breakpoint_offsets_s=np.concatenate([bp_offsets, before]))
 
 
-STRATEGY_FUNCS: dict[str, Callable[[SimInputs, FloatArray], Trajectory]] = {
+STRATEGY_FUNCS: dict[str, Callable[[SimInputs, FloatArray, Fraction | None], Trajectory]] = {
     "none": run_none,
     "step": run_step,
     "discipline": run_discipline,

@@ -37,11 +37,13 @@ class _Progress:
         self.started = time.monotonic()
         self.shown = False
 
-    def __call__(self, label: str) -> None:
-        self.done += 1
+    def __call__(self, label: str, fraction: float) -> None:
+        if fraction == 0.0:
+            self.done += 1  # a new strategy (or seed) starts
         if self.enabled and time.monotonic() - self.started > 1.0:
             width = 30
-            filled = width * (self.done - 1) // max(self.total, 1)
+            overall = (self.done - 1 + fraction) / max(self.total, 1)
+            filled = int(width * overall)
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
                               f"{self.done}/{self.total} {label:<12}")
             self.stream.flush()

@@ -73,6 +73,8 @@ class RelayService:
         self.guests = GuestRegistry()
         self.metrics = RelayMetrics(names)
         self._figures = [self.metrics.upstreams[u.name] for u in self._upstreams]
+        # host-clock mode reports as one upstream, "local", so per-upstream views aren't empty
+        self._local_figures = self.metrics.upstreams[names[0]] if self._local else None
         self._residence = self.metrics.residence
         self._max_pending = settings.max_pending
         self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight)
@@ -335,16 +337,20 @@ class RelayService:
 
     def _answer_locally(self, conn: GuestConnection, rid: int, packet: bytes,
                         rx_ns: int) -> None:
-        assert self._local is not None
+        assert self._local is not None and self._local_figures is not None
+        figures = self._local_figures
+        figures.requests += 1
         start_ns = time.monotonic_ns()
         try:
             reply = self._local.answer(packet)
         except PacketError as exc:
             self.stats.errors["bad_packet"] += 1
+            figures.result("bad_packet", 0)
             conn.send_error(rid, ErrorCode.BAD_FRAME, str(exc))
             return
         done_ns = time.monotonic_ns()
         self.stats.local_replies += 1
+        figures.result("", done_ns - start_ns)
         self.metrics.observe_residence(done_ns - rx_ns)
         conn.send_frame(framing.ntp_reply(rid, reply, start_ns - rx_ns,
                                           time.monotonic_ns() - done_ns))

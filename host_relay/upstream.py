@@ -171,13 +171,7 @@ class Upstream:
             self._sweeper = None
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        now = time.monotonic_ns()
-        pending, self._pending = list(self._pending.values()), {}
-        for p in pending:
-            self._on_result(p, None, now, "closed")
+        self._fail_all("closed")
         sock, self._sock, self._send = self._sock, None, None
         if sock is not None:
             if self._loop is not None and not self._loop.is_closed():
@@ -236,10 +230,14 @@ class Upstream:
         # ICMP errors on a connected socket say the upstream is unreachable; fail fast.
         self._stats.upstream_errors += 1
         log.debug("upstream %s: %s; failing %d pending", self.name, reason, len(self._pending))
+        self._fail_all("unreachable")
+
+    def _fail_all(self, reason: str) -> None:
+        """Stop the timeout sweep and report every pending request as failed with ``reason``."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         now = time.monotonic_ns()
         pending, self._pending = list(self._pending.values()), {}
         for p in pending:
-            self._on_result(p, None, now, "unreachable")
+            self._on_result(p, None, now, reason)

@@ -180,3 +180,25 @@ def test_deployment_doc_names_every_deploy_file() -> None:
     for path in DEPLOY.rglob("*"):
         if path.is_file():
             assert path.name in doc, f"docs/DEPLOYMENT.md does not mention {path.name}"
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `timesync ...` command in the README's shell blocks (continuations joined)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|;|&(?!&)", line.split("#")[0]):
+                argv = shlex.split(part)
+                if argv and argv[0] == "timesync":
+                    commands.append(argv)
+    return commands
+
+
+def test_readme_commands_parse_with_the_real_cli() -> None:
+    commands = _readme_commands()
+    assert len(commands) >= 7, commands  # demo, drift-sim, relay x2, guest x2, wait-sync, status
+    for argv in commands:
+        name, ctx = parse_cli(argv)
+        ctx.close()
+        assert name in {"demo", "drift-sim", "relay", "guest", "wait-sync", "status"}, argv

@@ -1,5 +1,5 @@
-"""Relay framing: how NTP packets (and, later, byte streams and health reports) travel over
-one vsock or Unix stream between guest and relay. Sans-IO: bytes in, frames out.
+"""Relay framing: how NTP packets, NTS-KE byte streams and health reports travel over one
+vsock or Unix stream between guest and relay. Sans-IO: bytes in, frames out.
 
 Wire format, all big-endian::
 

@@ -1,6 +1,6 @@
 """The one I/O module of the NTS package: drive an :class:`NtsKeSession` over an asyncio stream.
 
-Works over any byte stream (a TCP connection in tests, later the relay's tunnelled stream);
+Works over any byte stream (a TCP connection in tests, the relay's STREAM_* tunnel in the guest);
 the caller bounds the whole exchange with a timeout.
 """
 

@@ -1,7 +1,8 @@
 """The one I/O module of the NTS package: drive an :class:`NtsKeSession` over an asyncio stream.
 
-Works over any byte stream (a TCP connection in tests, the relay's STREAM_* tunnel in the guest);
-the caller bounds the whole exchange with a timeout.
+Works over any asyncio byte stream, e.g. a direct TCP connection to an NTS-KE server (the
+guest daemon drives the same sans-IO session over the relay's STREAM_* frames itself, in
+``guest_client.nts_manager``); the caller bounds the whole exchange with a timeout.
 """
 
 from __future__ import annotations

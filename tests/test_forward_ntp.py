@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import socket
 import time
+from pathlib import Path
 
 import ntplib
 import pytest
@@ -12,6 +15,8 @@ from guest_fakes import FakeRelay
 
 from guest_client.forward_ntp import NtpForwarder
 from guest_client.relay_link import RelayLink
+from host_relay.service import RelayService
+from host_relay.settings import RelaySettings
 
 
 async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -85,6 +90,46 @@ def test_forwarder_pending_table_is_bounded() -> None:
             # unanswered requests time out and free their slots
             await wait_for(lambda: fwd.pending == 0, timeout=3)
             assert fwd.counters["failed_timeout"] == 4
+        finally:
+            fwd.close()
+            await link.stop()
+            await relay.stop()
+
+    asyncio.run(main())
+
+
+def test_unmodified_chronyd_gets_time_through_forwarder(tmp_path: Path) -> None:
+    """chronyd as the guest's own NTP client (`-Q`: measure and print, never correct the
+    clock; `-x` as well) syncs through --forward-ntp, the relay, and the host clock."""
+    chronyd = "/usr/sbin/chronyd"
+    if not os.path.exists(chronyd):
+        pytest.skip("chronyd not installed")
+
+    async def main() -> None:
+        sock = tmp_path / "relay.sock"
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",)))
+        await relay.start()
+        link = RelayLink(f"unix:{sock}", "fwd-chronyd", rx_clock=time.time_ns,
+                         on_up=lambda ups: None, on_down=lambda r: None)
+        fwd = NtpForwarder("udp:127.0.0.1:0", link, max_pending=8)
+        await fwd.start()
+        await link.start()
+        try:
+            await wait_for(lambda: link.connected)
+            host, port = fwd.bound[:2]
+            proc = await asyncio.create_subprocess_exec(
+                chronyd, "-Q", "-x", "-u", "root", "-f", "/dev/null", "-t", "20",
+                f"server {host} port {port} iburst maxsamples 4", "cmdport 0",
+                f"pidfile {tmp_path / 'chronyd.pid'}",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            text = out.decode()
+            assert proc.returncode == 0, text
+            # chronyd reports the measured offset of the host clock (the machine's own)
+            match = re.search(r"System clock wrong by (-?[0-9.]+) seconds \(ignored\)", text)
+            assert match, text
+            assert abs(float(match.group(1))) < 0.005
+            assert fwd.counters["answered"] >= 1 and fwd.pending == 0
         finally:
             fwd.close()
             await link.stop()

@@ -12,8 +12,10 @@ MAX_OFFSET="${TIMESYNC_MAX_OFFSET:-0.005}"      # seconds
 WAIT_S="${TIMESYNC_WAIT_S:-120}"
 
 mkdir -p "$(dirname "$STATUS_SOCKET")"
+# --leap-mode ignore: the parent relays to Amazon Time Sync, which smears leap seconds; use
+# --leap-mode kernel instead if your relay's upstreams announce leap seconds (docs/DEPLOYMENT.md)
 timesync --log-json guest --relay "$RELAY" --clock system --name "$NAME" \
-    --status-socket "$STATUS_SOCKET" &
+    --leap-mode ignore --status-socket "$STATUS_SOCKET" &
 DAEMON_PID=$!
 
 if ! timesync wait-sync --socket "$STATUS_SOCKET" --max-offset "$MAX_OFFSET" \

@@ -32,6 +32,10 @@ from timesyncd.filter import (
 
 #: The runs test never shrinks a window below this many samples.
 MIN_WINDOW = 16
+#: Runs-test threshold, standard deviations (about 1 % one-sided). Each update runs the test
+#: and a failure prunes the window for good, so at 5 % false alarms under heavy queueing
+#: (vsock at peak load) cut the window to a few minutes of noisy samples every few hours.
+RUNS_Z = 2.33
 #: Error bounds of older samples widen by this many slope standard errors per second of age.
 BOUND_SLOPE_SDS = 4.0
 
@@ -211,7 +215,7 @@ def _envelope(order: list[tuple[float, int]], X: list[float], a: int, slope: flo
 
 
 def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0,
-        runs_z: float = 1.64, floor: float | None = None) -> Estimate | None:
+        runs_z: float = RUNS_Z, floor: float | None = None) -> Estimate | None:
     """Estimate offset (at ``at_x``) and slope from a source's samples, oldest first.
 
     The window starts at all samples and shrinks (oldest dropped, in quarters) until the
@@ -245,7 +249,7 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
 
 
 def fit_filter(f: SampleFilter, at_x: float, prior_slope: float = 0.0,
-               runs_z: float = 1.64) -> Estimate | None:
+               runs_z: float = RUNS_Z) -> Estimate | None:
     """:func:`fit` on a source's filter, with the path floor it tracks (no copies)."""
     if len(f) < 2:
         latest = f.latest()
@@ -253,7 +257,7 @@ def fit_filter(f: SampleFilter, at_x: float, prior_slope: float = 0.0,
     return fit_window(f.window, at_x, runs_z, bounded=True)
 
 
-def fit_window(win: FitWindow, at_x: float, runs_z: float = 1.64,
+def fit_window(win: FitWindow, at_x: float, runs_z: float = RUNS_Z,
                bounded: bool = True) -> Estimate:
     """:func:`fit` on a window of at least two rows; ``bounded`` applies the error bounds."""
     n = len(win)

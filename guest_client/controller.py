@@ -34,6 +34,7 @@ from timesyncd.discipline import (
     DisciplineConfig,
     Estimate,
     PollState,
+    fit_early,
     fit_filter,
     slew_plan,
 )
@@ -488,7 +489,10 @@ class GuestController:
         """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
         if src.dirty or src.estimate is None:
             src.dirty = False
-            est = fit_filter(src.filter, x_now, self._slope)
+            n = len(src.filter)
+            # a filling window's floor is unknown: fit_early does not trust it
+            est = (fit_early(src.filter.samples, x_now, self._slope) if 2 <= n < MIN_WINDOW
+                   else fit_filter(src.filter, x_now, self._slope))
             if est is None:
                 return None
             src.filter.prune(est.used)

@@ -6,7 +6,14 @@ import pytest
 
 from sim.clock import SimClock
 from sim.oscillator import Oscillator
-from timesyncd.discipline import CorrectionModel, DisciplineConfig, PollState, fit, slew_plan
+from timesyncd.discipline import (
+    CorrectionModel,
+    DisciplineConfig,
+    PollState,
+    fit,
+    fit_early,
+    slew_plan,
+)
 from timesyncd.filter import FilteredSample
 
 
@@ -112,3 +119,53 @@ def test_error_bounds_beat_least_squares_under_queueing() -> None:
             errors[bounded].append(abs(est.offset - (0.002 + 3e-6 * 127 * 32.0)))
     assert max(errors[True]) < 200e-6
     assert sum(errors[True]) < 0.65 * sum(errors[False])
+
+
+def _queued(seed: int, n: int, dt: float, queue_s: float, slope: float) -> list[FilteredSample]:
+    """Samples of a clock with native ``slope`` behind exponential queueing both ways."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        out, back = rng.expovariate(1 / queue_s), rng.expovariate(1 / queue_s)
+        x = i * dt
+        samples.append(FilteredSample(x, slope * x + (out - back) / 2, 500e-6 + out + back,
+                                      0.0, 1e-3))
+    return samples
+
+
+def test_early_fit_keeps_a_burst_slope_sane_under_queueing() -> None:
+    """A start-up burst (2 s apart, 3 ms queueing): trusting the smallest delay so far as
+    the floor gives slopes hundreds of ppm off; the early fit stays near the prior."""
+    worst_floor = worst_early = 0.0
+    for n in (2, 4, 8, 12):
+        for seed in range(50):
+            s = _queued(seed, n, 2.0, 3e-3, -12e-6)
+            floored = fit(s, s[-1].x, floor=min(p.delay_s for p in s))
+            assert floored is not None
+            early = fit_early(s, s[-1].x, prior_slope=-10e-6)
+            worst_floor = max(worst_floor, abs(floored.slope + 12e-6))
+            worst_early = max(worst_early, abs(early.slope + 12e-6))
+            assert early.used == early.total == n
+    assert worst_floor > 400e-6
+    assert worst_early < 40e-6
+
+
+def test_early_fit_follows_the_data_over_a_longer_span() -> None:
+    """The prior only holds over seconds: four samples 16 s apart find a 100 ppm clock."""
+    for seed in range(50):
+        s = _queued(seed, 4, 16.0, 100e-6, 100e-6)
+        est = fit_early(s, s[-1].x)
+        assert 90e-6 < est.slope < 102e-6
+        assert abs(est.offset - 100e-6 * s[-1].x) < 200e-6
+
+
+def test_runs_test_rarely_prunes_a_straight_line_under_queueing() -> None:
+    """Each update runs the test and a failure prunes for good: on a true line behind heavy
+    queueing (4.5 ms, vsock at peak) false alarms must stay rare."""
+    pruned = 0
+    for seed in range(200):
+        s = _queued(seed, 128, 32.0, 4.5e-3, -12e-6)
+        est = fit(s, s[-1].x, floor=500e-6)
+        assert est is not None
+        pruned += est.used < est.total
+    assert pruned <= 4  # 2 % (z = 1.64 pruned 3.5 %)

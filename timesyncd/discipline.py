@@ -36,6 +36,10 @@ MIN_WINDOW = 16
 #: and a failure prunes the window for good, so at 5 % false alarms under heavy queueing
 #: (vsock at peak load) cut the window to a few minutes of noisy samples every few hours.
 RUNS_Z = 2.33
+#: Ridge width on the slope while a window fills (fraction): how far a few seconds of samples
+#: may move the frequency from the current estimate. A longer span's data outweighs it (the
+#: 100 ppm lan-reference clock still converges in 17 s); see :func:`fit_early`.
+PRIOR_SLOPE_SD = 30e-6
 #: Error bounds of older samples widen by this many slope standard errors per second of age.
 BOUND_SLOPE_SDS = 4.0
 
@@ -255,6 +259,37 @@ def fit_filter(f: SampleFilter, at_x: float, prior_slope: float = 0.0,
         latest = f.latest()
         return fit([latest] if latest is not None else [], at_x, prior_slope, runs_z)
     return fit_window(f.window, at_x, runs_z, bounded=True)
+
+
+def fit_early(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0,
+              prior_sd: float = PRIOR_SLOPE_SD) -> Estimate:
+    """Line fit for a window still filling (at least two samples), when the path's floor is
+    unknown.
+
+    A sample's offset error then lies only within half its whole delay (the floor may be
+    near zero), about uniform: variance ``delay**2 / 12``. Trusting the smallest delay seen
+    so far as exact instead, a slope from a few samples a few seconds apart was off by
+    hundreds of ppm under vsock queueing, and applied as a frequency it walked the clock off
+    by milliseconds. The slope is also pulled toward ``prior_slope`` (the caller's current
+    frequency estimate) by a ridge term of width ``prior_sd``, so a span of seconds cannot
+    swing it; the prior comes from the same early samples, so this smooths rather than adds
+    information, and from ``MIN_WINDOW`` samples on the regular fit takes over.
+    """
+    rows = [(s.x - samples[0].x, s.y, 1.0 / (ERROR_FLOOR_S**2 + s.dispersion_s**2
+                                            + s.delay_s * s.delay_s / 12.0)) for s in samples]
+    sw = math.fsum(w for _, _, w in rows)
+    xm = math.fsum(w * x for x, _, w in rows) / sw
+    ym = math.fsum(w * y for _, y, w in rows) / sw
+    sxx = math.fsum(w * (x - xm) ** 2 for x, _, w in rows)
+    sxy = math.fsum(w * (x - xm) * (y - ym) for x, y, w in rows)
+    ridge = 1.0 / (prior_sd * prior_sd)
+    slope = (sxy + ridge * prior_slope) / (sxx + ridge)
+    slope_var = 1.0 / (sxx + ridge)
+    dx = at_x - samples[0].x - xm
+    offset = ym + slope * dx
+    offset_sd = math.sqrt(1.0 / sw + dx * dx * slope_var)
+    n = len(samples)
+    return Estimate(at_x, offset, slope, offset_sd, math.sqrt(slope_var), n, n)
 
 
 def fit_window(win: FitWindow, at_x: float, runs_z: float = RUNS_Z,

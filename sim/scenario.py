@@ -37,7 +37,7 @@ class NetworkParams:
 
     vsock_delay_s: float = field(default=50e-6, metadata={"help": "vsock one-way base delay"})
     vsock_jitter_s: float = field(default=20e-6, metadata={"help": "vsock exponential jitter mean"})
-    vsock_queue_s: float = field(default=1e-3, metadata={
+    vsock_queue_s: float = field(default=5e-3, metadata={
         "help": "extra vsock queueing mean at utilisation 1 (grows with load, exponential)"})
     upstream_delay_s: float = field(default=200e-6, metadata={
         "help": "relay <-> upstream one-way base delay"})

@@ -15,11 +15,11 @@ from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
 from host_relay.connection import MAX_WRITE_BUFFER, REPLY_HEAD
 from host_relay.service import RelayService
 from host_relay.settings import RelaySettings
-from host_relay.upstream import SOCKET_BUFFER_BYTES
+from host_relay.stats import RelayStats
+from host_relay.upstream import SOCKET_BUFFER_BYTES, Upstream
 from timesyncd import framing
 from timesyncd.addresses import parse_address
 from timesyncd.framing import ErrorCode, FrameType
-from timesyncd.transport import open_udp
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
@@ -116,14 +116,19 @@ def test_upstream_socket_buffers_are_enlarged():
     async def main() -> None:
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         server.bind(("127.0.0.1", 0))
-        plain = await open_udp(parse_address(f"udp:127.0.0.1:{server.getsockname()[1]}"),
-                               lambda data, rx: None)
-        big = await open_udp(parse_address(f"udp:127.0.0.1:{server.getsockname()[1]}"),
-                             lambda data, rx: None, buffer_bytes=SOCKET_BUFFER_BYTES)
-        rcv, snd = big.buffer_sizes()
+        address = parse_address(f"udp:127.0.0.1:{server.getsockname()[1]}")
+
+        def ignore(*_: object) -> None:
+            pass
+
+        plain = Upstream(0, address, RelayStats(), 1.0, ignore, buffer_bytes=0)
+        big = Upstream(1, address, RelayStats(), 1.0, ignore)  # the relay's default
+        await plain.open()
+        await big.open()
+        rcv, snd = big.buffer_sizes
         # root (CAP_NET_ADMIN) or a high enough rmem_max grants it; Linux reports double
         assert rcv >= SOCKET_BUFFER_BYTES and snd >= SOCKET_BUFFER_BYTES
-        assert plain.buffer_sizes()[0] < rcv
+        assert plain.buffer_sizes[0] < rcv
         plain.close()
         big.close()
         server.close()

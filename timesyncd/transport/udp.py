@@ -6,8 +6,8 @@ on a monotonic clock as the datagram is handed to us, the send time just before 
 is handed to the kernel, for residence-time measurement.
 
 A relay sends one request per guest on one socket, so replies to guests polling in step arrive
-together: ``buffer_bytes`` raises SO_RCVBUF/SO_SNDBUF beyond Linux's ~208 KiB default (about
-270 small datagrams), which would otherwise drop replies.
+together: :func:`size_buffers` raises SO_RCVBUF/SO_SNDBUF beyond Linux's ~208 KiB default
+(about 270 small datagrams), which would otherwise drop replies.
 """
 
 from __future__ import annotations
@@ -84,14 +84,6 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def closed(self) -> bool:
         return self._transport is None
 
-    def buffer_sizes(self) -> tuple[int, int]:
-        """Effective (SO_RCVBUF, SO_SNDBUF) in bytes as the kernel reports them (0 if closed)."""
-        sock = self._transport.get_extra_info("socket") if self._transport else None
-        if sock is None:
-            return 0, 0
-        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
-
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -128,10 +120,9 @@ def size_buffers(sock: Any, size: int, label: str) -> None:
 
 async def open_udp(
     remote: Address | str, on_datagram: DatagramCallback,
-    on_error: ErrorCallback | None = None, *, buffer_bytes: int = 0,
+    on_error: ErrorCallback | None = None,
 ) -> UdpEndpoint:
-    """Open a UDP socket connected to ``remote`` (``udp:HOST:PORT``); ``buffer_bytes`` > 0 asks
-    for receive and send buffers of that size (best effort; see the module doc)."""
+    """Open a UDP socket connected to ``remote`` (``udp:HOST:PORT``)."""
     addr = parse_address(remote) if isinstance(remote, str) else remote
     if addr.kind != "udp":
         raise TransportError("bad_address", f"{addr} is not a udp: address")
@@ -142,6 +133,4 @@ async def open_udp(
         )
     except OSError as exc:
         raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
-    if buffer_bytes > 0:
-        size_buffers(transport.get_extra_info("socket"), buffer_bytes, str(addr))
     return endpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from guest_client.actions import SendRequest, SetKernelStatus
 from guest_client.controller import GuestController, SourceConfig
@@ -135,6 +136,38 @@ def test_holdover_keeps_frequency_then_unsynchronises() -> None:
     assert st.root_distance_s is not None and st.root_distance_s > 1.5e-3  # 1 ppm x 1700 s
     engine.run(15_000.0)
     assert ctl.status(clock.now_ns()).state == "unsynchronised"
+
+
+@dataclass(frozen=True)
+class ShiftingHop(Hop):
+    """A hop whose delay rises by ``shift_s`` for good at ``at_s`` (a host that got busy)."""
+
+    at_s: float = 0.0
+    shift_s: float = 0.0
+
+    def one_way(self, true_s: float, rng: random.Random, outbound: bool) -> float | None:
+        d = super().one_way(true_s, rng, outbound)
+        return None if d is None else d + (self.shift_s if true_s >= self.at_s else 0.0)
+
+
+def test_lasting_delay_rise_keeps_the_source_in_use_not_holdover() -> None:
+    """CI caught this: a quiet start fixed the spike allowance at tens of microseconds, the
+    host then got busier for good, every later sample was a 'spike', and the guest fell into
+    holdover for as long as the load lasted."""
+    quiet_then_busy = Network(upstream=ShiftingHop(base_s=20e-6, jitter_s=2e-6, at_s=300.0,
+                                                   shift_s=200e-6))
+    engine, clock, ctl = make(ppm=200.0, offset_s=0.5, upstreams=[Upstream("a", quiet_then_busy)],
+                              minpoll=0, maxpoll=1)
+    engine.run(300.0)
+    assert ctl.status(clock.now_ns()).state == "synchronised"
+    states = set()
+    for t in range(301, 900):
+        engine.run(float(t))
+        states.add(ctl.status(clock.now_ns()).state)
+    st = ctl.status(clock.now_ns())
+    assert states == {"synchronised"}, st.rejected
+    assert 0 < st.rejected.get("delay_spike", 0) <= 4  # the first of the new level, then kept
+    assert abs(clock.offset_s()) < 1e-4  # symmetric shift: no offset error
 
 
 def test_leap_modes() -> None:

@@ -23,6 +23,28 @@ def test_delay_spike_rejected_after_warmup_and_jitter_kept() -> None:
     assert len(f) == 6
 
 
+def test_a_lasting_delay_shift_is_kept_after_two_spikes_not_rejected_forever() -> None:
+    """A loaded host slows every exchange at once: after two rejections the new delay level
+    is the path, and its samples are kept again (down-weighted) instead of starving the
+    source into holdover."""
+    f = SampleFilter(max_samples=64, max_delay_dev_ratio=10.0)
+    for i in range(16):
+        assert f.add(s(i, 40e-6 + (i % 3) * 2e-6)) is None  # quiet loopback, ~2 us jitter
+    verdicts = [f.add(s(100 + i, 400e-6 + (i % 2) * 30e-6)) for i in range(12)]
+    assert verdicts[:2] == ["delay_spike", "delay_spike"]
+    assert verdicts[2:] == [None] * 10
+    assert len(f) == 26
+
+
+def test_isolated_spikes_stay_rejected_between_normal_samples() -> None:
+    f = SampleFilter(max_samples=64, max_delay_dev_ratio=10.0)
+    for i in range(16):
+        f.add(s(i, 40e-6 + (i % 3) * 2e-6))
+    verdicts = [f.add(s(100 + i, 5e-3 if i % 3 == 0 else 41e-6)) for i in range(30)]
+    assert verdicts.count("delay_spike") == 10  # every spike, none of the normal ones
+    assert all(v == "delay_spike" for v in verdicts[::3])
+
+
 def test_window_limit_prune_and_arrays_stay_in_sync() -> None:
     f = SampleFilter(max_samples=4, max_delay_dev_ratio=0.0)
     for i in range(11):

@@ -51,7 +51,7 @@ def test_udp_server_path_converges_on_chronyd(chrony_server: ChronyServer) -> No
     daemon, clock, converged, worst = asyncio.run(main())
     st = daemon.status()
     assert converged is not None, st
-    assert st["state"] == "synchronised"
+    assert st["state"] == "synchronised", st
     assert [s["name"] for s in st["sources"]] == [chrony_server.address]
     assert abs(st["true_offset_s"]) < 1e-3 and worst < 1e-3
     assert not clock.steps  # 0.5 s is under the step threshold: slewed, never stepped

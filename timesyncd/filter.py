@@ -25,6 +25,9 @@ from dataclasses import dataclass
 ERROR_FLOOR_S = 1e-6
 #: Added to every excess delay over the floor: the floor itself is a sample, not the truth.
 FLOOR_MARGIN_S = 10e-6
+#: Delays of the last this many offered samples (kept or not) tell a spike from a new level:
+#: when most of them exceed the spike allowance, the path itself got slower.
+RECENT_DELAYS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +161,12 @@ class SampleFilter:
     A sample is a spike when its delay exceeds the recent minimum by more than
     ``max_delay_dev_ratio`` times the median excess delay (chrony's ``maxdelaydevratio``
     idea), so queueing bursts do not pull the estimate while ordinary jitter is weighted.
-    The samples' weights follow the path's delay floor (smallest delay over
-    ``floor_span_s``); ``window`` holds them ready for the regression.
+    A spike is a short burst, though: once most of the last ``RECENT_DELAYS`` offered
+    samples exceed the allowance, the path's delay has shifted (host load, a slower route)
+    and samples are kept again, weighted by their excess delay; rejecting them all would
+    starve the source for as long as the shift lasts. The samples' weights follow the
+    path's delay floor (smallest delay over ``floor_span_s``); ``window`` holds them ready
+    for the regression.
     """
 
     def __init__(self, max_samples: int = 64, max_delay_dev_ratio: float = 10.0,
@@ -172,6 +179,7 @@ class SampleFilter:
         self._floor_s: float | None = None
         self._samples: deque[FilteredSample] = deque()
         self._sorted_delays: list[float] = []
+        self._recent: deque[float] = deque(maxlen=RECENT_DELAYS)
         self.window = FitWindow()
 
     def __len__(self) -> int:
@@ -187,8 +195,7 @@ class SampleFilter:
     def min_delay(self) -> float | None:
         return self._sorted_delays[0] if self._sorted_delays else None
 
-    def is_spike(self, delay_s: float) -> bool:
-        """Whether a sample with this delay would be rejected as a delay spike."""
+    def _above_allowance(self, delay_s: float) -> bool:
         delays = self._sorted_delays
         if len(delays) < 4 or self.max_delay_dev_ratio <= 0:
             return False
@@ -196,9 +203,19 @@ class SampleFilter:
         allowance = max(excess, 5 * ERROR_FLOOR_S) * self.max_delay_dev_ratio
         return delay_s - delays[0] > allowance
 
+    def is_spike(self, delay_s: float) -> bool:
+        """Whether a sample with this delay, offered next, would be rejected as a spike."""
+        if not self._above_allowance(delay_s):
+            return False
+        recent = [*self._recent, delay_s]
+        high = sum(1 for d in recent if self._above_allowance(d))
+        return 2 * high <= RECENT_DELAYS  # a level shift once most recent ones are high
+
     def add(self, sample: FilteredSample) -> str | None:
         """Store ``sample``; return a rejection reason (``"delay_spike"``) instead if it is one."""
-        if self.is_spike(sample.delay_s):
+        spike = self.is_spike(sample.delay_s)
+        self._recent.append(sample.delay_s)
+        if spike:
             return "delay_spike"
         if len(self._samples) >= self.max_samples:
             self._drop_oldest(len(self._samples) - self.max_samples + 1)
@@ -257,6 +274,7 @@ class SampleFilter:
     def clear(self) -> None:
         self._samples.clear()
         self._sorted_delays.clear()
+        self._recent.clear()
         self._floor.clear()
         self._floor_s = None
         self.window.reset(())

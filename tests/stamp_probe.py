@@ -139,7 +139,8 @@ async def probe(path: str, samples: int = 200, interval_s: float = 0.01,
     directly)."""
     tmp = tempfile.mkdtemp(prefix="ts-probe-")
     relay: RelayService | None = None
-    kw: dict[str, Any] = {"clock": "software", "health_interval_s": 0.0}
+    kw: dict[str, Any] = {"clock": "software", "health_interval_s": 0.0,
+                          "status_socket": os.path.join(tmp, "guest.sock")}
     if path == "relay":
         sock = os.path.join(tmp, "relay.sock")
         relay = RelayService(RelaySettings(

@@ -16,7 +16,6 @@ import logging
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from guest_client.actions import (
     Action,
@@ -27,6 +26,8 @@ from guest_client.actions import (
     SourceStatus,
     StepClock,
 )
+from guest_client.jump_guard import confirmed_jump, jump_confirmed
+from guest_client.source import BURST_INTERVAL_S, Source, SourceConfig
 from timesyncd.clock import KernelStatus
 from timesyncd.discipline import (
     MIN_WINDOW,
@@ -46,39 +47,11 @@ from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
 
 log = logging.getLogger(__name__)
 
+__all__ = ["GuestController", "SourceConfig"]
+
 _NS = 1_000_000_000
-_BURST_INTERVAL_S = 2.0
 #: Kernel maxerror/esterror saturate here (Linux NTP_PHASE_LIMIT is 16 s).
 _MAX_KERNEL_ERROR_S = 16.0
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """One time source. ``trust="authenticated"`` (NTS) sources may confirm a clock jump
-    without a guest-side discontinuity, since the host cannot forge them."""
-
-    name: str
-    trust: str = "host"
-
-
-@dataclass
-class _Source:
-    config: SourceConfig
-    exchange: ClientExchange
-    filter: SampleFilter
-    poll: PollState
-    status: SourceStatus
-    next_poll_ns: int | None = None
-    burst_left: int = 0
-    request_epoch: int = -1
-    reach: int = 0
-    disabled: bool = False
-    min_poll: int = -99  # raised by KoD RATE
-    estimate: Estimate | None = None
-    last_sample: FilteredSample | None = None
-    last_sample_t: float | None = None
-    jumps: list[float] = field(default_factory=list)  # consecutive refused jumps, seconds
-    dirty: bool = False  # a sample arrived since the last fit
 
 
 class GuestController:
@@ -88,7 +61,7 @@ class GuestController:
                  sources: Iterable[SourceConfig] = ()) -> None:
         self.config = config
         self._rng = rng
-        self._sources: dict[str, _Source] = {}
+        self._sources: dict[str, Source] = {}
         self._epoch_ns: int | None = None
         self._model = CorrectionModel()
         self._started = False
@@ -124,9 +97,9 @@ class GuestController:
         return self._epoch_ns + round(t * _NS)
 
     # --- sources --------------------------------------------------------------------------
-    def _add(self, source: SourceConfig) -> _Source:
+    def _add(self, source: SourceConfig) -> Source:
         cfg = self.config
-        src = _Source(
+        src = Source(
             config=source,
             exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
             filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
@@ -137,18 +110,12 @@ class GuestController:
         self._sources[source.name] = src
         return src
 
-    def _arm(self, src: _Source, now_ns: int) -> None:
-        if src.disabled:
-            return
-        src.burst_left = self.config.burst
-        src.next_poll_ns = now_ns
-
     def add_source(self, source: SourceConfig, now_ns: int) -> list[Action]:
         """Add a source (or re-arm an existing one after a reconnect, keeping its samples)."""
         self._t(now_ns)
         src = self._sources.get(source.name) or self._add(source)
         if self._started:
-            self._arm(src, now_ns)
+            src.arm(self.config.burst, now_ns)
         return []
 
     def remove_source(self, name: str) -> None:
@@ -159,7 +126,7 @@ class GuestController:
         self._t(now_ns)
         self._started = True
         for src in self._sources.values():
-            self._arm(src, now_ns)
+            src.arm(self.config.burst, now_ns)
         return [SetKernelStatus(KernelStatus(synchronised=False))]
 
     # --- events ---------------------------------------------------------------------------
@@ -208,10 +175,7 @@ class GuestController:
         now = self._t(now_ns)
         self._discontinuity = True
         for src in self._sources.values():
-            src.next_poll_ns = None
-            src.reach = 0
-            src.status.reachable = False
-            src.exchange = ClientExchange(max_root_distance_s=self.config.max_root_distance_s)
+            src.disconnect(self.config.max_root_distance_s)
         actions: list[Action] = []
         if self.state == "synchronised":
             self._enter_holdover(now, actions)
@@ -263,46 +227,21 @@ class GuestController:
         )
 
     # --- internals: requests and rejections -------------------------------------------------
-    def _request(self, src: _Source, now_ns: int) -> SendRequest:
-        if src.exchange.outstanding:
-            src.status.rejected["no_reply"] = src.status.rejected.get("no_reply", 0) + 1
-        src.reach = (src.reach << 1) & 0xFF
+    def _request(self, src: Source, now_ns: int) -> SendRequest:
         cookie = self._rng.getrandbits(64) or 1
-        poll = max(src.poll.poll, src.min_poll)
-        data = src.exchange.request(cookie, now_ns, poll)
-        src.request_epoch = self._step_epoch
-        if src.burst_left > 0:
-            src.burst_left -= 1
-            interval = min(_BURST_INTERVAL_S, 2.0**poll)
-        else:
-            interval = 2.0**poll
-        src.next_poll_ns = now_ns + round(interval * _NS)
-        return SendRequest(src.config.name, data)
+        return SendRequest(src.name, src.request(cookie, self._step_epoch, now_ns))
 
-    def _count(self, reason: str, src: _Source | None) -> None:
+    def _count(self, reason: str, src: Source | None) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if src is not None:
-            src.status.rejected[reason] = src.status.rejected.get(reason, 0) + 1
+            src.count(reason)
 
-    def _rejected(self, src: _Source, rej: Rejection, now_ns: int) -> None:
+    def _rejected(self, src: Source, rej: Rejection, now_ns: int) -> None:
         self._count(rej.reason, src)
-        if rej.reason == "kod_rate":
-            src.min_poll = min(max(src.poll.poll, src.min_poll) + 1, 17)
-            src.poll.poll = max(src.poll.poll, src.min_poll)
-            src.next_poll_ns = now_ns + round(2.0**src.min_poll * _NS)
-            src.burst_left = 0
-            src.status.note = f"server asked to slow down (KoD RATE); poll 2^{src.min_poll} s"
-        elif rej.reason in ("kod_deny", "kod_rstr"):
-            src.disabled = True
-            src.next_poll_ns = None
-            src.filter.clear()
-            src.estimate = None
-            src.status.selected = False
-            src.status.note = f"server refused service (KoD {rej.kiss_code}); source disabled"
-            log.warning("source %s disabled: %s", src.config.name, src.status.note)
+        src.obey_kiss(rej, now_ns)
 
     # --- internals: the clock update ------------------------------------------------------
-    def _process(self, src: _Source, sample: Sample, now_ns: int) -> list[Action]:
+    def _process(self, src: Source, sample: Sample, now_ns: int) -> list[Action]:
         actions: list[Action] = []
         now = self._t(now_ns)
         t_mid = self._t((sample.t1_ns + sample.t4_ns) // 2)
@@ -343,25 +282,24 @@ class GuestController:
         self._update(now_ns, actions)
         return actions
 
-    def _refuse_or_confirm(self, src: _Source, fs: FilteredSample, jump: float,
+    def _refuse_or_confirm(self, src: Source, fs: FilteredSample, jump: float,
                            now_ns: int) -> list[Action]:
         """A large jump after the initial updates: refuse it unless it is confirmed."""
         src.jumps.append(jump)
-        if not self._jump_confirmed(src):
+        if not jump_confirmed(self._sources.values(), self.config.jump_confirm_samples,
+                              max(self.config.step_threshold_s / 10, 1e-3),
+                              self._discontinuity):
             self.refused_jumps += 1
             src.status.note = f"refused jump of {jump:+.6f} s"
             log.warning("refused clock jump of %+.6f s from %s", jump, src.config.name)
             return []
         actions: list[Action] = []
-        # the host cannot forge authenticated sources: when they confirm, they alone size it
-        jumps = sorted([j for s in self._sources.values() if s.config.trust == "authenticated"
-                        for j in s.jumps]
-                       or [j for s in self._sources.values() for j in s.jumps])
-        now_ns = self._step(now_ns, -jumps[len(jumps) // 2], actions)
+        size = confirmed_jump(self._sources.values())
+        now_ns = self._step(now_ns, -size, actions)
         self._clear_samples()
         self._discontinuity = False
-        src.status.note = f"stepped confirmed jump of {jumps[len(jumps) // 2]:+.6f} s"
-        log.warning("stepped the clock by %+.6f s (confirmed jump)", -jumps[len(jumps) // 2])
+        src.status.note = f"stepped confirmed jump of {size:+.6f} s"
+        log.warning("stepped the clock by %+.6f s (confirmed jump)", -size)
         src.filter.add(fs)
         src.last_sample = fs
         src.dirty = True
@@ -369,27 +307,8 @@ class GuestController:
         self._update(now_ns, actions)
         return actions
 
-    def _jump_confirmed(self, src: _Source) -> bool:
-        """Enough consecutive agreeing jump samples, from more than one source where there
-        are several, and a reason to believe the guest (not the host) moved: a discontinuity
-        on our side, or sources the host cannot forge (authenticated)."""
-        confirming = [s for s in self._sources.values() if s.jumps]
-        jumps = [j for s in confirming for j in s.jumps]
-        if len(jumps) < self.config.jump_confirm_samples:
-            return False
-        if max(jumps) - min(jumps) > max(self.config.step_threshold_s / 10, 1e-3):
-            return False
-        usable = [s for s in self._sources.values() if not s.disabled and s.reach]
-        if len(usable) > 1 and len(confirming) < 2:
-            return False
-        # every usable authenticated source agrees (host ones may too: a restored snapshot
-        # moves the guest against all of them)
-        auth = [s for s in usable if s.config.trust == "authenticated"]
-        authenticated = bool(auth) and all(s.jumps for s in auth)
-        return self._discontinuity or authenticated
-
-    def _trust_bound(self, cands: list[Candidate], live: list[_Source]
-                     ) -> tuple[list[Candidate], list[_Source]]:
+    def _trust_bound(self, cands: list[Candidate], live: list[Source]
+                     ) -> tuple[list[Candidate], list[Source]]:
         """With authenticated sources configured, host-trusted ones count only inside the
         interval the authenticated ones allow (see :mod:`timesyncd.trust`)."""
         auth = {s.config.name for s in self._sources.values()
@@ -415,7 +334,7 @@ class GuestController:
         pending = [s for s in self._sources.values()
                    if not s.disabled and s.next_poll_ns is not None and s.last_sample is None]
         assert self._first_sample_t is not None
-        return not pending or now - self._first_sample_t >= _BURST_INTERVAL_S
+        return not pending or now - self._first_sample_t >= BURST_INTERVAL_S
 
     def _update(self, now_ns: int, actions: list[Action]) -> None:
         now = self._t(now_ns)
@@ -423,7 +342,7 @@ class GuestController:
             return
         x_now = self._model.uncorrected(now)
         cands: list[Candidate] = []
-        live: list[_Source] = []
+        live: list[Source] = []
         max_age = self._holdover_after()
         for src in self._sources.values():
             if src.disabled or src.last_sample is None or src.last_sample_t is None:
@@ -470,7 +389,7 @@ class GuestController:
         self._slew_end_t = now + duration if duration > 0 else None
         actions.append(SetKernelStatus(self._kernel_status(now)))
 
-    def _gain(self, offset: float, live: list[_Source]) -> float:
+    def _gain(self, offset: float, live: list[Source]) -> float:
         """Share of ``offset`` to correct now: all of it when it is well above its uncertainty,
         less when it may be noise (the rest, if real, is corrected by later updates).
 
@@ -485,7 +404,7 @@ class GuestController:
         var = offset * offset
         return var / (var + sd * sd) if var > 0 else 1.0
 
-    def _refit(self, src: _Source, x_now: float) -> Estimate | None:
+    def _refit(self, src: Source, x_now: float) -> Estimate | None:
         """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
         if src.dirty or src.estimate is None:
             src.dirty = False
@@ -520,24 +439,17 @@ class GuestController:
         actions.append(StepClock(delta_ns))
         log.warning("stepped the clock by %+.9f s", delta_ns / _NS)
         for src in self._sources.values():
-            if src.next_poll_ns is not None:
-                src.next_poll_ns += delta_ns
+            src.shift(delta_ns)
         shift = delta_ns / _NS
         for attr in ("_last_update_t", "_last_sample_rx_t", "_first_sample_t", "_slew_end_t"):
             value = getattr(self, attr)
             if value is not None:
                 setattr(self, attr, value + shift)
-        for src in self._sources.values():
-            if src.last_sample_t is not None:
-                src.last_sample_t += shift
         return now_ns + delta_ns
 
     def _clear_samples(self) -> None:
         for src in self._sources.values():
-            src.filter.clear()
-            src.estimate = None
-            src.last_sample = None
-            src.jumps.clear()
+            src.forget_samples()
         self._sys = None
 
     # --- internals: holdover and kernel status --------------------------------------------------
@@ -546,7 +458,7 @@ class GuestController:
         poll = -99
         for s in self._sources.values():
             if not s.disabled:
-                poll = max(poll, s.poll.poll, s.min_poll)
+                poll = max(poll, s.effective_poll)
         return self.config.holdover_polls * 2.0 ** (poll if poll > -99 else self.config.maxpoll)
 
     def _error_bound(self, now: float) -> float:

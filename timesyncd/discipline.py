@@ -69,7 +69,9 @@ class DisciplineConfig:
     max_samples: int = field(default=128, metadata={
         "help": "regression window limit, samples per source", "min": 4, "max": 512})
     max_delay_dev_ratio: float = field(default=10.0, metadata={
-        "help": "reject samples whose excess delay exceeds this many median excess delays",
+        "help": ("reject samples whose excess delay exceeds this many median excess delays "
+                 "(0: never); when most of the last 5 do, the path got slower and they are "
+                 "kept"),
         "min": 0.0})
     jump_confirm_samples: int = field(default=3, metadata={
         "help": "consecutive agreeing samples needed to step a large jump after a "

@@ -50,6 +50,17 @@ class ConnectionLimits:
     rate: float  # requests per second (token bucket)
     burst: int
 
+    @property
+    def frame_rate(self) -> float:
+        """Frames of any kind per second before a connection counts as a flood: well above
+        what a guest sends (requests, a health report, NTS-KE stream data), so only abuse
+        reaches it. Frames that get no answer (HEALTH, STREAM_CLOSE) cost the relay CPU too."""
+        return 8 * self.rate + 16
+
+    @property
+    def frame_burst(self) -> int:
+        return 8 * self.burst + 256
+
 
 class ConnectionOwner(Protocol):
     """What a connection reports to (the relay service)."""
@@ -100,12 +111,15 @@ class GuestConnection(asyncio.Protocol):
         self.limits = limits
         self.transport: asyncio.Transport | None = None
         self.name = ""
+        self.peer_key: str | None = None  # set by the owner on accept (per-guest limit)
+        self.per_socket = False  # the listening socket serves one guest (Firecracker)
         self.hello_done = False
         self.closed = False
         #: requests in flight upstream, cancelled when the connection closes
         self.pending: set[Pending] = set()
         now = time.monotonic_ns()
         self.bucket = TokenBucket(limits.rate, limits.burst, now)
+        self.frames = TokenBucket(limits.frame_rate, limits.frame_burst, now)
         self.deadline_ns = now + limits.hello_ns
         self._buf = b""  # an incomplete frame from the previous read
         self._accepted = False
@@ -119,7 +133,8 @@ class GuestConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if not self.owner.accept(self):
             self.stats.connections_refused += 1
-            self.send_frame(framing.error(0, ErrorCode.BUSY, "relay at max_connections"))
+            self.send_frame(framing.error(0, ErrorCode.BUSY, "relay at max_connections or "
+                                          "max_connections_per_guest"))
             self.closed = True
             self.transport.close()
             return
@@ -143,6 +158,7 @@ class GuestConnection(asyncio.Protocol):
         max_payload = self.limits.max_payload
         owner = self.owner
         unpack = _HEADER.unpack_from
+        take_frame = self.frames.take
         try:
             while n - off >= _HEADER_SIZE:
                 version, ftype, length, rid = unpack(data, off)
@@ -158,6 +174,8 @@ class GuestConnection(asyncio.Protocol):
                 if end > n:
                     break
                 off = end
+                if not take_frame(rx_ns):
+                    raise FramingError("frame_flood", "frames far beyond the rate limit")
                 if ftype == _NTP_REQUEST and self.hello_done:
                     owner.on_ntp_request(self, rid, data, start, end, rx_ns)
                 else:

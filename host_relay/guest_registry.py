@@ -115,13 +115,31 @@ class GuestRegistry:
         return [r.to_json(now) for r in self.records()]
 
     def _unique(self, ident: str) -> str:
-        taken = self._taken
-        if ident not in taken:
-            return ident
-        n = 2
-        while f"{ident}/{n}" in taken:
-            n += 1
-        return f"{ident}/{n}"
+        """A second connection from the same peer gets the connection number appended (O(1):
+        the number is unique in this process)."""
+        return ident if ident not in self._taken else f"{ident}/{self._seq}"
+
+
+def peer_key(writer: PeerInfo, per_socket: bool = False) -> str | None:
+    """Who is connecting, as far as the host can tell before HELLO: the vsock CID, the TCP
+    host, or with ``per_socket`` (a Firecracker socket serves one microVM) the listening
+    socket. None for a plain Unix socket: its local clients are not told apart."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        family = getattr(writer.get_extra_info("socket"), "family", None)
+        if family == getattr(socket, "AF_VSOCK", 40):
+            return f"cid:{peer[0]}"
+        return f"host:{peer[0]}"
+    return f"socket:{writer.get_extra_info('sockname')}" if per_socket else None
+
+
+def display_name(raw: object, limit: int = 64) -> str:
+    """The HELLO name as shown in metrics and logs: printable text only (no lone surrogates,
+    control or format characters), at most ``limit`` characters; anything else is dropped."""
+    if not isinstance(raw, str):
+        return ""
+    return "".join(ch for ch in raw[: limit * 4] if ch.isprintable()
+                   and not 0xD800 <= ord(ch) <= 0xDFFF)[:limit]
 
 
 def peer_identity(writer: PeerInfo, seq: int) -> str:

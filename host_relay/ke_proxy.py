@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from timesyncd import framing
 from timesyncd.addresses import Address
 from timesyncd.framing import ErrorCode, Frame, StreamKind
+from timesyncd.logs import decade
 from timesyncd.transport import TransportError, open_stream
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,6 @@ class KeProxy:
         self.counters: Counter[str] = Counter()
 
     @property
-    def hello_entries(self) -> list[dict[str, object]]:
-        """What HELLO lists under ``nts_ke``: index and name of every allowlisted endpoint."""
-        return [{"index": i, "name": str(a)} for i, a in enumerate(self.endpoints)]
-
-    @property
     def open_streams(self) -> int:
         return len(self._streams)
 
@@ -95,6 +91,7 @@ class KeProxy:
     def close_owner(self, owner: object) -> None:
         """The guest connection went away: drop all its streams at once."""
         for stream in list(self._by_owner.get(id(owner), ())):
+            self.counters["guest_disconnected"] += 1
             self._finish(stream, None)
 
     async def stop(self) -> None:
@@ -151,7 +148,11 @@ class KeProxy:
                         stream.endpoint, timeout_s=self.limits.connect_timeout_s)
                 except (TransportError, OSError) as exc:
                     self.counters["connect_failed"] += 1
-                    log.debug("NTS-KE endpoint %s: %s", stream.endpoint, exc)
+                    if decade(self.counters["connect_failed"]):
+                        log.warning("NTS-KE endpoint %s: %s (%d failed connects so far)",
+                                    stream.endpoint, exc, self.counters["connect_failed"],
+                                    extra={"event": "nts_ke_connect_failed",
+                                           "endpoint": str(stream.endpoint)})
                     if not stream.closed:
                         stream.send(framing.error(stream.stream_id, ErrorCode.STREAM_FAILED,
                                                   f"cannot connect to {stream.endpoint}"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,7 @@ class UpstreamFigures:
     requests: int = 0
     replies: int = 0
     timeouts: int = 0
+    cancelled: int = 0  # the guest went away first: its reply is not wanted
     errors: Counter[str] = field(default_factory=Counter)
     rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS))
 
@@ -117,11 +118,13 @@ class RelayCollector(Collector):
     """Renders everything the relay knows as Prometheus families, at scrape time."""
 
     def __init__(self, stats: RelayStats, metrics: RelayMetrics, guests: GuestRegistry,
-                 in_flight: Callable[[str], int] | None = None) -> None:
+                 in_flight: Callable[[str], int] | None = None,
+                 nts_ke: Mapping[str, int] | None = None) -> None:
         self.stats = stats
         self.metrics = metrics
         self.guests = guests
         self.in_flight = in_flight
+        self.nts_ke = nts_ke if nts_ke is not None else {}
 
     def collect(self) -> Iterator[Metric]:
         yield from self._relay()
@@ -156,6 +159,15 @@ class RelayCollector(Collector):
         yield CounterMetricFamily("timesync_relay_upstream_unsolicited",
                                   "Upstream datagrams matching no request.",
                                   value=s.upstream_unsolicited)
+        yield CounterMetricFamily("timesync_relay_upstream_late",
+                                  "Upstream replies to requests already timed out or cancelled.",
+                                  value=s.upstream_late)
+        ke = CounterMetricFamily("timesync_relay_nts_ke_streams",
+                                 "NTS-KE pass-through streams by event (opened, connect_failed, "
+                                 "stream_timeout, guest_disconnected, ...).", labels=["event"])
+        for event, n in sorted(self.nts_ke.items()):
+            ke.add_metric([event], n)
+        yield ke
         h = self.metrics.residence
         yield HistogramMetricFamily("timesync_relay_residence_seconds",
                                     "Time a request and its reply spent inside the relay.",
@@ -169,6 +181,9 @@ class RelayCollector(Collector):
                                   labels=lbl)
         tmo = CounterMetricFamily("timesync_upstream_timeouts", "Requests that timed out.",
                                   labels=lbl)
+        cnc = CounterMetricFamily("timesync_upstream_cancelled",
+                                  "Requests dropped because their guest disconnected first.",
+                                  labels=lbl)
         err = CounterMetricFamily("timesync_upstream_errors",
                                   "Requests failed other than by timeout, by reason.",
                                   labels=["upstream", "reason"])
@@ -181,12 +196,13 @@ class RelayCollector(Collector):
             req.add_metric([name], fig.requests)
             rep.add_metric([name], fig.replies)
             tmo.add_metric([name], fig.timeouts)
+            cnc.add_metric([name], fig.cancelled)
             for reason, n in sorted(fig.errors.items()):
                 err.add_metric([name, reason], n)
             if self.in_flight is not None:
                 inf.add_metric([name], self.in_flight(name))
             rtt.add_metric([name], fig.rtt.cumulative(), fig.rtt.total)
-        yield from (req, rep, tmo, err, inf, rtt)
+        yield from (req, rep, tmo, cnc, err, inf, rtt)
 
     def _guests(self) -> Iterator[Metric]:
         now = time.monotonic_ns()
@@ -259,9 +275,9 @@ def status_document(collector: RelayCollector) -> dict[str, Any]:
     for name, fig in collector.metrics.upstreams.items():
         ups.append({
             "name": name, "requests": fig.requests, "replies": fig.replies,
-            "timeouts": fig.timeouts, "errors": dict(fig.errors),
+            "timeouts": fig.timeouts, "cancelled": fig.cancelled, "errors": dict(fig.errors),
             "in_flight": collector.in_flight(name) if collector.in_flight else None,
             "mean_rtt_s": fig.rtt.total / fig.rtt.count if fig.rtt.count else None,
         })
     return {"relay": collector.stats.snapshot(), "upstreams": ups,
-            "guests": collector.guests.snapshot()}
+            "nts_ke": dict(collector.nts_ke), "guests": collector.guests.snapshot()}

@@ -13,6 +13,7 @@ timers and frame objects (see ``on_ntp_request`` and ``_on_upstream_result``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from host_relay.connection import (
     ConnectionLimits,
     GuestConnection,
 )
-from host_relay.guest_registry import GuestRegistry
+from host_relay.guest_registry import GuestRegistry, display_name, peer_key
 from host_relay.ke_proxy import KeProxy, KeProxyLimits
 from host_relay.local_source import LocalSource
 from host_relay.metrics import RelayCollector, RelayMetrics, make_registry, render, status_document
@@ -36,6 +37,7 @@ from timesyncd import framing
 from timesyncd.addresses import Address, parse_address
 from timesyncd.framing import ErrorCode, FrameType, FramingError
 from timesyncd.health import HealthError
+from timesyncd.logs import decade
 from timesyncd.packet import HEADER_LEN, MAX_PACKET_LEN, Mode, PacketError
 from timesyncd.transport import StreamListener, listen_protocol
 
@@ -64,12 +66,7 @@ class RelayService:
         names = [u.name for u in self._upstreams] or [local_source.NAME]
         self._ke = KeProxy([parse_address(s) for s in settings.nts_ke_servers],
                            KeProxyLimits(stream_timeout_s=settings.nts_ke_timeout_s))
-        hello: dict[str, object] = {
-            "version": framing.VERSION,
-            "upstreams": [{"index": i, "name": n} for i, n in enumerate(names)]}
-        if self._ke.endpoints:
-            hello["nts_ke"] = self._ke.hello_entries
-        self._hello = framing.json_frame(FrameType.HELLO, 0, hello).payload
+        self._hello = framing.relay_hello(names, [str(a) for a in self._ke.endpoints]).payload
         self.guests = GuestRegistry()
         self.metrics = RelayMetrics(names)
         self._figures = [self.metrics.upstreams[u.name] for u in self._upstreams]
@@ -77,11 +74,13 @@ class RelayService:
         self._local_figures = self.metrics.upstreams[names[0]] if self._local else None
         self._residence = self.metrics.residence
         self._max_pending = settings.max_pending
-        self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight)
+        self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight,
+                                         self._ke.counters)
         self.metrics_registry = make_registry(self._collector)
         self._metrics_server: MetricsServer | None = None
         self._listeners: list[StreamListener] = []
         self._connections: set[GuestConnection] = set()
+        self._per_peer: dict[str, int] = {}  # connections held, by peer_key
         self._all_gone = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = False
@@ -104,8 +103,10 @@ class RelayService:
             for upstream in self._upstreams:
                 await upstream.open()
             for spec in self.settings.listen:
+                # a Firecracker socket serves one microVM: its connections share one limit
+                per_socket = parse_address(spec).kind == "fc"
                 self._listeners.append(await listen_protocol(
-                    spec, self._new_connection, backlog=1024,
+                    spec, functools.partial(self._new_connection, per_socket), backlog=1024,
                     socket_mode=self.settings.socket_mode_bits,
                 ))
             if self.settings.metrics:
@@ -190,12 +191,22 @@ class RelayService:
 
     # --- connections (ConnectionOwner) -------------------------------------------------
 
-    def _new_connection(self) -> GuestConnection:
-        return GuestConnection(self, self.stats, self._limits)
+    def _new_connection(self, per_socket: bool) -> GuestConnection:
+        conn = GuestConnection(self, self.stats, self._limits)
+        conn.per_socket = per_socket
+        return conn
 
     def accept(self, conn: GuestConnection) -> bool:
         if len(self._connections) >= self.settings.max_connections:
             return False
+        key = peer_key(conn, conn.per_socket)
+        if key is not None:
+            held = self._per_peer.get(key, 0)
+            if held >= self.settings.max_connections_per_guest:
+                self.stats.errors["per_guest_limit"] += 1
+                return False
+            self._per_peer[key] = held + 1
+            conn.peer_key = key
         self._connections.add(conn)
         return True
 
@@ -203,11 +214,16 @@ class RelayService:
         """Cancel pending upstream work first so no reply is written late."""
         for pending in conn.pending:
             pending.upstream.cancel(pending)
+            self._figures[pending.upstream.index].cancelled += 1
         conn.pending.clear()
         self._ke.close_owner(conn)
 
     def on_gone(self, conn: GuestConnection) -> None:
         self._connections.discard(conn)
+        if conn.peer_key is not None:
+            left = self._per_peer.pop(conn.peer_key, 0) - 1
+            if left > 0:
+                self._per_peer[conn.peer_key] = left
         if not self._connections:
             self._all_gone.set()
         record = self.guests.disconnect(conn)
@@ -250,8 +266,7 @@ class RelayService:
                             f"{framing.VERSION}")
             conn.close()
             return
-        name = hello.get("name")
-        conn.name = name[:64] if isinstance(name, str) else ""
+        conn.name = display_name(hello.get("name"))
         conn.hello_done = True
         conn.deadline_ns = rx_ns + self._limits.idle_ns
         conn.send_frame(framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
@@ -298,9 +313,10 @@ class RelayService:
             pending = upstream.submit(packet, conn, rid, rx_ns)
         except (UpstreamError, OSError) as exc:
             reason = getattr(exc, "reason", "send_failed")
-            stats.upstream_errors += 1
             stats.errors[reason] += 1
-            self._figures[index].errors[reason] += 1
+            if reason != "duplicate_transmit":  # that one is the guest's mistake
+                stats.upstream_errors += 1
+                self._figures[index].errors[reason] += 1
             conn.send_error(rid, ErrorCode.UPSTREAM_ERROR, str(exc))
             return
         self._figures[index].requests += 1
@@ -326,10 +342,13 @@ class RelayService:
                 self.stats.frames_out["NTP_REPLY"] += 1
                 self._residence.observe_ns(r_in + r_out)
             return
-        self._figures[upstream.index].result(reason, at_ns - sent_ns)
-        log.warning("upstream %s: request failed (%s)", upstream.name, reason,
-                    extra={"event": "upstream_failure", "upstream": upstream.name,
-                           "reason": reason})
+        fig = self._figures[upstream.index]
+        fig.result(reason, at_ns - sent_ns)
+        failed = fig.timeouts if reason == "timeout" else fig.errors[reason]
+        if decade(failed):  # one ICMP error can fail thousands of requests at once
+            log.warning("upstream %s: request failed (%s; %d so far)", upstream.name, reason,
+                        failed, extra={"event": "upstream_failure", "upstream": upstream.name,
+                                       "reason": reason, "count": failed})
         if not conn.closed:
             code = ErrorCode.UPSTREAM_TIMEOUT if reason == "timeout" else \
                 ErrorCode.UPSTREAM_ERROR
@@ -364,9 +383,12 @@ class RelayService:
         except HealthError as exc:
             self.stats.errors[f"health_{exc.reason}"] += 1
             record = self.guests.get(conn)
-            log.warning("health report refused: %s", exc,
-                        extra={"event": "health_refused", "reason": exc.reason,
-                               "guest": record.guest if record else "?"})
+            refused = record.refused_reports if record else 1
+            if decade(refused):
+                log.warning("health report refused: %s (%d refused from this guest)", exc,
+                            refused, extra={"event": "health_refused", "reason": exc.reason,
+                                            "guest": record.guest if record else "?",
+                                            "count": refused})
 
     def _in_flight(self, name: str) -> int:
         return sum(u.in_flight for u in self._upstreams if u.name == name)

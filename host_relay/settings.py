@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from host_relay.local_source import NAME as LOCAL_NAME
 from timesyncd.addresses import AddressError, parse_address
 from timesyncd.config import parse_file_mode
-from timesyncd.framing import HEADER, MAX_PAYLOAD
+from timesyncd.framing import HEADER, MAX_PAYLOAD, relay_hello
 
 #: Smallest frame that can carry an NTP request (header + upstream index + 48-byte packet).
 MIN_FRAME_BYTES = HEADER.size + 1 + 48
@@ -45,6 +46,14 @@ class RelaySettings:
     max_connections: int = field(
         default=4096,
         metadata={"help": "Guest connections held at once; further ones are closed at accept.",
+                  "min": 1, "max": 1_000_000},
+    )
+    max_connections_per_guest: int = field(
+        default=64,
+        metadata={"help": "Connections one guest may hold at once (by vsock CID, TCP host, or "
+                          "fc: socket, which serves one microVM; plain unix: clients are not "
+                          "told apart), so one guest cannot take every slot; further ones are "
+                          "closed at accept.",
                   "min": 1, "max": 1_000_000},
     )
     rate_limit: float = field(
@@ -130,6 +139,8 @@ class RelaySettings:
             raise ValueError("upstreams: at most 256 (the frame's upstream index is one byte)")
         if len(set(self.upstreams)) != len(self.upstreams):
             raise ValueError("upstreams: listed twice; remove the duplicate")
+        relay_hello([str(parse_address(u)) for u in self.upstreams] or [LOCAL_NAME],
+                    [str(parse_address(k)) for k in self.nts_ke_servers])  # fits one frame
         if self.metrics is not None:
             try:
                 maddr = parse_address(self.metrics)

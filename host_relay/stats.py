@@ -24,6 +24,7 @@ class RelayStats:
     upstream_timeouts: int = 0
     #: datagrams from an upstream that matched no request (late, duplicate or forged)
     upstream_unsolicited: int = 0
+    upstream_late: int = 0  # replies to requests that timed out or were cancelled
     #: requests answered from the host clock (no upstreams configured)
     local_replies: int = 0
 
@@ -41,5 +42,6 @@ class RelayStats:
             "upstream_errors": self.upstream_errors,
             "upstream_timeouts": self.upstream_timeouts,
             "upstream_unsolicited": self.upstream_unsolicited,
+            "upstream_late": self.upstream_late,
             "local_replies": self.local_replies,
         }

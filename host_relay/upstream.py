@@ -43,6 +43,9 @@ _XMT = slice(40, 48)  # transmit timestamp of a request
 _ORG = slice(24, 32)  # origin timestamp of a reply
 #: Datagrams read per wake-up at most, so a flooding upstream cannot starve the guests.
 _READS_PER_WAKEUP = 256
+#: Requests given up (timed out or cancelled) remembered for one more timeout, at most this
+#: many, so that their late replies count as late rather than as unsolicited (forged-looking).
+_GIVEN_UP_MEMORY = 4096
 
 
 class UpstreamError(Exception):
@@ -86,6 +89,7 @@ class Upstream:
         self._on_result = on_result
         self._buffer_bytes = buffer_bytes
         self._pending: dict[bytes, Pending] = {}
+        self._given_up: dict[bytes, int] = {}  # transmit key -> forget after (monotonic ns)
         self._sock: socket.socket | None = None
         self._send: Callable[[bytes], int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,9 +167,10 @@ class Upstream:
         return pending
 
     def cancel(self, pending: Pending) -> None:
-        """Forget a request whose requester went away; a late reply is then unsolicited."""
+        """Forget a request whose requester went away; a reply to it counts as late."""
         if self._pending.get(pending.key) is pending:
             del self._pending[pending.key]
+            self._give_up(pending.key)
         if not self._pending and self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -202,7 +207,10 @@ class Upstream:
     def _on_datagram(self, data: bytes, rx_ns: int) -> None:
         pending = self._pending.pop(data[_ORG], None) if len(data) >= 48 else None
         if pending is None:
-            self._stats.upstream_unsolicited += 1
+            if len(data) >= 48 and self._given_up.pop(data[_ORG], None) is not None:
+                self._stats.upstream_late += 1
+            else:
+                self._stats.upstream_unsolicited += 1
             return
         self._stats.upstream_replies += 1
         self._on_result(pending, data, rx_ns, "")
@@ -223,8 +231,20 @@ class Upstream:
                 self._arm(oldest.deadline_ns)
                 return
             del pending_map[oldest.key]
+            self._give_up(oldest.key)
             self._stats.upstream_timeouts += 1
             self._on_result(oldest, None, now, "timeout")
+
+    def _give_up(self, key: bytes) -> None:
+        """Remember a request nobody waits for any more (bounded, oldest forgotten first)."""
+        given_up = self._given_up
+        now = time.monotonic_ns()
+        while given_up:
+            first = next(iter(given_up))
+            if given_up[first] > now and len(given_up) < _GIVEN_UP_MEMORY:
+                break
+            del given_up[first]
+        given_up[key] = now + self._timeout_ns
 
     def _on_error(self, reason: str) -> None:
         # ICMP errors on a connected socket say the upstream is unreachable; fail fast.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
 import time
@@ -229,12 +230,18 @@ def test_disconnect_cancels_pending_upstream_work(tmp_path):
         await wait_until(lambda: relay.pending_requests == 0 and relay.handler_tasks == 0)
         assert len(asyncio.all_tasks()) == baseline_tasks
         assert relay.stats.upstream_timeouts == 0  # timers were cancelled, not left to fire
-        # the upstream answers late: dropped as unsolicited, nothing written anywhere
+        fig = relay.metrics.upstreams[silent.address]
+        assert fig.cancelled == 10 and fig.requests == 10  # every request has an outcome
+        # the upstream answers late: counted as late (not as forged), nothing written anywhere
         relay_side = relay._upstreams[0].local_address
         for req in held:
             silent.transport.sendto(echo_reply(req), relay_side)
-        await wait_until(lambda: relay.stats.upstream_unsolicited == 10)
+        await wait_until(lambda: relay.stats.upstream_late == 10)
+        assert relay.stats.upstream_unsolicited == 0
         assert relay.stats.frames_out.get("NTP_REPLY", 0) == 0
+        # a reply nobody ever asked for is still unsolicited
+        silent.transport.sendto(echo_reply(client_packet()), relay_side)
+        await wait_until(lambda: relay.stats.upstream_unsolicited == 1)
         await relay.stop()
         silent.close()
 
@@ -261,6 +268,7 @@ def test_fd_count_unchanged_after_10000_connect_disconnect_cycles(tmp_path):
         await relay.start()
         await cycle(0)  # warm-up: lazily created loop resources
         await wait_until(lambda: relay.stats.connections_open == 0)
+        gc.collect()  # earlier tests' unreachable sockets must not close mid-count
         before = open_fds()
         start = time.monotonic()
         for batch in range(100):

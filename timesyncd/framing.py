@@ -151,6 +151,21 @@ def json_frame(ftype: FrameType, request_id: int, obj: Any) -> Frame:
     return Frame(ftype, request_id, json.dumps(obj, separators=(",", ":")).encode())
 
 
+def relay_hello(upstreams: list[str], nts_ke: list[str]) -> Frame:
+    """The relay's HELLO answer: its upstreams (and NTS-KE endpoints) by index. Raises
+    ``ValueError`` naming the settings when the list does not fit one frame."""
+    hello: dict[str, object] = {
+        "version": VERSION, "upstreams": [{"index": i, "name": n} for i, n in enumerate(upstreams)]}
+    if nts_ke:
+        hello["nts_ke"] = [{"index": i, "name": n} for i, n in enumerate(nts_ke)]
+    frame = json_frame(FrameType.HELLO, 0, hello)
+    if len(frame.payload) > MAX_PAYLOAD:
+        raise ValueError(
+            f"upstreams, nts_ke_servers: the HELLO listing them is {len(frame.payload)} bytes, "
+            f"over the {MAX_PAYLOAD}-byte frame limit; list fewer servers or shorter names")
+    return frame
+
+
 def parse_json(frame: Frame) -> Any:
     try:
         return json.loads(frame.payload)

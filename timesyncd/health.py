@@ -25,6 +25,9 @@ STATES = ("unsynchronised", "synchronised", "holdover")
 MAX_REASONS = 24
 #: Reason keys are label values on the host: short, printable, no surprises.
 _REASON_RE = re.compile(r"^[A-Za-z0-9_:.\-]{1,48}$")
+#: Counts above this are refused: exact in a float (what Prometheus stores), and no guest
+#: counts that far.
+MAX_COUNT = 2**53 - 1
 _NUMERIC = ("offset_s", "frequency_ppm", "root_distance_s", "last_update", "poll_s",
             "holdover_s")
 
@@ -83,7 +86,7 @@ def bound_reasons(rejected: Mapping[str, Any]) -> dict[str, int]:
     clean: dict[str, int] = {}
     other = 0
     for key, value in rejected.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not _is_count(value):
             continue
         if isinstance(key, str) and _REASON_RE.match(key):
             clean[key] = value
@@ -96,6 +99,19 @@ def bound_reasons(rejected: Mapping[str, Any]) -> dict[str, int]:
     if other:
         clean["other"] = clean.get("other", 0) + other
     return clean
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _is_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def parse_health(payload: bytes) -> HealthReport:
@@ -116,14 +132,13 @@ def parse_health(payload: bytes) -> HealthReport:
         value = obj.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value):
+        if not _is_finite(value):
             raise HealthError("bad_field", f"{key} is not a finite number")
         values[key] = float(value)
     for key in ("steps", "refused_jumps"):
         value = obj.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise HealthError("bad_field", f"{key} is not a count")
+        if not _is_count(value):
+            raise HealthError("bad_field", f"{key} is not a count (0 to 2**53 - 1)")
         values[key] = value
     rejected = obj.get("rejected", {})
     if not isinstance(rejected, dict):

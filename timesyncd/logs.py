@@ -14,6 +14,13 @@ from typing import Any
 _STD_ATTRS = set(vars(logging.LogRecord("x", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+def decade(count: int) -> bool:
+    """True for the 1st, 10th, 100th, ... occurrence: a fault a peer can repeat at will is
+    logged a handful of times, with its count, however often it happens (the counters have
+    every one)."""
+    return count > 0 and count == 10 ** (len(str(count)) - 1)
+
+
 class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, and any ``extra=`` fields."""
 

@@ -227,9 +227,15 @@ class GuestConnection(asyncio.Protocol):
     def send_frame(self, frame: framing.Frame) -> None:
         if self.closed:
             return
+        try:
+            data = frame.encode()
+        except FramingError as exc:  # a relay bug, not the guest's: count it, say it
+            self.stats.errors["unsendable_frame"] += 1
+            log.error("cannot send %s frame: %s", FRAME_NAMES[frame.type], exc)
+            return
         self.stats.frames_out[FRAME_NAMES[frame.type]] += 1
-        with contextlib.suppress(Exception):
-            self.transport.write(frame.encode())  # type: ignore[union-attr]
+        with contextlib.suppress(Exception):  # a vanished peer ends in connection_lost
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self.send_frame(framing.error(request_id, code, message))

@@ -204,3 +204,17 @@ def test_metrics_stop_ends_requests_in_progress() -> None:
         writer.close()
 
     asyncio.run(main())
+
+
+def test_a_frame_the_relay_cannot_encode_is_counted_not_silently_lost() -> None:
+    from host_relay.connection import ConnectionLimits, GuestConnection
+    from host_relay.stats import RelayStats
+
+    class Owner:
+        def accept(self, conn: object) -> bool:
+            return True
+
+    stats = RelayStats()
+    conn = GuestConnection(Owner(), stats, ConnectionLimits(4096, 10**9, 10**9, 16.0, 32))  # type: ignore[arg-type]
+    conn.send_frame(framing.Frame(FrameType.HELLO, 0, b"x" * (framing.MAX_PAYLOAD + 1)))
+    assert stats.errors["unsendable_frame"] == 1 and not stats.frames_out

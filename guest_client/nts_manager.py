@@ -170,8 +170,8 @@ class NtsManager:
             link.cancel(last)
         rid = link.send(src.upstream, wrapped, functools.partial(self._on_result, name))
         t1 = self.clock.now_ns()  # after the write, as for plain relay sources (daemon._send)
-        if rid is None:
-            self._on_error(name, "relay_not_connected")
+        if rid is None:  # the link's own reason: busy or oversized is not "not connected"
+            self._on_error(name, link.last_refusal or "relay_not_connected")
             return
         self._last_request[name] = rid
         self._on_sent(name, t1)
@@ -250,6 +250,13 @@ class NtsManager:
                 src.note = (f"certificate not valid at the synchronised time ({exc.reason}): "
                             "source disabled")
             log.warning("NTS-KE for %s failed: %s", name, src.note)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a CA file OpenSSL cannot load
+            # a dead task would leave the source "NTS-KE pending" forever with nothing counted;
+            # this is a KE failure like any other, retried with the same backoff
+            src.on_ke_error("error", f"{type(exc).__name__}: {exc}")
+            self._on_error(name, "nts_ke_error")
+            log.warning("NTS-KE for %s failed unexpectedly: %s", name, src.note, exc_info=exc)
             return
         finally:
             self._tasks.pop(name, None)

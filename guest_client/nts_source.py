@@ -13,6 +13,7 @@ certificate it controls.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -59,7 +60,40 @@ def parse_nts_server(spec: str) -> NtsServerSpec:
             raise ValueError(f"bad TLS name in {spec!r}; use {forms}")
     else:
         name = host
+    _check_tls_name(name, spec, forms)
     return NtsServerSpec(spec, name, host, port)
+
+
+def _check_tls_name(name: str, spec: str, forms: str) -> None:
+    """Refuse a name the KE session could not send as SNI (``str.encode("idna")``): caught
+    here it is a config error naming the entry, at NTS-KE time only a failed exchange."""
+    try:
+        ipaddress.ip_address(name)
+        return  # an IP address is matched as such, never sent as SNI
+    except ValueError:
+        pass
+    try:
+        name.encode("idna")
+    except UnicodeError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise ValueError(f"TLS name {name!r} in {spec!r} is not a valid host name ({cause}); "
+                         f"labels between dots must be 1 to 63 characters; use {forms}") from None
+
+
+def check_ca_file(path: str) -> None:
+    """Load ``path`` as NTS-KE sessions will (pyOpenSSL); ValueError saying why it cannot be.
+
+    A bundle OpenSSL cannot read would otherwise only fail each key exchange at run time.
+    Imports pyOpenSSL (~15 MiB), so call it only when NTS sources are configured.
+    """
+    from OpenSSL import SSL
+
+    try:
+        SSL.Context(SSL.TLS_CLIENT_METHOD).load_verify_locations(path)
+    except (SSL.Error, OSError) as exc:
+        errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else None
+        why = "; ".join(str(e[-1]) for e in errors) if errors else str(exc)  # OpenSSL's reasons
+        raise ValueError(f"{path!r} cannot be loaded as a PEM CA bundle ({why})") from None
 
 
 def _split_host_port(text: str, forms: str, spec: str) -> tuple[str, int]:

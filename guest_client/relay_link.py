@@ -6,6 +6,12 @@ whoever asked. Receive stamps are taken from the disciplined clock when the tran
 the bytes to the stream (``data_received``), not when the reading task wakes up: that is one
 event-loop iteration later, and everything the loop runs in between would otherwise be
 counted as return-path delay and bias every offset (measured: +10..+25 us on loopback).
+
+A relay that stops reading must not grow the guest's memory: once more than
+:data:`MAX_WRITE_BUFFER` bytes wait unsent, sends are refused (``send_busy``) and the link is
+dropped and reconnected (``relay_stalled``). A relay that answers HELLO and then drops us at
+once gets the same reconnect backoff as one that refuses connections: the backoff only resets
+after a session stayed up :data:`STABLE_SESSION_S`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 READ_CHUNK = 65536
+#: Unsent bytes the guest queues for the relay before calling it stalled (as the relay's own
+#: ``host_relay.connection.MAX_WRITE_BUFFER`` does for guests that stop reading).
+MAX_WRITE_BUFFER = 256 * 1024
+#: A session must stay up this long (seconds) before the reconnect backoff starts over; a
+#: relay that answers HELLO and closes at once must not be hammered at reconnect_min_s.
+STABLE_SESSION_S = 10.0
 _STREAM_FRAMES = (FrameType.STREAM_OPEN, FrameType.STREAM_DATA, FrameType.STREAM_CLOSE,
                   FrameType.ERROR)
 
@@ -120,7 +132,9 @@ class RelayLink:
     """Keeps one connection to ``address`` up; ``send`` requests over it.
 
     ``on_up(upstreams)`` runs after each successful HELLO, ``on_down(reason)`` when an
-    established connection is lost. Outstanding requests then fail with ``connection_lost``.
+    established connection is lost. Outstanding requests then fail with ``connection_lost``
+    (counted as ``lost_in_flight``). A refused :meth:`send` leaves its reason, as a caller
+    should report it, in :attr:`last_refusal`.
     """
 
     def __init__(
@@ -129,6 +143,7 @@ class RelayLink:
         reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0,
         request_timeout_s: float = 5.0, max_pending: int = 1024,
         rng: random.Random | None = None, connect: Connector | None = None,
+        max_write_buffer: int = MAX_WRITE_BUFFER, stable_session_s: float = STABLE_SESSION_S,
     ) -> None:
         self.address = address
         self.guest_name = guest_name
@@ -139,9 +154,13 @@ class RelayLink:
         self.reconnect_max_s = reconnect_max_s
         self.request_timeout_s = request_timeout_s
         self.max_pending = max_pending
+        self.max_write_buffer = max_write_buffer
+        self.stable_session_s = stable_session_s
         self._rng = rng or random.Random()
         self._connect = connect or (lambda a: open_stream(a, timeout_s=request_timeout_s))
         self._writer: asyncio.StreamWriter | None = None
+        #: set when we gave up on the current connection (stalled relay); its session ends soon
+        self._drop_reason: str | None = None
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
         self._task: asyncio.Task[None] | None = None
@@ -152,11 +171,17 @@ class RelayLink:
         self._streams: dict[int, Callable[[Frame], None]] = {}
         self.counters: Counter[str] = Counter()
         self.connects = 0
+        #: the latest problem, for status; cleared by each successful HELLO
         self.last_error = ""
+        #: the latest warning logged: a relay failing the same way again stays quiet until a
+        #: session has been stable (``last_error`` is cleared on every HELLO, so cannot serve)
+        self._last_logged = ""
+        #: why the latest refused :meth:`send` was refused, as the caller should report it
+        self.last_refusal = ""
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self._writer is not None and self._drop_reason is None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"relay-link {self.address}")
@@ -168,24 +193,52 @@ class RelayLink:
         self._close("stopped", notify=False)
 
     def send(self, upstream: int, packet: bytes, callback: ReplyCallback) -> int | None:
-        """Frame and write one NTP request; ``None`` (and a counted reason) if not possible."""
-        if self._writer is None:
-            self.counters["send_not_connected"] += 1
+        """Frame and write one NTP request; ``None`` if not possible, the reason counted and
+        left in :attr:`last_refusal` (``relay_not_connected``, ``send_busy``,
+        ``send_oversized``)."""
+        writer = self._writer
+        if writer is None or not self.connected:
+            self._refuse("send_not_connected", "relay_not_connected")
             return None
         if len(self._pending) >= self.max_pending:
-            self.counters["send_busy"] += 1
+            self._refuse("send_busy", "send_busy")
             return None
         rid = self.new_request_id()
         try:
             data = framing.ntp_request(rid, upstream, packet).encode()
         except FramingError:
-            self.counters["send_oversized"] += 1
+            self._refuse("send_oversized", "send_oversized")
+            return None
+        if not self._room_for(len(data)):
+            self._refuse("send_busy", "send_busy")
             return None
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.request_timeout_s, self._expire, rid)
         self._pending[rid] = _Pending(callback, timer)
-        self._writer.write(data)
+        writer.write(data)
         return rid
+
+    def _refuse(self, counter: str, reason: str) -> None:
+        self.counters[counter] += 1
+        self.last_refusal = reason
+
+    def _room_for(self, size: int) -> bool:
+        """False, and the link dropped, once the relay lets too much pile up unsent: a relay
+        that stopped reading would otherwise grow our memory without limit while every
+        request times out and the link still looks connected."""
+        transport = getattr(self._writer, "transport", None)  # test doubles may have none
+        if transport is None:
+            return True
+        queued = transport.get_write_buffer_size()
+        if queued + size <= self.max_write_buffer:
+            return True
+        if self._drop_reason is None:
+            self.counters["relay_stalled"] += 1
+            # no byte count in it: the same stall again must repeat the message (logged once)
+            self._drop_reason = (f"relay stalled: over {self.max_write_buffer} bytes unsent, "
+                                 "it stopped reading")
+            transport.abort()  # close() would wait for the buffer to drain: never, here
+        return False
 
     def new_request_id(self) -> int:
         """Next id, shared by requests and streams so an ERROR names exactly one of them."""
@@ -199,7 +252,7 @@ class RelayLink:
         When the connection drops, ``handler`` gets a STREAM_CLOSE with reason
         ``connection_lost``. The caller sends STREAM_OPEN itself (:meth:`send_frame`).
         """
-        if self._writer is None:
+        if not self.connected:
             self.counters["send_not_connected"] += 1
             return None
         sid = self.new_request_id()
@@ -212,10 +265,15 @@ class RelayLink:
             self.send_frame(framing.stream_close(sid, reason))
 
     def send_frame(self, frame: Frame) -> bool:
-        """Write one frame as is (streams); False when not connected."""
-        if self._writer is None:
+        """Write one frame as is (streams, health); False when not connected or stalled."""
+        writer = self._writer
+        if writer is None or not self.connected:
             return False
-        self._writer.write(frame.encode())
+        data = frame.encode()
+        if not self._room_for(len(data)):
+            self.counters["send_busy"] += 1
+            return False
+        writer.write(data)
         return True
 
     def cancel(self, rid: int) -> None:
@@ -245,17 +303,18 @@ class RelayLink:
                 self._note_error(f"connect to relay {self.address} failed: {exc}")
             else:
                 try:
-                    established = await self._session(reader, writer)
+                    uptime = await self._session(reader, writer)
                 finally:
                     writer.close()
-                if established:
-                    attempt = 0
+                if uptime is not None and uptime >= self.stable_session_s:
+                    attempt = 0  # a flapping relay (HELLO, then gone) keeps backing off
             delay = self._backoff(attempt)
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Run one connection; True if it got as far as a HELLO answer."""
+    async def _session(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> float | None:
+        """Run one connection; how long it was up after HELLO (s), None if it never was."""
         decoder = FrameDecoder()
         stamps = RxStamps(reader, self._rx_clock)  # before anything can arrive
         try:
@@ -266,19 +325,22 @@ class RelayLink:
         except TimeoutError:
             self.counters["hello_timeout"] += 1
             self._note_error(f"relay {self.address} did not answer HELLO")
-            return False
+            return None
         except (RelayProtocolError, FramingError) as exc:
             self.counters[f"hello_{exc.reason}"] += 1
             self._note_error(f"relay {self.address} HELLO failed: {exc}")
-            return False
+            return None
         except (ConnectionError, OSError) as exc:
             self.counters["hello_connection_lost"] += 1
             self._note_error(f"relay {self.address} closed during HELLO: {exc}")
-            return False
+            return None
         self.upstreams = upstreams
         self._writer = writer
+        self._drop_reason = None
         self.connects += 1
         self.last_error = ""
+        loop = asyncio.get_running_loop()
+        up_since = loop.time()
         log.info("connected to relay %s; upstreams: %s", self.address,
                  ", ".join(u.name for u in upstreams) or "none")
         self._on_up(upstreams)
@@ -296,9 +358,14 @@ class RelayLink:
             reason = f"framing error: {exc}"
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
+        if self._drop_reason is not None:  # we hung up: that is the reason, not the EOF
+            reason = self._drop_reason
+        uptime = loop.time() - up_since
+        if uptime >= self.stable_session_s:
+            self._last_logged = ""  # a new episode: its first problem is worth a warning
         self._note_error(f"lost relay {self.address}: {reason}")
         self._close(reason, notify=True)
-        return True
+        return uptime
 
     async def _await_hello(
         self, reader: asyncio.StreamReader, decoder: FrameDecoder, stamps: RxStamps
@@ -371,7 +438,10 @@ class RelayLink:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._drop_reason = None
         pending, self._pending = self._pending, {}
+        if pending and notify:  # a real loss, not stop(): else they would vanish from status
+            self.counters["lost_in_flight"] += len(pending)
         for p in pending.values():
             p.timer.cancel()
             p.callback(RelayFailure("connection_lost", reason))
@@ -382,8 +452,13 @@ class RelayLink:
             self._on_down(reason)
 
     def _note_error(self, message: str) -> None:
-        if message != self.last_error:
+        """Record ``message``; warn unless it repeats the last warning (a relay failing the
+        same way on every reconnect logs once per episode, not once per attempt)."""
+        if message != self._last_logged:
             log.warning("%s", message)
+        else:
+            log.debug("%s", message)
+        self._last_logged = message
         self.last_error = message
 
 

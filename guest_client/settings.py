@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from guest_client.nts_source import parse_nts_server
+from guest_client.nts_source import check_ca_file, parse_nts_server
 from timesyncd.addresses import AddressError, parse_address
 from timesyncd.config import parse_file_mode
 from timesyncd.discipline import DisciplineConfig
@@ -164,6 +164,13 @@ class GuestSettings:
         if self.nts_ca_file is not None and not os.path.isfile(self.nts_ca_file):
             raise ValueError(f"nts_ca_file: {self.nts_ca_file!r} is not a readable file; give "
                              "the PEM bundle of the CAs that issue your NTS-KE certificates")
+        if self.nts_ca_file is not None and self.nts_servers:  # unused otherwise: skip OpenSSL
+            try:
+                check_ca_file(self.nts_ca_file)
+            except ValueError as exc:
+                raise ValueError(f"nts_ca_file: {exc}; give the PEM bundle (one or more "
+                                 "-----BEGIN CERTIFICATE----- blocks) of the CAs that issue "
+                                 "your NTS-KE certificates") from None
         self.trust_overrides()
 
     def trust_overrides(self) -> dict[str, str]:

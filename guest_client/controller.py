@@ -168,16 +168,24 @@ class GuestController:
         self._count(reason, self._sources.get(source))
         return []
 
-    def on_connection_lost(self, now_ns: int) -> list[Action]:
-        """The relay link dropped: stop polling, go to holdover, and treat it as a guest-side
-        discontinuity (the next large jump may be stepped once confirmed). Re-arm sources
-        with ``add_source`` after reconnecting."""
+    def on_connection_lost(self, now_ns: int,
+                           sources: Iterable[str] | None = None) -> list[Action]:
+        """The relay link dropped: stop polling the sources it carried (``sources``; all
+        when None), and treat it as a guest-side discontinuity (the next large jump may be
+        stepped once confirmed). Holdover follows unless a source off the link (a direct UDP
+        server) is still polled and reachable. Re-arm with ``add_source`` after reconnecting."""
         now = self._t(now_ns)
         self._discontinuity = True
-        for src in self._sources.values():
-            src.disconnect(self.config.max_root_distance_s)
+        lost = set(self._sources) if sources is None else set(sources)
+        for name in lost:
+            src = self._sources.get(name)
+            if src is not None:
+                src.disconnect(self.config.max_root_distance_s)
         actions: list[Action] = []
-        if self.state == "synchronised":
+        others_live = any(
+            s.next_poll_ns is not None and s.reach != 0 and not s.disabled
+            for n, s in self._sources.items() if n not in lost)
+        if self.state == "synchronised" and not others_live:
             self._enter_holdover(now, actions)
         return actions
 

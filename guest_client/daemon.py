@@ -236,7 +236,7 @@ class GuestDaemon:
     # --- controller events ---------------------------------------------------------------
 
     async def _timer_loop(self) -> None:
-        while True:
+        while self._running:  # a fatal clock error ends it: nothing may act on the clock
             due = self.controller.next_timer_ns()
             now = self.clock.now_ns()
             if due is not None and now >= due:
@@ -280,9 +280,11 @@ class GuestDaemon:
             self._apply(self.controller.on_reply(source, data, rx_ns, r_in, r_out))
 
     def _relay_down(self, reason: str) -> None:
-        log.warning("relay connection lost (%s): holdover until it is back", reason)
+        log.warning("relay connection lost (%s): its sources wait until it is back", reason)
         self.nts.on_relay_down()
-        self._apply(self.controller.on_connection_lost(self.clock.now_ns()))
+        # only the sources the link carried: direct UDP servers keep being polled
+        carried = [*self._relay_routes, *self.nts.sources]
+        self._apply(self.controller.on_connection_lost(self.clock.now_ns(), sources=carried))
 
     def _on_relay_result(self, source: str, result: RelayReply | RelayFailure) -> None:
         if not self._running:
@@ -308,6 +310,8 @@ class GuestDaemon:
     # --- actions -------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        if self.fatal is not None:  # stopped on a clock error: no more sends or clock writes
+            return
         for action in actions:
             if isinstance(action, SendRequest):
                 self._send(action)
@@ -353,7 +357,7 @@ class GuestDaemon:
         t1 = self.clock.now_ns()
         route.last_request = rid
         if rid is None:
-            self._source_error(name, "relay_not_connected")
+            self._source_error(name, self.link.last_refusal or "relay_not_connected")
         else:
             self.controller.on_sent(name, t1)
 
@@ -363,6 +367,14 @@ class GuestDaemon:
             log.error("cannot adjust the clock, stopping: %s", exc)
         self._running = False
         self._failed.set()
+        self._wake.set()  # let the timer loop see it now, not after its sleep
+
+    async def wait_failed(self) -> BaseException:
+        """Return the fatal error once the daemon stopped working on its own (a clock write
+        failed): :func:`timesyncd.cli.runtime.serve_until_signal` ends the process on it."""
+        await self._failed.wait()
+        assert self.fatal is not None
+        return self.fatal
 
     def _log_changes(self) -> None:
         st = self.controller.status(self.clock.now_ns())
@@ -377,7 +389,3 @@ class GuestDaemon:
                         "a source or the relay may be wrong or lying", st.refused_jumps)
             self._last_refused = st.refused_jumps
 
-
-async def run_guest(settings: GuestSettings, stop: asyncio.Event | None = None) -> None:
-    """Build the clock from ``settings`` and run the daemon until ``stop`` is set."""
-    await GuestDaemon(settings, make_clock(settings)).run(stop)

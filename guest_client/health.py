@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from guest_client.relay_link import cancel_task
 from timesyncd.framing import Frame, FramingError
 from timesyncd.health import HealthPacer, HealthReport
 
@@ -45,9 +46,7 @@ class HealthReporter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_task(self._task)  # bounded, and re-cancels should one be swallowed
             self._task = None
 
     def link_up(self) -> None:
@@ -84,4 +83,6 @@ class HealthReporter:
             self.tick()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check_s)
+                # not wait_for: on 3.11 it swallows a cancel landing after link_up() woke it
+                async with asyncio.timeout(self._check_s):
+                    await self._wake.wait()

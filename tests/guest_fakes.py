@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from timesyncd import framing
 from timesyncd.framing import ErrorCode, FrameDecoder, FrameType
@@ -93,3 +94,35 @@ class FakeRelay:
         reply = build_server_reply(packet, rx, time.time_ns() + self.shift_ns, stratum=2,
                                    reference_id=b"FAKE", reference_ns=rx - 1_000_000_000)
         writer.write(framing.ntp_reply(frame.request_id, reply, 1000, 2000).encode())
+
+
+class FakeNtpServer(asyncio.DatagramProtocol):
+    """A loopback UDP NTP server answering from the machine clock, for direct ``servers``."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._transport: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: self, local_addr=("127.0.0.1", 0))
+
+    @property
+    def address(self) -> str:
+        assert self._transport is not None
+        return f"udp:127.0.0.1:{self._transport.get_extra_info('sockname')[1]}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.requests += 1
+        now = time.time_ns()
+        reply = build_server_reply(data, now, time.time_ns(), stratum=2, reference_id=b"FAKE",
+                                   reference_ns=now - 1_000_000_000)
+        if self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

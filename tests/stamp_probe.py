@@ -17,7 +17,7 @@ import random
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +125,8 @@ class ProbeController:
     def on_source_error(self, source: str, reason: str, now_ns: int) -> list[Action]:
         return []
 
-    def on_connection_lost(self, now_ns: int) -> list[Action]:
+    def on_connection_lost(self, now_ns: int,
+                           sources: Iterable[str] | None = None) -> list[Action]:
         return []
 
     def status(self, now_ns: int) -> ControllerStatus:

@@ -6,6 +6,7 @@ The guest disciplines a software clock; nothing here writes the real clock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from guest_fakes import FakeNtpServer
 
 from timesyncd.cli import main
+from timesyncd.cli.runtime import ServiceFailed, serve_until_signal
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,6 +103,100 @@ def test_relay_guest_status_and_wait_sync(relay_and_guest: dict[str, Path]) -> N
     assert human.returncode == 0 and "State           : synchronised" in human.stdout
 
 
+#: `timesync guest` with a clock that refuses frequency writes (as without CAP_SYS_TIME, or
+#: when a seccomp policy changes under the daemon); everything else is the real CLI path
+NO_FREQ_GUEST = """
+import guest_client.daemon as daemon
+from guest_client.clocks import SoftwareClock
+class NoFreq(SoftwareClock):
+    def set_frequency(self, ppm):
+        raise PermissionError(1, "clock_adjtime (set frequency) not permitted")
+daemon.make_clock = lambda settings: NoFreq()
+from timesyncd.cli import main
+main()
+"""
+
+
+def test_guest_exits_nonzero_when_the_clock_refuses_a_write_at_runtime(tmp_path: Path) -> None:
+    """The first slew fails after start-up: the process must end by itself, not linger."""
+    status_sock = tmp_path / "guest.sock"
+
+    async def run() -> tuple[int | None, str, float]:
+        ntp = FakeNtpServer()
+        await ntp.start()
+        try:
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", NO_FREQ_GUEST, "--loop", "asyncio", "guest",
+                "--server", ntp.address, "--clock", "software", "--status-socket",
+                str(status_sock), "--minpoll", "-1", "--maxpoll", "0",
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            except TimeoutError as exc:
+                proc.kill()
+                out, _ = await proc.communicate()
+                tail = out.decode()[-2000:]
+                raise AssertionError(f"still running 10 s after start: {tail}") from exc
+            return proc.returncode, out.decode(), time.monotonic() - started
+        finally:
+            ntp.close()
+
+    code, out, elapsed = asyncio.run(run())
+    assert code == 1, out
+    assert "cannot adjust the clock" in out and "Error:" in out, out
+    assert not status_sock.exists(), "the daemon was stopped (status socket removed)"
+    assert elapsed < 10
+
+
+class _FakeService:
+    """Fails ``fail_after_s`` after start; a SIGTERM comes at ``signal_after_s`` regardless (so
+    a runner that ignores the failure still returns, just late)."""
+
+    def __init__(self, fail_after_s: float | None, signal_after_s: float = 0.05) -> None:
+        self.fail_after_s = fail_after_s
+        self.signal_after_s = signal_after_s
+        self.stopped = False
+        self._failed: asyncio.Future[BaseException] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._failed = loop.create_future()
+        self._timers.append(
+            loop.call_later(self.signal_after_s, os.kill, os.getpid(), signal.SIGTERM))
+        if self.fail_after_s is not None:
+            self._timers.append(
+                loop.call_later(self.fail_after_s, self._failed.set_result, OSError("gone")))
+
+    async def stop(self) -> None:
+        self.stopped = True
+        for timer in self._timers:  # never signal once the runner's handler is gone
+            timer.cancel()
+
+
+class _FakeSupervisedService(_FakeService):
+    async def wait_failed(self) -> BaseException:
+        assert self._failed is not None
+        return await self._failed
+
+
+def test_serve_until_signal_ends_on_a_signal_or_on_the_service_failing() -> None:
+    plain = _FakeService(None)  # like the relay: start/stop only
+    serve_until_signal(lambda: plain, "asyncio")
+    assert plain.stopped
+    quiet = _FakeSupervisedService(None)
+    serve_until_signal(lambda: quiet, "asyncio")
+    assert quiet.stopped
+    failing = _FakeSupervisedService(0.05, signal_after_s=3.0)
+    started = time.monotonic()
+    with pytest.raises(ServiceFailed, match="gone") as info:
+        serve_until_signal(lambda: failing, "asyncio")
+    assert time.monotonic() - started < 2.0, "ended by the failure, not the late signal"
+    assert failing.stopped and info.value.exit_code == 1
+    assert isinstance(info.value.__cause__, OSError)
+
+
 def test_wait_sync_without_a_daemon_times_out(tmp_path: Path) -> None:
     res = _cli("wait-sync", "--socket", str(tmp_path / "none.sock"), "--timeout", "1")
     assert res.returncode == 1
@@ -168,3 +265,10 @@ def test_demo_converges_and_summarises() -> None:
     final_us = float(line.split()[-2])
     assert abs(final_us) < 1000
     assert "steps 0" in res.stdout
+
+
+def test_a_service_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    res = _cli("relay", "--listen", f"unix:{tmp_path}/missing/dir/r.sock", timeout=30)
+    assert res.returncode == 1
+    assert "Error: cannot start: listen on unix:" in res.stderr
+    assert "Traceback" not in res.stderr

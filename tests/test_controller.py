@@ -101,6 +101,29 @@ def test_falseticker_rejected_among_three() -> None:
     assert abs(clock.offset_s()) < 2e-4
 
 
+def test_losing_one_link_stops_only_its_sources() -> None:
+    """The relay drops but a direct server answers on: no holdover, and it keeps being polled
+    (the daemon passes the relay's sources; the default still means every source)."""
+    engine, clock, ctl = make(upstreams=[Upstream("relay", LAN), Upstream("udp", LAN)])
+    engine.run(600.0)
+    engine.call_at(600.0, lambda e: e._apply(
+        ctl.on_connection_lost(clock.now_ns(), sources=["relay"])))
+    engine.run(601.0)
+    by_name = {s.name: s for s in ctl.status(clock.now_ns()).sources}
+    assert not by_name["relay"].reachable and by_name["udp"].reachable
+    updates = ctl.updates
+    engine.run(1800.0)
+    st = ctl.status(clock.now_ns())
+    assert st.state == "synchronised" and ctl.updates > updates + 10
+    by_name = {s.name: s for s in st.sources}
+    assert not by_name["relay"].reachable and by_name["udp"].reachable
+    assert abs(clock.offset_s()) < 2e-4
+    engine.call_at(1800.0, lambda e: e._apply(ctl.on_connection_lost(clock.now_ns())))
+    engine.run(1801.0)
+    assert ctl.state == "holdover" and ctl.next_timer_ns() is not None  # state deadline only
+    assert not any(s.reachable for s in ctl.status(clock.now_ns()).sources)
+
+
 def test_kod_rate_backs_off_and_deny_disables() -> None:
     ups = [Upstream("ok", LAN), Upstream("slow", LAN, kiss_code="RATE"),
            Upstream("deny", LAN, kiss_code="DENY")]

@@ -8,11 +8,11 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
-from guest_fakes import FakeRelay
+from guest_fakes import FakeNtpServer, FakeRelay
 
 from guest_client.actions import (
     Action,
@@ -233,7 +233,8 @@ class ScriptedController:
         self.events.append(("error", source, reason))
         return []
 
-    def on_connection_lost(self, now_ns: int) -> list[Action]:
+    def on_connection_lost(self, now_ns: int,
+                           sources: Iterable[str] | None = None) -> list[Action]:
         self.events.append(("lost",))
         return []
 
@@ -324,6 +325,78 @@ def test_daemon_stops_on_clock_permission_error() -> None:
             with pytest.raises(PermissionError, match="CAP_SYS_TIME"):
                 await asyncio.wait_for(daemon.run(asyncio.Event()), 5)
         finally:
+            await relay.stop()
+
+    asyncio.run(main())
+
+
+def test_clock_failure_at_runtime_ends_the_timer_loop_and_wait_failed() -> None:
+    """A write failing after start: nothing may keep polling, and supervisors must hear of it."""
+
+    class FailsLater(SoftwareClock):
+        def set_frequency(self, ppm: float) -> None:
+            raise PermissionError(1, "clock_adjtime (set frequency) not permitted")
+
+    async def main() -> None:
+        ntp = FakeNtpServer()
+        await ntp.start()
+        settings = GuestSettings(servers=(ntp.address,), clock="software", status_socket="",
+                                 minpoll=-1, maxpoll=0, burst=2)
+        daemon = GuestDaemon(settings, FailsLater(), rng=random.Random(3))
+        await daemon.start()
+        try:
+            fatal = await asyncio.wait_for(daemon.wait_failed(), 5)
+            assert isinstance(fatal, PermissionError)
+            timer = daemon._timer_task
+            assert timer is not None
+            await asyncio.wait_for(asyncio.shield(timer), 2)  # ended by itself, not cancelled
+            sent = ntp.requests
+            await asyncio.sleep(1.2)  # more than a poll interval (2^0 s)
+            assert ntp.requests == sent
+        finally:
+            await daemon.stop()
+            ntp.close()
+
+    asyncio.run(main())
+
+
+def test_relay_drop_keeps_polling_direct_udp_servers() -> None:
+    """Losing the relay stops only the sources it carried; a direct UDP server keeps the guest
+    synchronised through the outage and after the reconnect."""
+
+    async def main() -> None:
+        ntp = FakeNtpServer()
+        await ntp.start()
+        relay = FakeRelay()
+        await relay.start()
+        settings = GuestSettings(relay=relay.address, servers=(ntp.address,), clock="software",
+                                 status_socket="", minpoll=-1, maxpoll=0, burst=2,
+                                 health_interval_s=0, reconnect_min_s=0.2, reconnect_max_s=0.2)
+        daemon = GuestDaemon(settings, SoftwareClock(), rng=random.Random(5))
+        await daemon.start()
+        relay2: FakeRelay | None = None
+        try:
+            await wait_for(lambda: daemon.controller.state == "synchronised")
+            assert daemon.link is not None
+            await relay.stop()  # the relay goes away; the direct server is still fine
+            await wait_for(lambda: daemon.link is not None and not daemon.link.connected)
+            sent = ntp.requests
+            await wait_for(lambda: ntp.requests >= sent + 3)
+            assert daemon.controller.state == "synchronised"
+            by_name = {s["name"]: s for s in daemon.status()["sources"]}
+            assert by_name[ntp.address]["reachable"]
+            assert not by_name[f"relay:{relay.address}#local"]["reachable"]
+            relay2 = FakeRelay(path=relay.path)
+            await relay2.start()  # back: its source is re-armed, the UDP one never stopped
+            await wait_for(lambda: daemon.link is not None and daemon.link.connected)
+            sent = ntp.requests
+            await wait_for(lambda: ntp.requests >= sent + 2 and relay2.requests >= 2)
+            assert daemon.controller.state == "synchronised"
+        finally:
+            await daemon.stop()
+            ntp.close()
+            if relay2 is not None:
+                await relay2.stop()
             await relay.stop()
 
     asyncio.run(main())

@@ -128,3 +128,38 @@ def test_reporter_task_runs_and_stops() -> None:
         assert len(link.frames) == n
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("spins", [0, 1, 2, 3])
+def test_reporter_cancel_right_after_link_up_is_not_swallowed(spins: int) -> None:
+    """A relay (re)connecting just as the daemon stops: link_up() wakes the reporter, then the
+    cancel lands. asyncio.wait_for on 3.11 swallowed it, so a single cancel (and stop()) hung."""
+
+    async def main() -> None:
+        link = FakeLink()
+        rep = HealthReporter(link.send, lambda: STATUS, interval_s=10.0)
+        await rep.start()
+        task = rep._task
+        assert task is not None
+        await asyncio.sleep(0.05)  # waiting for its next check
+        rep.link_up()
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        assert done, f"one cancel, {spins} loop iterations after link_up(), was swallowed"
+        assert task.cancelled()
+        await asyncio.wait_for(rep.stop(), 2.0)
+
+        again = HealthReporter(link.send, lambda: STATUS, interval_s=10.0)
+        await again.start()
+        await asyncio.sleep(0.05)
+        again.link_up()
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(again.stop(), 2.0)
+        assert asyncio.get_running_loop().time() - started < 0.5
+        assert again._task is None
+
+    asyncio.run(main())

@@ -177,3 +177,43 @@ def test_query_status_errors(sock_path: str) -> None:
         t.join()
     listener.close()
     os.unlink(sock_path)
+
+
+def test_stop_ends_open_connections(sock_path: str) -> None:
+    """An idle client must not keep a handler (and the provider) alive after stop(): closing
+    the listener alone leaves accepted connections open on 3.11."""
+    calls = {"n": 0}
+
+    def provider() -> dict[str, Any]:
+        calls["n"] += 1
+        return {"state": "x"}
+
+    def handlers() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks()
+                if getattr(t.get_coro(), "__qualname__", "").startswith("StatusServer.")]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop_errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+        server = StatusServer(sock_path, provider)
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        try:
+            for _ in range(200):  # bounded: the accept lands within a few iterations
+                if handlers():
+                    break
+                await asyncio.sleep(0.01)
+            assert handlers(), "the idle client was never accepted"
+            await asyncio.wait_for(server.stop(), 2.0)
+            assert handlers() == []
+            assert await asyncio.wait_for(reader.read(100), 2.0) == b""  # EOF, not silence
+            writer.write(b"status\n")
+            await asyncio.sleep(0.05)
+            assert calls["n"] == 0 and server.served == 0
+            assert loop_errors == []  # no "Exception in callback" from a cancelled handler
+        finally:
+            writer.close()
+            await server.stop()
+
+    asyncio.run(main())

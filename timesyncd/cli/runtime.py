@@ -1,16 +1,32 @@
-"""Run a service on the best event loop, stopping cleanly on SIGINT/SIGTERM."""
+"""Run a service on the best event loop until SIGINT/SIGTERM, or until it fails on its own."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+import click
 
 
 class Service(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Supervised(Protocol):
+    """A service that can fail on its own after starting (the guest, when the clock refuses a
+    write): without this the process would linger, doing nothing, until a signal came."""
+
+    async def wait_failed(self) -> BaseException:
+        """Return (not raise) the fatal error once the service stopped working."""
+        ...
+
+
+class ServiceFailed(click.ClickException):
+    """The service failed on its own (``__cause__`` is its error): exit status 1."""
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -45,18 +61,46 @@ def run_until_signal(
         return runner.run(wrapper())
 
 
+async def _until_stopped_or_failed(service: Service, stop: asyncio.Event) -> BaseException | None:
+    """Wait for ``stop`` or, for a :class:`Supervised` service, its fatal error (returned)."""
+    if not isinstance(service, Supervised):
+        await stop.wait()
+        return None
+    stopped = asyncio.create_task(stop.wait(), name="serve-stop")
+    failed = asyncio.create_task(service.wait_failed(), name="serve-failed")
+    try:
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (stopped, failed):
+            task.cancel()
+        await asyncio.gather(stopped, failed, return_exceptions=True)
+    if not failed.done() or failed.cancelled():
+        return None
+    return failed.exception() or failed.result()  # a wait_failed that raised failed too
+
+
 def serve_until_signal(make: Callable[[], Service], loop: str = "auto",
                        on_started: Callable[[], None] | None = None) -> None:
-    """Create the service inside the loop, start it, and stop it on SIGINT/SIGTERM."""
+    """Create the service inside the loop, start it, and stop it on SIGINT/SIGTERM.
+
+    A :class:`Supervised` service that fails on its own is stopped too, and
+    :class:`ServiceFailed` is raised so the command exits non-zero.
+    """
 
     async def serve(stop: asyncio.Event) -> None:
         service = make()
-        await service.start()
+        try:
+            await service.start()
+        except OSError as exc:  # cannot listen, connect or touch the clock: say so, exit 1
+            await service.stop()
+            raise ServiceFailed(f"cannot start: {exc}") from exc
         if on_started is not None:
             on_started()
         try:
-            await stop.wait()
+            fatal = await _until_stopped_or_failed(service, stop)
         finally:
             await service.stop()
+        if fatal is not None:
+            raise ServiceFailed(f"stopped after a fatal error: {fatal}") from fatal
 
     run_until_signal(serve, loop)

@@ -101,6 +101,7 @@ def test_relay_guest_status_and_wait_sync(relay_and_guest: dict[str, Path]) -> N
     assert st["sources"] and st["sources"][0]["name"].startswith("relay:")
     human = _cli("status", "--socket", sock)
     assert human.returncode == 0 and "State           : synchronised" in human.stdout
+    assert "Relay link      : unix:" in human.stdout and " connected, 1 connects" in human.stdout
 
 
 #: `timesync guest` with a clock that refuses frequency writes (as without CAP_SYS_TIME, or

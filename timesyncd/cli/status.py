@@ -35,6 +35,16 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"True offset     : {_fmt(st['true_offset_s'])} (software clock vs machine)")
     if st.get("holdover_s"):
         lines.append(f"Holdover        : {st['holdover_s']:.0f} s")
+    relay = st.get("relay")
+    if relay:
+        errors = relay.get("errors") or {}
+        lines.append(
+            f"Relay link      : {relay.get('address')} "
+            f"{'connected' if relay.get('connected') else 'DOWN'}, {relay.get('connects')} "
+            f"connects; " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items()))
+                             or "no errors"))
+        if relay.get("last_error"):
+            lines.append(f"    last error: {relay['last_error']}")
     rejected = st.get("rejected") or {}
     lines.append("Rejected        : " + (
         ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none"))

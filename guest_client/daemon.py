@@ -155,7 +155,7 @@ class GuestDaemon:
             await self.stop()
             raise self.fatal
         if self.link is not None:
-            await self.link.start()
+            await self.link.start(lambda exc: self._fail(exc, "relay link failed"))
             if s.health_interval_s > 0:
                 link = self.link
                 self.health = HealthReporter(
@@ -236,6 +236,16 @@ class GuestDaemon:
     # --- controller events ---------------------------------------------------------------
 
     async def _timer_loop(self) -> None:
+        """Drive the controller's timers. A bug that escapes here must not leave a daemon that
+        looks alive but no longer polls: it is fatal, and the process exits non-zero (so a
+        supervisor restarts it) instead of drifting silently."""
+        try:
+            await self._timers()
+        except Exception as exc:
+            log.exception("guest timer loop failed, stopping")
+            self._fail(exc, "internal error")
+
+    async def _timers(self) -> None:
         while self._running:  # a fatal clock error ends it: nothing may act on the clock
             due = self.controller.next_timer_ns()
             now = self.clock.now_ns()
@@ -361,10 +371,10 @@ class GuestDaemon:
         else:
             self.controller.on_sent(name, t1)
 
-    def _fail(self, exc: OSError) -> None:
+    def _fail(self, exc: Exception, what: str = "cannot adjust the clock") -> None:
         if self.fatal is None:
             self.fatal = exc
-            log.error("cannot adjust the clock, stopping: %s", exc)
+            log.error("%s, stopping: %s", what, exc)
         self._running = False
         self._failed.set()
         self._wake.set()  # let the timer loop see it now, not after its sleep

@@ -183,8 +183,16 @@ class RelayLink:
     def connected(self) -> bool:
         return self._writer is not None and self._drop_reason is None
 
-    async def start(self) -> None:
+    async def start(self, on_crash: Callable[[Exception], None] | None = None) -> None:
+        """Run the link in a task; ``on_crash`` gets an exception that escaped it (a bug: the
+        link would otherwise stop reconnecting in silence while the daemon looks alive)."""
         self._task = asyncio.create_task(self._run(), name=f"relay-link {self.address}")
+        if on_crash is not None:
+            def done(task: asyncio.Task[None]) -> None:
+                if not task.cancelled() and isinstance(task.exception(), Exception):
+                    log.error("relay link task failed", exc_info=task.exception())
+                    on_crash(task.exception())  # type: ignore[arg-type]
+            self._task.add_done_callback(done)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -427,3 +427,60 @@ def test_daemon_with_controller_converges_on_fake_relay() -> None:
             await relay.stop()
 
     asyncio.run(main())
+
+
+def test_a_bug_in_the_timer_path_is_fatal_not_a_silent_stop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping the controller must end the daemon (exit 1 under the CLI, so a
+    supervisor restarts it), not leave it looking alive without polling."""
+    from guest_client.controller import GuestController
+    from timesyncd.discipline import DisciplineConfig
+
+    class Broken(GuestController):
+        def next_timer_ns(self) -> int | None:
+            return 0  # due at once
+
+        def on_timer(self, now_ns: int) -> list:  # type: ignore[type-arg]
+            raise ZeroDivisionError("a controller bug")
+
+    async def main() -> BaseException:
+        ntp = FakeNtpServer()
+        await ntp.start()
+        settings = GuestSettings(servers=(ntp.address,), clock="software", status_socket="",
+                                 minpoll=-1, maxpoll=0)
+        daemon = GuestDaemon(settings, SoftwareClock(), rng=random.Random(3),
+                             controller=Broken(DisciplineConfig(), random.Random(1)))
+        await daemon.start()
+        try:
+            return await asyncio.wait_for(daemon.wait_failed(), 5)
+        finally:
+            await daemon.stop()
+            ntp.close()
+
+    fatal = asyncio.run(main())
+    assert isinstance(fatal, ZeroDivisionError)
+    assert "internal error, stopping: a controller bug" in caplog.text
+
+
+def test_a_bug_in_a_relay_link_callback_is_fatal_not_a_silent_stop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> BaseException:
+        relay = FakeRelay()
+        await relay.start()
+        settings = GuestSettings(relay=relay.address, clock="software", status_socket="")
+        daemon = GuestDaemon(settings, SoftwareClock(), rng=random.Random(3))
+
+        def broken(upstreams: object) -> None:
+            raise KeyError("a callback bug")
+
+        daemon._relay_up = broken  # type: ignore[method-assign,assignment]
+        await daemon.start()
+        try:
+            return await asyncio.wait_for(daemon.wait_failed(), 5)
+        finally:
+            await daemon.stop()
+            await relay.stop()
+
+    fatal = asyncio.run(main())
+    assert isinstance(fatal, KeyError)
+    assert "relay link failed, stopping" in caplog.text

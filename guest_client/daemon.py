@@ -144,7 +144,8 @@ class GuestDaemon:
                 self.status_server = StatusServer(s.status_socket, self.status, mode=mode)
                 await self.status_server.start()
             if s.forward_ntp and self.link is not None:
-                self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending)
+                self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending,
+                                              s.forward_ntp_rate_limit)
                 await self.forwarder.start()
         except BaseException:
             await self.stop()

@@ -3,7 +3,9 @@
 Unmodified NTP clients (chronyd, ntpd, ntplib) in a guest without network can point at this
 UDP endpoint; each request goes over the relay link to its first upstream and the reply comes
 back byte for byte, so the client does its own timestamping and validation. The table of
-requests awaiting replies is bounded; excess requests are dropped and counted (NTP clients
+requests awaiting replies is bounded, and so is the rate passed to the relay (a busy or
+broken local client must not push this guest over the relay's own limits and get its link,
+and with it the guest's time, cut off); excess requests are dropped and counted (NTP clients
 retry), never queued without limit.
 """
 
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Any, Protocol
 
 from guest_client.relay_link import RelayFailure, RelayReply, ReplyCallback, Upstream
 from timesyncd.addresses import parse_address
 from timesyncd.packet import HEADER_LEN, MAX_PACKET_LEN, Mode
+from timesyncd.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,8 @@ class RequestSender(Protocol):
 
 
 class NtpForwarder(asyncio.DatagramProtocol):
-    def __init__(self, address: str, link: RequestSender, max_pending: int = 256) -> None:
+    def __init__(self, address: str, link: RequestSender, max_pending: int = 256,
+                 rate_limit: float = 8.0) -> None:
         self.address = parse_address(address)
         if self.address.kind != "udp":
             raise ValueError(f"forward_ntp: {address!r} is not udp:HOST:PORT")
@@ -36,6 +41,7 @@ class NtpForwarder(asyncio.DatagramProtocol):
         self.max_pending = max_pending
         self._transport: asyncio.DatagramTransport | None = None
         self.pending = 0
+        self._bucket = TokenBucket(rate_limit, max(2 * rate_limit, 1.0), time.monotonic_ns())
         self.counters: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -67,6 +73,9 @@ class NtpForwarder(asyncio.DatagramProtocol):
             return
         if self.pending >= self.max_pending:
             self.counters["busy"] += 1
+            return
+        if not self._bucket.take(time.monotonic_ns()):
+            self.counters["rate_limited"] += 1
             return
         if not self._link.upstreams:
             self.counters["relay_down"] += 1

@@ -57,6 +57,11 @@ class GuestSettings:
     forward_ntp_max_pending: int = field(default=256, metadata={
         "min": 1, "max": 65536,
         "help": "Forwarder: most requests awaiting a reply at once; more are dropped."})
+    forward_ntp_rate_limit: float = field(default=8.0, metadata={
+        "min": 0.01, "max": 1e6,
+        "help": "Forwarder: requests per second passed to the relay (burst twice that); more "
+                "are dropped and counted. Keep it under the relay's rate_limit (16 by default) "
+                "less this daemon's own polling: a guest far over it is disconnected."})
     name: str = field(default="", metadata={
         "help": "Guest name announced to the relay (default: the host name)."})
     # --- NTS (see docs/SECURITY.md) ---

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from timesyncd import framing
 from timesyncd.framing import ErrorCode, FrameType, FramingError
+from timesyncd.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from host_relay.stats import RelayStats
@@ -80,25 +81,6 @@ class ConnectionOwner(Protocol):
 
     def on_gone(self, conn: GuestConnection) -> None:
         """The transport is gone (fd closed); called once, after :meth:`on_closing`."""
-
-
-class TokenBucket:
-    __slots__ = ("rate", "burst", "tokens", "last_ns")
-
-    def __init__(self, rate: float, burst: int, now_ns: int) -> None:
-        self.rate = rate / 1e9
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.last_ns = now_ns
-
-    def take(self, now_ns: int) -> bool:
-        tokens = self.tokens + (now_ns - self.last_ns) * self.rate
-        self.tokens = tokens if tokens < self.burst else self.burst
-        self.last_ns = now_ns
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class GuestConnection(asyncio.Protocol):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from timesyncd.health import HealthError, HealthReport, parse_health
+from timesyncd.ratelimit import TokenBucket
 
 #: Reports accepted per connection: sustained rate and burst (a token bucket). The guest's
 #: default is one per 10 s; anything faster is counted and ignored, never an error frame.
@@ -31,8 +32,7 @@ class GuestRecord:
     report_mono_ns: int = 0
     reports: int = 0
     refused_reports: int = 0
-    _tokens: float = float(REPORT_BURST)
-    _tokens_ns: int = 0
+    bucket: TokenBucket | None = None  # reports accepted (REPORT_RATE_PER_S, REPORT_BURST)
 
     def to_json(self, now_mono_ns: int) -> dict[str, Any]:
         return {
@@ -70,7 +70,7 @@ class GuestRegistry:
         ident = self._unique(peer_identity(writer, self._seq))
         record = GuestRecord(ident, name, time.time(),
                              now_mono_ns if now_mono_ns is not None else time.monotonic_ns())
-        record._tokens_ns = record.connected_mono_ns
+        record.bucket = TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, record.connected_mono_ns)
         self._guests[conn] = record
         self._taken.add(ident)
         return record
@@ -90,13 +90,10 @@ class GuestRegistry:
         record = self._guests.get(conn)
         if record is None:
             raise HealthError("no_hello", "HEALTH before HELLO")
-        record._tokens = min(float(REPORT_BURST), record._tokens + (
-            now_mono_ns - record._tokens_ns) * REPORT_RATE_PER_S / 1e9)
-        record._tokens_ns = now_mono_ns
-        if record._tokens < 1.0:
+        assert record.bucket is not None
+        if not record.bucket.take(now_mono_ns):
             record.refused_reports += 1
             raise HealthError("rate_limited", f"{record.guest} reports too often")
-        record._tokens -= 1.0
         try:
             report = parse_health(payload)
         except HealthError:

@@ -98,6 +98,43 @@ def test_forwarder_pending_table_is_bounded() -> None:
     asyncio.run(main())
 
 
+def test_a_local_flood_is_rate_limited_before_it_costs_the_guest_its_relay_link(
+        tmp_path: Path) -> None:
+    """A broken local client firing 2,000 requests at once: the forwarder passes its own
+    rate (8/s, burst 16) to the real relay, so the relay never sees a flood and the guest's
+    link (its time) stays up; the rest are dropped and counted."""
+
+    async def main() -> None:
+        relay = RelayService(RelaySettings(listen=(f"unix:{tmp_path}/r.sock",)))
+        await relay.start()
+        link = RelayLink(f"unix:{tmp_path}/r.sock", "fwd-test", rx_clock=time.time_ns,
+                         on_up=lambda ups: None, on_down=lambda r: None)
+        fwd = NtpForwarder("udp:127.0.0.1:0", link, max_pending=4096, rate_limit=8.0)
+        await fwd.start()
+        await link.start()
+        try:
+            await wait_for(lambda: link.connected)
+            host, port = fwd.bound[:2]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for i in range(2000):  # in batches the loop drains, so none is lost in UDP
+                    s.sendto(bytes([0x23]) + bytes(39) + i.to_bytes(8, "big"), (host, port))
+                    if i % 50 == 49:
+                        await asyncio.sleep(0.001)
+            await wait_for(lambda: fwd.counters["forwarded"] + fwd.counters["rate_limited"]
+                           == 2000)
+            await wait_for(lambda: fwd.pending == 0)
+            assert 16 <= fwd.counters["forwarded"] <= 40
+            assert fwd.counters["answered"] == fwd.counters["forwarded"]
+            assert relay.stats.errors["frame_flood"] == 0 and link.connects == 1
+            assert link.connected
+        finally:
+            fwd.close()
+            await link.stop()
+            await relay.stop()
+
+    asyncio.run(main())
+
+
 def test_unmodified_chronyd_gets_time_through_forwarder(tmp_path: Path) -> None:
     """chronyd as the guest's own NTP client (`-Q`: measure and print, never correct the
     clock; `-x` as well) syncs through --forward-ntp, the relay, and the host clock."""

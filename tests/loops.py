@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -19,3 +20,13 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, None]], loop_kind: str = "asyn
         uvloop.run(coro_fn())  # type: ignore[union-attr]
     else:
         asyncio.run(coro_fn())
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005,
+                   what: str = "condition") -> None:
+    """Poll ``cond`` on the running loop until it holds; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met in {timeout} s")
+        await asyncio.sleep(interval)

@@ -12,19 +12,12 @@ from pathlib import Path
 import ntplib
 import pytest
 from guest_fakes import FakeRelay
+from loops import wait_for
 
 from guest_client.forward_ntp import NtpForwarder
 from guest_client.relay_link import RelayLink
 from host_relay.service import RelayService
 from host_relay.settings import RelaySettings
-
-
-async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def in_thread(fn, *args):  # type: ignore[no-untyped-def]

@@ -8,11 +8,12 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
 from guest_fakes import FakeNtpServer, FakeRelay
+from loops import wait_for
 
 from guest_client.actions import (
     Action,
@@ -85,12 +86,6 @@ def test_make_clock_software() -> None:
 # --- relay link ------------------------------------------------------------------------------
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def test_relay_link_hello_requests_errors_and_reconnect() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from guest_fakes import FakeRelay
+from loops import wait_for
 
 from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream
 from timesyncd import framing
@@ -78,12 +79,6 @@ class RawRelay:
             self._tasks.discard(task)
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def make_link(address: str, **kwargs: Any) -> tuple[RelayLink, list[list[Upstream]], list[str]]:

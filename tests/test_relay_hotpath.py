@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 from loops import LOOPS, run
+from loops import wait_for as wait_until
 from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
 
 from host_relay.connection import MAX_WRITE_BUFFER, REPLY_HEAD
@@ -20,14 +20,6 @@ from host_relay.upstream import SOCKET_BUFFER_BYTES, Upstream
 from timesyncd import framing
 from timesyncd.addresses import parse_address
 from timesyncd.framing import ErrorCode, FrameType
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 def test_reply_head_encodes_like_framing():

@@ -7,27 +7,16 @@ import gc
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
+from loops import run
+from loops import wait_for as wait_until
 from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
 
 from host_relay.service import RelayService
 from host_relay.settings import RelaySettings
 from timesyncd import framing
 from timesyncd.framing import ErrorCode, FrameType
-
-
-def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(coro_fn())
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 def open_fds() -> int:

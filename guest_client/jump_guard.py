@@ -4,7 +4,10 @@ A hostile or broken host can report any time it likes; a restored snapshot or a 
 really does move the guest's clock. Telling the two apart takes enough agreeing samples, from
 more than one source where there are several, and a reason to believe the guest moved: a
 discontinuity on our side (the relay link dropped, a long silence) or sources the host
-cannot forge (authenticated, NTS). Pure functions over the sources' refused jumps.
+cannot forge (authenticated, NTS). Where authenticated sources are configured, only they can
+confirm: the host controls the relay link, so a discontinuity it can cause (dropping the link
+while the authenticated sources ride on it) must not let its own sources step the clock.
+Pure functions over the sources' refused jumps.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ def jump_confirmed(sources: Iterable[Source], confirm_samples: int, tolerance_s:
     usable = [s for s in sources if not s.disabled and s.reach]
     if len(usable) > 1 and len(confirming) < 2:
         return False
-    # every usable authenticated source agrees (host ones may too: a restored snapshot moves
-    # the guest against all of them)
-    auth = [s for s in usable if s.config.trust == "authenticated"]
-    return discontinuity or (bool(auth) and all(s.jumps for s in auth))
+    if any(s.config.trust == "authenticated" and not s.disabled for s in sources):
+        # every reachable authenticated source agrees, and there is one (host sources may
+        # agree too: a restored snapshot moves the guest against all of them)
+        auth = [s for s in usable if s.config.trust == "authenticated"]
+        return bool(auth) and all(s.jumps for s in auth)
+    return discontinuity
 
 
 def confirmed_jump(sources: Iterable[Source]) -> float:

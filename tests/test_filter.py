@@ -134,3 +134,27 @@ def test_window_offset_is_the_midpoint_of_the_bound_intersection() -> None:
             assert abs(est.offset - (lo + hi) / 2) < 1e-12
         f.prune(est.used)
     assert checked > 200
+
+
+@pytest.mark.parametrize("pattern,kept", [("HHLLL", 0), ("HLHLL", 0), ("HHHLL", 22)])
+def test_a_level_shift_needs_most_of_the_last_five(pattern: str, kept: int) -> None:
+    """2 spikes in 5 stay spikes however they are spread; 3 in 5 are the path's new level."""
+    f = SampleFilter(max_samples=64, max_delay_dev_ratio=10.0)
+    for i in range(16):
+        f.add(s(i, 40e-6 + (i % 3) * 2e-6))
+    high = [pattern[i % 5] == "H" for i in range(40)]
+    verdicts = [f.add(s(100 + i, 5e-3 if h else 41e-6)) for i, h in enumerate(high)]
+    assert sum(1 for v, h in zip(verdicts, high, strict=True) if h and v is None) == kept
+    assert all(v is None for v, h in zip(verdicts, high, strict=True) if not h)
+
+
+def test_best_distance_is_the_best_recent_sample_aged_not_the_newest() -> None:
+    f = SampleFilter(max_samples=64, max_delay_dev_ratio=0.0)
+    f.add(FilteredSample(x=0.0, y=0.0, delay_s=1e-4, dispersion_s=0.0, root_distance_s=1e-3))
+    f.add(FilteredSample(x=16.0, y=0.0, delay_s=0.1, dispersion_s=0.0, root_distance_s=0.05))
+    # the slow newest sample would say 50 ms; the good one 32 s older is 1 ms + 15 ppm x 32 s
+    assert f.best_distance(32.0, 15e-6) == pytest.approx(1e-3 + 15e-6 * 32)
+    for i in range(8):  # once the good sample is not among the last 8, the bound says so
+        f.add(FilteredSample(x=17.0 + i, y=0.0, delay_s=0.1, dispersion_s=0.0,
+                             root_distance_s=0.05))
+    assert f.best_distance(32.0, 15e-6) == pytest.approx(0.05 + 15e-6 * 8)

@@ -119,3 +119,24 @@ def test_confirmed_step_back_holds_at_fast_polls() -> None:
         engine.run(20.0)
         assert len(clock.steps) == 2, (seed, clock.steps)
         assert abs(clock.offset_s()) < 1e-3, seed
+
+
+def test_dropping_the_link_that_carries_nts_does_not_let_a_host_source_step() -> None:
+    """The host drops the relay link (the NTS source rides on it; a direct udp: source does
+    not) and makes its own source jump by 10 s: the guest-side discontinuity that a drop
+    causes must not confirm a jump while an authenticated source is configured."""
+    lie = {"on": False}
+    host = Upstream("host", LAN, error_s=lambda t: 10.0 if lie["on"] else 0.0)
+    engine, clock, ctl = make([Upstream("nts", LAN), host], jump_confirm_samples=3)
+    engine.run(600.0)
+    steps_before = ctl.steps
+
+    def attack(e: Engine) -> None:
+        e._apply(ctl.on_connection_lost(clock.now_ns(), sources=["nts"]))
+        lie["on"] = True
+
+    engine.call_at(600.5, attack)
+    engine.run(2000.0)
+    assert ctl.steps == steps_before and clock.steps == []
+    assert abs(clock.offset_s()) < 1e-3
+    assert ctl.refused_jumps >= 3

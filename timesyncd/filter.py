@@ -207,7 +207,7 @@ class SampleFilter:
         """Whether a sample with this delay, offered next, would be rejected as a spike."""
         if not self._above_allowance(delay_s):
             return False
-        recent = [*self._recent, delay_s]
+        recent = [*list(self._recent)[1 - RECENT_DELAYS:], delay_s]  # the last RECENT_DELAYS
         high = sum(1 for d in recent if self._above_allowance(d))
         return 2 * high <= RECENT_DELAYS  # a level shift once most recent ones are high
 
@@ -278,6 +278,20 @@ class SampleFilter:
         self._floor.clear()
         self._floor_s = None
         self.window.reset(())
+
+    def best_distance(self, x_now: float, phi: float, last: int = 8) -> float | None:
+        """Smallest root distance among the ``last`` stored samples, each grown at ``phi``
+        (frequency tolerance) for its age: the error bound of the best recent measurement,
+        as NTP's clock filter takes it (its minimum-delay sample). The newest sample alone
+        would let one slow exchange, kept at a raised delay level, widen the bound tenfold."""
+        n = len(self._samples)
+        best: float | None = None
+        for i in range(max(n - last, 0), n):
+            s = self._samples[i]
+            d = s.root_distance_s + phi * max(x_now - s.x, 0.0)
+            if best is None or d < best:
+                best = d
+        return best
 
     def latest(self) -> FilteredSample | None:
         return self._samples[-1] if self._samples else None

@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from guest_client.relay_link import cancel_task
 from guest_client.settings import DEFAULT_STATUS_SOCKET
 from timesyncd.addresses import Address
 from timesyncd.transport import StreamListener, listen_stream
@@ -47,9 +46,6 @@ class StatusServer:
         self._provider = provider
         self._listener: StreamListener | None = None
         self._slots = asyncio.Semaphore(max_clients)
-        # closing the listener leaves accepted connections open (3.11): stop() ends these
-        self._handlers: set[asyncio.Task[Any]] = set()
-        self._closing = False
         self.errors: Counter[str] = Counter()
         self.served = 0
 
@@ -66,30 +62,11 @@ class StatusServer:
 
     async def stop(self) -> None:
         """Stop listening and end every open connection (their clients see EOF)."""
-        self._closing = True
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
-        handlers, self._handlers = list(self._handlers), set()
-        await asyncio.gather(*(cancel_task(t) for t in handlers))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if self._closing or task is None:  # accepted just as stop() began: drop it
-            writer.close()
-            return
-        self._handlers.add(task)
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            # stop() ended this connection: finish normally, as asyncio's stream callback
-            # reports a cancelled handler as an error; any other cancel is not ours to eat
-            if not self._closing:
-                raise
-        finally:
-            self._handlers.discard(task)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if self._slots.locked():
                 self.errors["busy"] += 1

@@ -62,6 +62,7 @@ class KeProxy:
         self._streams: dict[tuple[int, int], _Stream] = {}
         self._by_owner: dict[int, set[_Stream]] = {}
         self.counters: Counter[str] = Counter()
+        self._failing: Counter[str] = Counter()  # connect failures in a row, per endpoint
 
     @property
     def open_streams(self) -> int:
@@ -148,17 +149,19 @@ class KeProxy:
                         stream.endpoint, timeout_s=self.limits.connect_timeout_s)
                 except (TransportError, OSError) as exc:
                     self.counters["connect_failed"] += 1
-                    if decade(self.counters["connect_failed"]):
-                        log.warning("NTS-KE endpoint %s: %s (%d failed connects so far)",
-                                    stream.endpoint, exc, self.counters["connect_failed"],
-                                    extra={"event": "nts_ke_connect_failed",
-                                           "endpoint": str(stream.endpoint)})
+                    name = str(stream.endpoint)
+                    self._failing[name] += 1
+                    if decade(self._failing[name]):
+                        log.warning("NTS-KE endpoint %s: %s (%d failed connects in a row)",
+                                    name, exc, self._failing[name],
+                                    extra={"event": "nts_ke_connect_failed", "endpoint": name})
                     if not stream.closed:
                         stream.send(framing.error(stream.stream_id, ErrorCode.STREAM_FAILED,
                                                   f"cannot connect to {stream.endpoint}"))
                     reason = None
                     return
                 stream.writer = writer
+                self._failing.pop(str(stream.endpoint), None)  # reachable again
                 if stream.closed:  # the guest gave up while we connected
                     writer.close()
                     return

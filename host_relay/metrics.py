@@ -79,6 +79,7 @@ class UpstreamFigures:
     replies: int = 0
     timeouts: int = 0
     cancelled: int = 0  # the guest went away first: its reply is not wanted
+    failing: int = 0  # failures since the last reply (log gating per episode)
     errors: Counter[str] = field(default_factory=Counter)
     rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS))
 

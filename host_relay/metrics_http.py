@@ -37,7 +37,6 @@ class MetricsServer:
         self._status = status
         self._listener: StreamListener | None = None
         self._clients = 0
-        self._handlers: set[asyncio.Task[Any]] = set()  # closed with the server
         self.requests: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -47,16 +46,10 @@ class MetricsServer:
                  extra={"event": "metrics_listening", "address": self.bound})
 
     async def stop(self) -> None:
-        """Stop listening and end requests in progress (the listener alone leaves accepted
-        connections open on Python 3.11)."""
+        """Stop listening and end requests in progress (the listener does both)."""
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
-        handlers, self._handlers = self._handlers, set()
-        for task in handlers:
-            task.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=2.0)
 
     @property
     def bound(self) -> str:
@@ -72,9 +65,6 @@ class MetricsServer:
             writer.transport.abort()
             return
         self._clients += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
         try:
             status, ctype, body = await self._answer(reader)
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
@@ -89,7 +79,6 @@ class MetricsServer:
             log.exception("metrics request failed", extra={"event": "metrics_error"})
         finally:
             self._clients -= 1
-            self._handlers.discard(task)  # type: ignore[arg-type]
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)

@@ -331,6 +331,8 @@ class RelayService:
         if reply is not None:
             fig = self._figures[upstream.index]
             fig.replies += 1
+            if fig.failing:  # the episode is over: the next failure is news again
+                fig.failing = 0
             fig.rtt.observe_ns(at_ns - sent_ns)
             if not conn.closed:
                 r_in = sent_ns - pending.rx_ns
@@ -344,11 +346,12 @@ class RelayService:
             return
         fig = self._figures[upstream.index]
         fig.result(reason, at_ns - sent_ns)
-        failed = fig.timeouts if reason == "timeout" else fig.errors[reason]
-        if decade(failed):  # one ICMP error can fail thousands of requests at once
-            log.warning("upstream %s: request failed (%s; %d so far)", upstream.name, reason,
-                        failed, extra={"event": "upstream_failure", "upstream": upstream.name,
-                                       "reason": reason, "count": failed})
+        fig.failing += 1
+        if decade(fig.failing):  # one ICMP error can fail thousands of requests at once
+            log.warning("upstream %s: request failed (%s; %d in a row)", upstream.name, reason,
+                        fig.failing, extra={"event": "upstream_failure",
+                                            "upstream": upstream.name, "reason": reason,
+                                            "count": fig.failing})
         if not conn.closed:
             code = ErrorCode.UPSTREAM_TIMEOUT if reason == "timeout" else \
                 ErrorCode.UPSTREAM_ERROR

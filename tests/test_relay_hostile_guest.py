@@ -197,9 +197,15 @@ def test_metrics_stop_ends_requests_in_progress() -> None:
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET /metr")  # an idle client, mid-request
         await asyncio.sleep(0.1)
-        assert len(server._handlers) == 1
+        listener = server._listener
+        assert listener is not None and listener.handlers is not None
+        assert len(listener.handlers.tasks) == 1
+        errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
         await asyncio.wait_for(server.stop(), 3.0)
-        assert not server._handlers
+        assert not listener.handlers.tasks
+        await asyncio.sleep(0.05)
+        assert errors == []  # no "Exception in callback" for the cancelled handler
         assert await asyncio.wait_for(reader.read(), 2.0) == b""  # closed, no late answer
         writer.close()
 
@@ -218,3 +224,39 @@ def test_a_frame_the_relay_cannot_encode_is_counted_not_silently_lost() -> None:
     conn = GuestConnection(Owner(), stats, ConnectionLimits(4096, 10**9, 10**9, 16.0, 32))  # type: ignore[arg-type]
     conn.send_frame(framing.Frame(FrameType.HELLO, 0, b"x" * (framing.MAX_PAYLOAD + 1)))
     assert stats.errors["unsendable_frame"] == 1 and not stats.frames_out
+
+
+def test_upstream_failures_are_logged_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    """The 1st and 10th failure in a row are logged; a reply ends the episode, so the next
+    outage is logged again from its first failure (lifetime counts would hide it)."""
+    from relay_helpers import echo_reply
+
+    answering = {"on": False}
+
+    async def main() -> None:
+        up = await start_fake_upstream(
+            reply_for=lambda req: echo_reply(req) if answering["on"] else None)
+        svc = RelayService(RelaySettings(listen=("tcp:127.0.0.1:0",), upstreams=(up.address,),
+                                         upstream_timeout_s=0.02))
+        await svc.start()
+        try:
+            g = await Guest.connect(str(svc.addresses[0]))
+
+            async def exchange(rid: int) -> FrameType:
+                g.request(rid, 0, client_packet())
+                return FrameType((await g.recv()).type)
+
+            assert [await exchange(i) for i in range(12)] == [FrameType.ERROR] * 12
+            answering["on"] = True
+            assert await exchange(12) == FrameType.NTP_REPLY
+            answering["on"] = False
+            assert await exchange(13) == FrameType.ERROR
+            await g.close()
+        finally:
+            await svc.stop()
+            up.close()
+
+    with caplog.at_level(logging.WARNING, logger="host_relay.service"):
+        asyncio.run(main())
+    logged = [r.getMessage() for r in caplog.records if "request failed" in r.getMessage()]
+    assert [m.split("; ")[1] for m in logged] == ["1 in a row)", "10 in a row)", "1 in a row)"]

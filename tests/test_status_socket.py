@@ -189,8 +189,9 @@ def test_stop_ends_open_connections(sock_path: str) -> None:
         return {"state": "x"}
 
     def handlers() -> list[asyncio.Task[Any]]:
+        # connection handlers run wrapped by the transport's HandlerTasks
         return [t for t in asyncio.all_tasks()
-                if getattr(t.get_coro(), "__qualname__", "").startswith("StatusServer.")]
+                if getattr(t.get_coro(), "__qualname__", "").startswith("HandlerTasks.")]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

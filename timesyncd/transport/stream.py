@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from timesyncd.addresses import Address, parse_address
 from timesyncd.transport.errors import TransportError
@@ -117,10 +118,48 @@ async def _open_vsock(
 # --- listen ----------------------------------------------------------------------------
 
 
+class HandlerTasks:
+    """The per-connection handler tasks of a stream server, so closing it can end them:
+    on Python 3.11 ``Server.close``/``wait_closed`` leave accepted connections running."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if self.closing or task is None:  # accepted just as the server closed
+                writer.close()
+                return
+            self.tasks.add(task)
+            try:
+                await handler(reader, writer)
+            except asyncio.CancelledError:
+                # ended by close(): finish normally (asyncio's stream callback reports a
+                # cancelled handler as an error); any other cancel is not ours to eat
+                if not self.closing:
+                    raise
+            finally:
+                self.tasks.discard(task)
+                writer.close()
+
+        return tracked
+
+    async def cancel_all(self, timeout_s: float = 2.0) -> None:
+        self.closing = True
+        tasks, self.tasks = self.tasks, set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+
 class StreamListener:
     """A listening stream socket for one address; ``close`` also unlinks a socket file it made.
 
     ``bound`` is the address actually bound (a ``tcp:`` port 0 becomes the real port).
+    For :func:`listen_stream` servers, ``close`` also ends connections in progress.
     """
 
     def __init__(
@@ -131,10 +170,16 @@ class StreamListener:
         self.bound = bound
         self._server = server
         self._owned_path = owned_path
+        self.handlers: HandlerTasks | None = None  # set by listen_stream
 
     async def close(self) -> None:
-        """Stop accepting; connections already accepted are the handler's to close."""
+        """Stop accepting; end :func:`listen_stream` handlers still running (protocol
+        servers close their own connections)."""
+        if self.handlers is not None:
+            self.handlers.closing = True
         self._server.close()
+        if self.handlers is not None:
+            await self.handlers.cancel_all()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._unlink()
@@ -202,12 +247,16 @@ async def listen_stream(
     Convenience over :func:`listen_protocol` for code that prefers streams to protocols.
     """
     loop = asyncio.get_running_loop()
+    handlers = HandlerTasks()
+    tracked = handlers.wrap(handler)
 
     def factory() -> asyncio.Protocol:
         return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=limit, loop=loop),
-                                            handler, loop=loop)
+                                            tracked, loop=loop)
 
-    return await listen_protocol(address, factory, backlog=backlog, socket_mode=socket_mode)
+    listener = await listen_protocol(address, factory, backlog=backlog, socket_mode=socket_mode)
+    listener.handlers = handlers
+    return listener
 
 
 async def listen_protocol(

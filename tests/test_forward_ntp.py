@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import ntplib
 import pytest
@@ -63,29 +66,42 @@ def test_ntplib_through_forwarder() -> None:
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def forwarding(relay_address: str, **fwd_kw: Any) -> AsyncIterator[
+        tuple[RelayLink, NtpForwarder, tuple[str, int]]]:
+    """A relay link and a forwarder on an ephemeral loopback port, link connected."""
+    link = RelayLink(relay_address, "fwd-test", rx_clock=time.time_ns,
+                     on_up=lambda ups: None, on_down=lambda r: None, request_timeout_s=0.3)
+    fwd = NtpForwarder("udp:127.0.0.1:0", link, **fwd_kw)
+    await fwd.start()
+    await link.start()
+    try:
+        await wait_for(lambda: link.connected)
+        yield link, fwd, fwd.bound[:2]
+    finally:
+        fwd.close()
+        await link.stop()
+
+
+def client_request(i: int) -> bytes:
+    return bytes([0x23]) + bytes(39) + i.to_bytes(8, "big")
+
+
 def test_forwarder_pending_table_is_bounded() -> None:
     async def main() -> None:
         relay = FakeRelay(mode="silent")
         await relay.start()
-        link = RelayLink(relay.address, "fwd-test", rx_clock=time.time_ns,
-                         on_up=lambda ups: None, on_down=lambda r: None, request_timeout_s=0.3)
-        fwd = NtpForwarder("udp:127.0.0.1:0", link, max_pending=4)
-        await fwd.start()
-        await link.start()
         try:
-            await wait_for(lambda: link.connected)
-            host, port = fwd.bound[:2]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                for i in range(10):
-                    s.sendto(bytes([0x23]) + bytes(39) + i.to_bytes(8, "big"), (host, port))
-            await wait_for(lambda: fwd.counters["forwarded"] + fwd.counters["busy"] == 10)
-            assert fwd.counters["forwarded"] == 4 and fwd.counters["busy"] == 6
-            # unanswered requests time out and free their slots
-            await wait_for(lambda: fwd.pending == 0, timeout=3)
-            assert fwd.counters["failed_timeout"] == 4
+            async with forwarding(relay.address, max_pending=4) as (_, fwd, addr):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    for i in range(10):
+                        s.sendto(client_request(i), addr)
+                await wait_for(lambda: fwd.counters["forwarded"] + fwd.counters["busy"] == 10)
+                assert fwd.counters["forwarded"] == 4 and fwd.counters["busy"] == 6
+                # unanswered requests time out and free their slots
+                await wait_for(lambda: fwd.pending == 0, timeout=3)
+                assert fwd.counters["failed_timeout"] == 4
         finally:
-            fwd.close()
-            await link.stop()
             await relay.stop()
 
     asyncio.run(main())
@@ -100,29 +116,22 @@ def test_a_local_flood_is_rate_limited_before_it_costs_the_guest_its_relay_link(
     async def main() -> None:
         relay = RelayService(RelaySettings(listen=(f"unix:{tmp_path}/r.sock",)))
         await relay.start()
-        link = RelayLink(f"unix:{tmp_path}/r.sock", "fwd-test", rx_clock=time.time_ns,
-                         on_up=lambda ups: None, on_down=lambda r: None)
-        fwd = NtpForwarder("udp:127.0.0.1:0", link, max_pending=4096, rate_limit=8.0)
-        await fwd.start()
-        await link.start()
         try:
-            await wait_for(lambda: link.connected)
-            host, port = fwd.bound[:2]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                for i in range(2000):  # in batches the loop drains, so none is lost in UDP
-                    s.sendto(bytes([0x23]) + bytes(39) + i.to_bytes(8, "big"), (host, port))
-                    if i % 50 == 49:
-                        await asyncio.sleep(0.001)
-            await wait_for(lambda: fwd.counters["forwarded"] + fwd.counters["rate_limited"]
-                           == 2000)
-            await wait_for(lambda: fwd.pending == 0)
-            assert 16 <= fwd.counters["forwarded"] <= 40
-            assert fwd.counters["answered"] == fwd.counters["forwarded"]
-            assert relay.stats.errors["frame_flood"] == 0 and link.connects == 1
-            assert link.connected
+            async with forwarding(f"unix:{tmp_path}/r.sock", max_pending=4096,
+                                  rate_limit=8.0) as (link, fwd, addr):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    for i in range(2000):  # in batches the loop drains: none lost in UDP
+                        s.sendto(client_request(i), addr)
+                        if i % 50 == 49:
+                            await asyncio.sleep(0.001)
+                await wait_for(lambda: fwd.counters["forwarded"] + fwd.counters["rate_limited"]
+                               == 2000)
+                await wait_for(lambda: fwd.pending == 0)
+                assert 16 <= fwd.counters["forwarded"] <= 40
+                assert fwd.counters["answered"] == fwd.counters["forwarded"]
+                assert relay.stats.errors["frame_flood"] == 0 and link.connects == 1
+                assert link.connected
         finally:
-            fwd.close()
-            await link.stop()
             await relay.stop()
 
     asyncio.run(main())

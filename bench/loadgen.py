@@ -116,6 +116,33 @@ class Run:
         self.cpu: dict[str, float] = {}
         self.window_ns = 0
         self.rid = 0
+        self.stopping = False  # past the window: finish what is in flight, start nothing
+        self._hard_end = self.t_end + int(_DRAIN_S * 1e9)
+
+    def poll(self, timeout_s: float, in_flight: int) -> list[Conn] | None:
+        """Wait for readable connections and return them. Past the window ``stopping`` is set;
+        past the drain deadline the ``in_flight`` exchanges count as unanswered and None
+        says to give up."""
+        events = self.ep.poll(timeout_s)
+        now = time.perf_counter_ns()
+        self.tick(now)
+        if now >= self.t_end:
+            self.stopping = True
+            if now >= self._hard_end:
+                self.errors["unanswered"] += in_flight
+                return None
+        return [c for fd, _ in events if (c := self.conns.get(fd)) is not None]
+
+    def read(self, conn: Conn) -> bytes | None:
+        """What the peer sent (b"" once it closed or failed, the error counted by errno);
+        None when nothing is there after all."""
+        try:
+            return conn.sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self.errors[errno.errorcode.get(exc.errno or 0, "oserror")] += 1
+            return b""
 
     def tick(self, now: int) -> None:
         if not self.in_window and now >= self.t_window and not self.cpu0:
@@ -247,30 +274,15 @@ def run_steady(args: argparse.Namespace) -> dict[str, Any]:
     for conn in run.conns.values():
         _send_steady(run, conn)
     outstanding = len(run.conns)
-    stopping = False
-    hard_end = run.t_end + int(_DRAIN_S * 1e9)
     perf = time.perf_counter_ns
     while outstanding:
-        events = run.ep.poll(0.2)
-        now = perf()
-        run.tick(now)
-        if now >= run.t_end:
-            stopping = True
-            if now >= hard_end:
-                run.errors["unanswered"] += outstanding
-                break
-        for fd, _ in events:
-            found = run.conns.get(fd)
-            if found is None:
+        polled = run.poll(0.2, outstanding)
+        if polled is None:
+            break
+        for conn in polled:
+            data = run.read(conn)
+            if data is None:
                 continue
-            conn = found
-            try:
-                data = conn.sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                data = b""
-                run.errors[errno.errorcode.get(exc.errno or 0, "oserror")] += 1
             now = perf()
             if not data:
                 run.errors["closed_by_peer"] += 1
@@ -284,7 +296,7 @@ def run_steady(args: argparse.Namespace) -> dict[str, Any]:
                 elif packet:
                     run.record(conn.t0, now)
                     conn.answered += run.in_window
-                if stopping:
+                if run.stopping:
                     outstanding -= 1
                 else:
                     _send_steady(run, conn)
@@ -312,8 +324,6 @@ def run_churn(args: argparse.Namespace) -> dict[str, Any]:
     perf = time.perf_counter_ns
     to_start = args.conns
     active = 0
-    stopping = False
-    hard_end = run.t_end + int(_DRAIN_S * 1e9)
 
     def start_one() -> bool:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -337,32 +347,20 @@ def run_churn(args: argparse.Namespace) -> dict[str, Any]:
         return True
 
     while True:
-        while to_start and not stopping:
+        while to_start and not run.stopping:
             if not start_one():
                 break
             to_start -= 1
             active += 1
-        if not active and (stopping or to_start == 0):
+        if not active and (run.stopping or to_start == 0):
             break
-        events = run.ep.poll(0.001 if to_start else 0.2)
-        now = perf()
-        run.tick(now)
-        if now >= run.t_end:
-            stopping = True
-            if now >= hard_end:
-                run.errors["unanswered"] += active
-                break
-        for fd, _ in events:
-            found = run.conns.get(fd)
-            if found is None:
+        polled = run.poll(0.001 if to_start else 0.2, active)
+        if polled is None:
+            break
+        for conn in polled:
+            data = run.read(conn)
+            if data is None:
                 continue
-            conn = found
-            try:
-                data = conn.sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
             now = perf()
             done = False
             if not data:
@@ -393,7 +391,7 @@ def run_churn(args: argparse.Namespace) -> dict[str, Any]:
             if done:
                 run.close(conn)
                 active -= 1
-                if not stopping:
+                if not run.stopping:
                     to_start += 1
     for conn in list(run.conns.values()):
         run.close(conn)

@@ -22,8 +22,8 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, None]], loop_kind: str = "asyn
         asyncio.run(coro_fn())
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005,
-                   what: str = "condition") -> None:
+async def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition",
+                   interval: float = 0.005) -> None:
     """Poll ``cond`` on the running loop until it holds; AssertionError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not cond():

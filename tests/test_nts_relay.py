@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from hostile_relay import HostileRelay
+from loops import wait_for
 from nts_fixture import NtsServer, chronyd_nts, free_port
 
 from guest_client.clocks import SoftwareClock
@@ -61,12 +62,6 @@ def guest_settings(chrony: NtsServer, relay: str, **kw: Any) -> GuestSettings:
     return s
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 Scenario = Callable[[GuestDaemon, SoftwareClock, HostileRelay, RelayService], Awaitable[None]]

@@ -8,6 +8,7 @@ import time
 import ntplib
 import pytest
 from loops import LOOPS, run
+from loops import wait_for as wait_until
 from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
 
 from host_relay.service import RelayService
@@ -159,11 +160,7 @@ def test_unsolicited_and_duplicate_replies_are_dropped_and_counted(tmp_path):
         relay_side = relay._upstreams[0].local_address
         for junk in (echo_reply(packet), echo_reply(client_packet()), b"tiny"):
             up.transport.sendto(junk, relay_side)
-        for _ in range(100):
-            if relay.stats.upstream_unsolicited == 3:
-                break
-            await asyncio.sleep(0.01)
-        assert relay.stats.upstream_unsolicited == 3
+        await wait_until(lambda: relay.stats.upstream_unsolicited == 3)
         with pytest.raises(TimeoutError):
             await guest.recv(timeout=0.1)  # nothing was passed on to the guest
         await guest.close()
@@ -232,10 +229,7 @@ def test_start_replaces_stale_socket_and_serve_forever_returns_on_stop(tmp_path)
     async def main() -> None:
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}", "tcp:127.0.0.1:0")))
         serving = asyncio.create_task(relay.serve_forever())
-        for _ in range(100):
-            if len(relay.addresses) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(relay.addresses) == 2)
         tcp = relay.addresses[1]
         assert tcp.kind == "tcp" and tcp.port != 0
         guest = await Guest.connect(str(tcp))

@@ -94,7 +94,6 @@ class GuestConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.name = ""
         self.peer_key: str | None = None  # set by the owner on accept (per-guest limit)
-        self.per_socket = False  # the listening socket serves one guest (Firecracker)
         self.hello_done = False
         self.closed = False
         #: requests in flight upstream, cancelled when the connection closes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,11 +29,11 @@ class GuestRecord:
     name: str  # what the guest announced in HELLO (untrusted; display only)
     connected_at: float  # host Unix seconds
     connected_mono_ns: int
+    bucket: TokenBucket  # reports accepted (REPORT_RATE_PER_S, REPORT_BURST)
     report: HealthReport | None = None
     report_mono_ns: int = 0
     reports: int = 0
     refused_reports: int = 0
-    bucket: TokenBucket | None = None  # reports accepted (REPORT_RATE_PER_S, REPORT_BURST)
 
     def to_json(self, now_mono_ns: int) -> dict[str, Any]:
         return {
@@ -68,9 +69,9 @@ class GuestRegistry:
                 now_mono_ns: int | None = None) -> GuestRecord:
         self._seq += 1
         ident = self._unique(peer_identity(writer, self._seq))
-        record = GuestRecord(ident, name, time.time(),
-                             now_mono_ns if now_mono_ns is not None else time.monotonic_ns())
-        record.bucket = TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, record.connected_mono_ns)
+        mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
+        record = GuestRecord(ident, name, time.time(), mono,
+                             TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, mono))
         self._guests[conn] = record
         self._taken.add(ident)
         return record
@@ -90,7 +91,6 @@ class GuestRegistry:
         record = self._guests.get(conn)
         if record is None:
             raise HealthError("no_hello", "HEALTH before HELLO")
-        assert record.bucket is not None
         if not record.bucket.take(now_mono_ns):
             record.refused_reports += 1
             raise HealthError("rate_limited", f"{record.guest} reports too often")
@@ -117,17 +117,19 @@ class GuestRegistry:
         return ident if ident not in self._taken else f"{ident}/{self._seq}"
 
 
-def peer_key(writer: PeerInfo, per_socket: bool = False) -> str | None:
+def peer_key(writer: PeerInfo, one_guest_sockets: Collection[str] = ()) -> str | None:
     """Who is connecting, as far as the host can tell before HELLO: the vsock CID, the TCP
-    host, or with ``per_socket`` (a Firecracker socket serves one microVM) the listening
-    socket. None for a plain Unix socket: its local clients are not told apart."""
+    host, or the listening socket when it is one of ``one_guest_sockets`` (a Firecracker
+    socket serves one microVM). None for a plain Unix socket: its local clients are not
+    told apart."""
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and peer:
         family = getattr(writer.get_extra_info("socket"), "family", None)
         if family == getattr(socket, "AF_VSOCK", 40):
             return f"cid:{peer[0]}"
         return f"host:{peer[0]}"
-    return f"socket:{writer.get_extra_info('sockname')}" if per_socket else None
+    sockname = writer.get_extra_info("sockname")
+    return f"socket:{sockname}" if sockname in one_guest_sockets else None
 
 
 def display_name(raw: object, limit: int = 64) -> str:

@@ -13,7 +13,6 @@ timers and frame objects (see ``on_ntp_request`` and ``_on_upstream_result``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Any
@@ -81,6 +80,9 @@ class RelayService:
         self._listeners: list[StreamListener] = []
         self._connections: set[GuestConnection] = set()
         self._per_peer: dict[str, int] = {}  # connections held, by peer_key
+        # a Firecracker socket serves one microVM: its connections share one limit
+        self._one_guest_sockets = frozenset(
+            a.listen_path for a in map(parse_address, settings.listen) if a.kind == "fc")
         self._all_gone = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = False
@@ -103,10 +105,8 @@ class RelayService:
             for upstream in self._upstreams:
                 await upstream.open()
             for spec in self.settings.listen:
-                # a Firecracker socket serves one microVM: its connections share one limit
-                per_socket = parse_address(spec).kind == "fc"
                 self._listeners.append(await listen_protocol(
-                    spec, functools.partial(self._new_connection, per_socket), backlog=1024,
+                    spec, self._new_connection, backlog=1024,
                     socket_mode=self.settings.socket_mode_bits,
                 ))
             if self.settings.metrics:
@@ -191,15 +191,13 @@ class RelayService:
 
     # --- connections (ConnectionOwner) -------------------------------------------------
 
-    def _new_connection(self, per_socket: bool) -> GuestConnection:
-        conn = GuestConnection(self, self.stats, self._limits)
-        conn.per_socket = per_socket
-        return conn
+    def _new_connection(self) -> GuestConnection:
+        return GuestConnection(self, self.stats, self._limits)
 
     def accept(self, conn: GuestConnection) -> bool:
         if len(self._connections) >= self.settings.max_connections:
             return False
-        key = peer_key(conn, conn.per_socket)
+        key = peer_key(conn, self._one_guest_sockets)
         if key is not None:
             held = self._per_peer.get(key, 0)
             if held >= self.settings.max_connections_per_guest:

@@ -234,9 +234,8 @@ class RelayLink:
         """False, and the link dropped, once the relay lets too much pile up unsent: a relay
         that stopped reading would otherwise grow our memory without limit while every
         request times out and the link still looks connected."""
-        transport = getattr(self._writer, "transport", None)  # test doubles may have none
-        if transport is None:
-            return True
+        assert self._writer is not None
+        transport = self._writer.transport
         queued = transport.get_write_buffer_size()
         if queued + size <= self.max_write_buffer:
             return True

@@ -16,7 +16,6 @@ Later key exchanges (cookies used up, NTS NAK) always check dates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import functools
 import logging
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from guest_client.nts_source import NtsServerSpec, NtsSource
-from guest_client.relay_link import RelayFailure, RelayLink, RelayReply
+from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, cancel_task
 from timesyncd import framing
 from timesyncd.clock import Clock
 from timesyncd.framing import ErrorCode, Frame, FrameType
@@ -130,12 +129,9 @@ class NtsManager:
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         self._tasks.clear()
+        # bounded, re-cancelling a swallowed cancel (a bare await could hang stop())
+        await asyncio.gather(*(cancel_task(t) for t in tasks))
 
     # --- hooks -----------------------------------------------------------------------------
 

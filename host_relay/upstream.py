@@ -170,7 +170,7 @@ class Upstream:
         """Forget a request whose requester went away; a reply to it counts as late."""
         if self._pending.get(pending.key) is pending:
             del self._pending[pending.key]
-            self._give_up(pending.key)
+            self._give_up(pending.key, time.monotonic_ns())
         if not self._pending and self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -231,14 +231,13 @@ class Upstream:
                 self._arm(oldest.deadline_ns)
                 return
             del pending_map[oldest.key]
-            self._give_up(oldest.key)
+            self._give_up(oldest.key, now)
             self._stats.upstream_timeouts += 1
             self._on_result(oldest, None, now, "timeout")
 
-    def _give_up(self, key: bytes) -> None:
+    def _give_up(self, key: bytes, now: int) -> None:
         """Remember a request nobody waits for any more (bounded, oldest forgotten first)."""
         given_up = self._given_up
-        now = time.monotonic_ns()
         while given_up:
             first = next(iter(given_up))
             if given_up[first] > now and len(given_up) < _GIVEN_UP_MEMORY:

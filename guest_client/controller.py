@@ -361,9 +361,7 @@ class GuestController:
             est = self._refit(src, x_now)
             if est is None:
                 continue
-            best = src.filter.best_distance(x_now, PHI)
-            dist = ((best if best is not None else src.last_sample.root_distance_s + PHI * age)
-                    + 2 * est.offset_sd)
+            dist = src.filter.best_distance(x_now, PHI) + 2 * est.offset_sd
             cands.append(Candidate(src.config.name, est.offset, est.slope, dist,
                                    src.last_sample.leap))
             live.append(src)

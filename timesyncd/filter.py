@@ -15,6 +15,7 @@ most a few hundred samples. Prefix sums make each update's regression O(1).
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_left, insort
 from collections import deque
@@ -279,19 +280,15 @@ class SampleFilter:
         self._floor_s = None
         self.window.reset(())
 
-    def best_distance(self, x_now: float, phi: float, last: int = 8) -> float | None:
+    def best_distance(self, x_now: float, phi: float, last: int = 8) -> float:
         """Smallest root distance among the ``last`` stored samples, each grown at ``phi``
         (frequency tolerance) for its age: the error bound of the best recent measurement,
         as NTP's clock filter takes it (its minimum-delay sample). The newest sample alone
-        would let one slow exchange, kept at a raised delay level, widen the bound tenfold."""
-        n = len(self._samples)
-        best: float | None = None
-        for i in range(max(n - last, 0), n):
-            s = self._samples[i]
-            d = s.root_distance_s + phi * max(x_now - s.x, 0.0)
-            if best is None or d < best:
-                best = d
-        return best
+        would let one slow exchange, kept at a raised delay level, widen the bound tenfold.
+        Infinite with no samples: nothing bounds the error."""
+        return min((s.root_distance_s + phi * max(x_now - s.x, 0.0)
+                    for s in itertools.islice(reversed(self._samples), last)),
+                   default=math.inf)
 
     def latest(self) -> FilteredSample | None:
         return self._samples[-1] if self._samples else None

@@ -13,7 +13,8 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+
+from relay_helpers import FakeUpstream, start_fake_upstream
 
 from timesyncd import framing
 from timesyncd.framing import ErrorCode, FrameDecoder, FrameType
@@ -96,33 +97,14 @@ class FakeRelay:
         writer.write(framing.ntp_reply(frame.request_id, reply, 1000, 2000).encode())
 
 
-class FakeNtpServer(asyncio.DatagramProtocol):
-    """A loopback UDP NTP server answering from the machine clock, for direct ``servers``."""
+def machine_clock_reply(request: bytes) -> bytes:
+    """A server reply answered from the machine clock (stratum 2, reference 1 s old)."""
+    now = time.time_ns()
+    return build_server_reply(request, now, time.time_ns(), stratum=2, reference_id=b"FAKE",
+                              reference_ns=now - 1_000_000_000)
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self._transport: asyncio.DatagramTransport | None = None
 
-    async def start(self) -> None:
-        await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: self, local_addr=("127.0.0.1", 0))
-
-    @property
-    def address(self) -> str:
-        assert self._transport is not None
-        return f"udp:127.0.0.1:{self._transport.get_extra_info('sockname')[1]}"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.requests += 1
-        now = time.time_ns()
-        reply = build_server_reply(data, now, time.time_ns(), stratum=2, reference_id=b"FAKE",
-                                   reference_ns=now - 1_000_000_000)
-        if self._transport is not None:
-            self._transport.sendto(reply, addr)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+async def start_ntp_server() -> FakeUpstream:
+    """A loopback UDP NTP server answering from the machine clock, for direct ``servers``;
+    ``received`` lists the requests it got."""
+    return await start_fake_upstream(reply_for=machine_clock_reply)

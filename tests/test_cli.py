@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from guest_fakes import FakeNtpServer
+from guest_fakes import start_ntp_server
 
 from timesyncd.cli import main
 from timesyncd.cli.runtime import ServiceFailed, serve_until_signal
@@ -123,8 +123,7 @@ def test_guest_exits_nonzero_when_the_clock_refuses_a_write_at_runtime(tmp_path:
     status_sock = tmp_path / "guest.sock"
 
     async def run() -> tuple[int | None, str, float]:
-        ntp = FakeNtpServer()
-        await ntp.start()
+        ntp = await start_ntp_server()
         try:
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(

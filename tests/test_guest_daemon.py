@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from guest_fakes import FakeNtpServer, FakeRelay
+from guest_fakes import FakeRelay, start_ntp_server
 from loops import wait_for
 
 from guest_client.actions import (
@@ -333,8 +333,7 @@ def test_clock_failure_at_runtime_ends_the_timer_loop_and_wait_failed() -> None:
             raise PermissionError(1, "clock_adjtime (set frequency) not permitted")
 
     async def main() -> None:
-        ntp = FakeNtpServer()
-        await ntp.start()
+        ntp = await start_ntp_server()
         settings = GuestSettings(servers=(ntp.address,), clock="software", status_socket="",
                                  minpoll=-1, maxpoll=0, burst=2)
         daemon = GuestDaemon(settings, FailsLater(), rng=random.Random(3))
@@ -345,9 +344,9 @@ def test_clock_failure_at_runtime_ends_the_timer_loop_and_wait_failed() -> None:
             timer = daemon._timer_task
             assert timer is not None
             await asyncio.wait_for(asyncio.shield(timer), 2)  # ended by itself, not cancelled
-            sent = ntp.requests
+            sent = len(ntp.received)
             await asyncio.sleep(1.2)  # more than a poll interval (2^0 s)
-            assert ntp.requests == sent
+            assert len(ntp.received) == sent
         finally:
             await daemon.stop()
             ntp.close()
@@ -360,8 +359,7 @@ def test_relay_drop_keeps_polling_direct_udp_servers() -> None:
     synchronised through the outage and after the reconnect."""
 
     async def main() -> None:
-        ntp = FakeNtpServer()
-        await ntp.start()
+        ntp = await start_ntp_server()
         relay = FakeRelay()
         await relay.start()
         settings = GuestSettings(relay=relay.address, servers=(ntp.address,), clock="software",
@@ -375,8 +373,8 @@ def test_relay_drop_keeps_polling_direct_udp_servers() -> None:
             assert daemon.link is not None
             await relay.stop()  # the relay goes away; the direct server is still fine
             await wait_for(lambda: daemon.link is not None and not daemon.link.connected)
-            sent = ntp.requests
-            await wait_for(lambda: ntp.requests >= sent + 3)
+            sent = len(ntp.received)
+            await wait_for(lambda: len(ntp.received) >= sent + 3)
             assert daemon.controller.state == "synchronised"
             by_name = {s["name"]: s for s in daemon.status()["sources"]}
             assert by_name[ntp.address]["reachable"]
@@ -384,8 +382,8 @@ def test_relay_drop_keeps_polling_direct_udp_servers() -> None:
             relay2 = FakeRelay(path=relay.path)
             await relay2.start()  # back: its source is re-armed, the UDP one never stopped
             await wait_for(lambda: daemon.link is not None and daemon.link.connected)
-            sent = ntp.requests
-            await wait_for(lambda: ntp.requests >= sent + 2 and relay2.requests >= 2)
+            sent = len(ntp.received)
+            await wait_for(lambda: len(ntp.received) >= sent + 2 and relay2.requests >= 2)
             assert daemon.controller.state == "synchronised"
         finally:
             await daemon.stop()
@@ -439,8 +437,7 @@ def test_a_bug_in_the_timer_path_is_fatal_not_a_silent_stop(
             raise ZeroDivisionError("a controller bug")
 
     async def main() -> BaseException:
-        ntp = FakeNtpServer()
-        await ntp.start()
+        ntp = await start_ntp_server()
         settings = GuestSettings(servers=(ntp.address,), clock="software", status_socket="",
                                  minpoll=-1, maxpoll=0)
         daemon = GuestDaemon(settings, SoftwareClock(), rng=random.Random(3),

@@ -1,15 +1,19 @@
 """Connected guests and their latest health reports, for metrics and ``timesync status --relay``.
 
 One record per guest connection, created when its HELLO is accepted and dropped when it
-disconnects, so nothing here grows with churn. A guest is identified by what the host can
-verify (its vsock CID, or its TCP peer, or a connection number on Unix sockets), not by the
-name it announces; the name is shown beside it.
+disconnects. A guest is identified by what the host can verify (its vsock CID, the Firecracker
+socket it came in on, its Unix peer's pid, or its TCP peer), not by the name it announces; the
+name is shown beside it. A guest that leaves is remembered for ``GONE_TTL_S`` (at most
+``MAX_GONE`` of them, oldest forgotten first) so a "guest missing" alert has a series to fire
+on; nothing else grows with churn.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 import time
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +25,18 @@ from timesyncd.ratelimit import TokenBucket
 #: default is one per 10 s; anything faster is counted and ignored, never an error frame.
 REPORT_RATE_PER_S = 1.0
 REPORT_BURST = 5
+#: How long a guest that disconnected stays visible (``timesync_guest_up`` 0), and how many.
+GONE_TTL_S = 3600.0
+MAX_GONE = 1024
+
+
+@dataclass(slots=True)
+class GoneGuest:
+    """What is kept of a guest after it disconnects: enough for "missing" alerts."""
+
+    guest: str
+    name: str
+    gone_mono_ns: int
 
 
 @dataclass(slots=True)
@@ -57,10 +73,15 @@ class PeerInfo(Protocol):
 class GuestRegistry:
     """Keyed by the relay's connection object (identity), so a reconnect is a new record."""
 
-    def __init__(self) -> None:
+    def __init__(self, one_guest_sockets: Collection[str] = (),
+                 gone_ttl_s: float = GONE_TTL_S, max_gone: int = MAX_GONE) -> None:
         self._guests: dict[object, GuestRecord] = {}
         self._taken: set[str] = set()  # identities in use (O(1) uniqueness on connect)
         self._seq = 0
+        self._one_guest_sockets = frozenset(one_guest_sockets)
+        self._gone: OrderedDict[str, GoneGuest] = OrderedDict()  # oldest first
+        self._gone_ttl_ns = int(gone_ttl_s * 1e9)
+        self._max_gone = max_gone
 
     def __len__(self) -> int:
         return len(self._guests)
@@ -68,19 +89,34 @@ class GuestRegistry:
     def connect(self, conn: object, writer: PeerInfo, name: str,
                 now_mono_ns: int | None = None) -> GuestRecord:
         self._seq += 1
-        ident = self._unique(peer_identity(writer, self._seq))
+        ident = self._unique(peer_identity(writer, self._seq, self._one_guest_sockets))
         mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
         record = GuestRecord(ident, name, time.time(), mono,
                              TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, mono))
         self._guests[conn] = record
         self._taken.add(ident)
+        self._gone.pop(ident, None)  # back: no longer missing
         return record
 
-    def disconnect(self, conn: object) -> GuestRecord | None:
+    def disconnect(self, conn: object, now_mono_ns: int | None = None) -> GuestRecord | None:
         record = self._guests.pop(conn, None)
         if record is not None:
             self._taken.discard(record.guest)
+            mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
+            self._gone.pop(record.guest, None)
+            self._gone[record.guest] = GoneGuest(record.guest, record.name, mono)
+            while len(self._gone) > self._max_gone:
+                self._gone.popitem(last=False)
         return record
+
+    def gone(self, now_mono_ns: int) -> list[GoneGuest]:
+        """Guests that left within the TTL (expired ones are forgotten here), oldest first."""
+        while self._gone:
+            oldest = next(iter(self._gone.values()))
+            if now_mono_ns - oldest.gone_mono_ns <= self._gone_ttl_ns:
+                break
+            self._gone.popitem(last=False)
+        return list(self._gone.values())
 
     def get(self, conn: object) -> GuestRecord | None:
         return self._guests.get(conn)
@@ -141,15 +177,18 @@ def display_name(raw: object, limit: int = 64) -> str:
                    and not 0xD800 <= ord(ch) <= 0xDFFF)[:limit]
 
 
-def peer_identity(writer: PeerInfo, seq: int) -> str:
-    """What the host knows for sure about the peer: a vsock CID, a TCP peer, else a number.
-
-    Over Firecracker's hybrid vsock and plain Unix sockets the peer is anonymous, so the
-    connection number (per relay process) stands in.
-    """
+def peer_identity(writer: PeerInfo, seq: int, one_guest_sockets: Collection[str] = ()) -> str:
+    """What the host knows for sure about the peer, stable across the guest's reconnects
+    where the host can tell: a vsock CID (``cid:N``), the Firecracker socket that serves one
+    microVM (``fc:PATH``), a Unix peer's process (``unix:pid:N``, from SO_PEERCRED), a TCP
+    peer; else the connection number (``conn:N``, per relay process)."""
     peer = writer.get_extra_info("peername")
     if not isinstance(peer, tuple) or not peer:  # AF_UNIX: no peer address to go by
-        return f"conn:{seq}"
+        sockname = writer.get_extra_info("sockname")
+        if isinstance(sockname, str) and sockname in one_guest_sockets:
+            return f"fc:{sockname}"
+        pid = _peer_pid(writer)
+        return f"unix:pid:{pid}" if pid else f"conn:{seq}"
     sock = writer.get_extra_info("socket")
     family = getattr(sock, "family", None)
     vsock = getattr(socket, "AF_VSOCK", 40)
@@ -159,3 +198,16 @@ def peer_identity(writer: PeerInfo, seq: int) -> str:
         host = f"[{peer[0]}]" if family == socket.AF_INET6 else peer[0]
         return f"tcp:{host}:{peer[1]}"
     return f"conn:{seq}"
+
+
+def _peer_pid(writer: PeerInfo) -> int | None:
+    """The Unix peer's pid as the kernel recorded it at connect (Linux SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or opt is None:
+        return None
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, 12))
+    except (OSError, AttributeError, struct.error):
+        return None
+    return pid if pid > 0 else None

@@ -2,8 +2,11 @@
 
 Nothing is registered globally: each service owns a ``CollectorRegistry`` whose only collector
 reads the relay's counters, per-upstream figures and the guest registry when scraped. Guest
-series therefore exist exactly while the guest is connected (no growth under churn), and the
-event loop that mutates the data is also the one that renders it (no locks, no races).
+series exist while the guest is connected; a guest that left keeps only ``timesync_guest_up``
+(0), its last-seen age and its info series, for the registry's TTL (bounded), so a "guest
+missing" alert has something to fire on. The event loop that mutates the data is also the one
+that renders it (no locks, no races). Names and labels follow docs/METRICS.md (the naming
+table; a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ from prometheus_client.registry import Collector
 
 from host_relay.guest_registry import GuestRegistry
 from host_relay.stats import RelayStats
-from timesyncd.health import STATES
+from timesyncd.health import STATES, HealthReport
+
+#: Per-upstream label, named as chrony_exporter names its sources' (value: the upstream as
+#: configured, ``udp:HOST:PORT``, or ``local`` when answering from the host clock).
+SOURCE_LABEL = "source_address"
 
 #: Upstream round trip as seen from the relay (loopback to WAN).
 RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -175,22 +182,22 @@ class RelayCollector(Collector):
                                     buckets=h.cumulative(), sum_value=h.total)
 
     def _upstreams(self) -> Iterator[Metric]:
-        lbl = ["upstream"]
-        req = CounterMetricFamily("timesync_upstream_requests", "Requests sent upstream.",
+        lbl = [SOURCE_LABEL]
+        req = CounterMetricFamily("timesync_relay_upstream_requests", "Requests sent upstream.",
                                   labels=lbl)
-        rep = CounterMetricFamily("timesync_upstream_replies", "Replies matched to a request.",
+        rep = CounterMetricFamily("timesync_relay_upstream_replies",
+                                  "Replies matched to a request.", labels=lbl)
+        tmo = CounterMetricFamily("timesync_relay_upstream_timeouts", "Requests that timed out.",
                                   labels=lbl)
-        tmo = CounterMetricFamily("timesync_upstream_timeouts", "Requests that timed out.",
-                                  labels=lbl)
-        cnc = CounterMetricFamily("timesync_upstream_cancelled",
+        cnc = CounterMetricFamily("timesync_relay_upstream_cancelled",
                                   "Requests dropped because their guest disconnected first.",
                                   labels=lbl)
-        err = CounterMetricFamily("timesync_upstream_errors",
+        err = CounterMetricFamily("timesync_relay_upstream_errors",
                                   "Requests failed other than by timeout, by reason.",
-                                  labels=["upstream", "reason"])
-        inf = GaugeMetricFamily("timesync_upstream_in_flight", "Requests awaiting a reply.",
+                                  labels=[SOURCE_LABEL, "reason"])
+        inf = GaugeMetricFamily("timesync_relay_upstream_in_flight", "Requests awaiting a reply.",
                                 labels=lbl)
-        rtt = HistogramMetricFamily("timesync_upstream_rtt_seconds",
+        rtt = HistogramMetricFamily("timesync_relay_upstream_rtt_seconds",
                                     "Round trip from the relay to the upstream and back.",
                                     labels=lbl)
         for name, fig in self.metrics.upstreams.items():
@@ -207,22 +214,33 @@ class RelayCollector(Collector):
 
     def _guests(self) -> Iterator[Metric]:
         now = time.monotonic_ns()
-        lbl = ["guest", "name"]
+        lbl = ["guest"]
 
         def gauge(metric: str, text: str, labels: list[str] = lbl) -> GaugeMetricFamily:
             return GaugeMetricFamily(metric, text, labels=labels)
 
-        up = gauge("timesync_guest_connected_seconds", "Seconds since the guest connected.")
+        up = gauge("timesync_guest_up", "1 while the guest is connected; 0 for a while after "
+                   "it left (the relay's guest TTL).")
+        seen = gauge("timesync_guest_last_seen_age_seconds",
+                     "Seconds since the guest was last connected (0 while it is).")
+        info = gauge("timesync_guest_info", "The name the guest announced (untrusted, "
+                     "display only; printable, at most 64 characters).", lbl + ["name"])
+        conn_age = gauge("timesync_guest_connection_age_seconds",
+                         "Seconds since the guest connected.")
         age = gauge("timesync_guest_report_age_seconds",
                     "Seconds since the guest's last health report.")
         state = gauge("timesync_guest_sync_state", "1 for the guest's current sync state.",
                       lbl + ["state"])
         offset = gauge("timesync_guest_offset_seconds",
                        "Estimated guest clock minus reference (positive: ahead).")
-        freq = gauge("timesync_guest_frequency_ppm",
-                     "Estimated native rate error of the guest clock (positive: fast).")
+        freq = gauge("timesync_guest_frequency_ratio",
+                     "Estimated native rate error of the guest clock as a ratio (1e-6 = 1 ppm; "
+                     "positive: fast).")
+        bound = gauge("timesync_guest_error_bound_seconds",
+                      "The guest's error bound around its clock reading (the counterpart of "
+                      "node_timex_maxerror_seconds).")
         dist = gauge("timesync_guest_root_distance_seconds",
-                     "The guest's error bound (root distance).")
+                     "Root distance of the guest's last update (chrony's meaning).")
         last = gauge("timesync_guest_last_update_timestamp_seconds",
                      "Guest clock time of its last clock update.")
         poll = gauge("timesync_guest_poll_interval_seconds", "The guest's poll interval.")
@@ -235,9 +253,17 @@ class RelayCollector(Collector):
                                   "Samples the guest rejected, by reason.", labels=lbl + ["reason"])
         reports = CounterMetricFamily("timesync_guest_reports",
                                       "Health reports accepted from the guest.", labels=lbl)
+        for gone in self.guests.gone(now):
+            key = [gone.guest]
+            up.add_metric(key, 0.0)
+            seen.add_metric(key, (now - gone.gone_mono_ns) / 1e9)
+            info.add_metric([*key, gone.name], 1.0)
         for g in self.guests.records():
-            key = [g.guest, g.name]
-            up.add_metric(key, (now - g.connected_mono_ns) / 1e9)
+            key = [g.guest]
+            up.add_metric(key, 1.0)
+            seen.add_metric(key, 0.0)
+            info.add_metric([*key, g.name], 1.0)
+            conn_age.add_metric(key, (now - g.connected_mono_ns) / 1e9)
             reports.add_metric(key, g.reports)
             r = g.report
             if r is None:
@@ -245,9 +271,10 @@ class RelayCollector(Collector):
             age.add_metric(key, (now - g.report_mono_ns) / 1e9)
             for st in STATES:
                 state.add_metric([*key, st], 1.0 if r.state == st else 0.0)
-            for fam, value in ((offset, r.offset_s), (freq, r.frequency_ppm),
-                               (dist, r.root_distance_s), (last, r.last_update),
-                               (poll, r.poll_s)):
+            ratio = r.frequency_ppm / 1e6 if r.frequency_ppm is not None else None
+            for fam, value in ((offset, r.offset_s), (freq, ratio),
+                               (bound, guest_error_bound_s(r)), (dist, r.root_distance_s),
+                               (last, r.last_update), (poll, r.poll_s)):
                 if value is not None:
                     fam.add_metric(key, value)
             hold.add_metric(key, r.holdover_s)
@@ -255,8 +282,16 @@ class RelayCollector(Collector):
             jumps.add_metric(key, r.refused_jumps)
             for reason, n in sorted(r.rejected.items()):
                 rej.add_metric([*key, reason], n)
-        yield from (up, age, state, offset, freq, dist, last, poll, hold, steps, jumps, rej,
-                    reports)
+        yield from (up, seen, info, conn_age, age, state, offset, freq, bound, dist, last, poll,
+                    hold, steps, jumps, rej, reports)
+
+
+def guest_error_bound_s(report: HealthReport) -> float | None:
+    """The one place the guest's error bound for ``timesync_guest_error_bound_seconds`` is
+    chosen: the report's ``error_bound_s`` (the bound around the clock reading) when the guest
+    sends one, else its root distance, the nearest figure older guests report."""
+    bound = getattr(report, "error_bound_s", None)
+    return bound if isinstance(bound, float) else report.root_distance_s
 
 
 def make_registry(collector: RelayCollector) -> CollectorRegistry:

@@ -66,7 +66,11 @@ class RelayService:
         self._ke = KeProxy([parse_address(s) for s in settings.nts_ke_servers],
                            KeProxyLimits(stream_timeout_s=settings.nts_ke_timeout_s))
         self._hello = framing.relay_hello(names, [str(a) for a in self._ke.endpoints]).payload
-        self.guests = GuestRegistry()
+        # a Firecracker socket serves one microVM: its connections share one limit, and its
+        # path names the guest in metrics
+        self._one_guest_sockets = frozenset(
+            a.listen_path for a in map(parse_address, settings.listen) if a.kind == "fc")
+        self.guests = GuestRegistry(self._one_guest_sockets)
         self.metrics = RelayMetrics(names)
         self._figures = [self.metrics.upstreams[u.name] for u in self._upstreams]
         # host-clock mode reports as one upstream, "local", so per-upstream views aren't empty
@@ -80,9 +84,6 @@ class RelayService:
         self._listeners: list[StreamListener] = []
         self._connections: set[GuestConnection] = set()
         self._per_peer: dict[str, int] = {}  # connections held, by peer_key
-        # a Firecracker socket serves one microVM: its connections share one limit
-        self._one_guest_sockets = frozenset(
-            a.listen_path for a in map(parse_address, settings.listen) if a.kind == "fc")
         self._all_gone = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = False

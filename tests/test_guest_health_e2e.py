@@ -19,14 +19,18 @@ from timesyncd.health import HealthReport
 
 
 def _guest_values(text: str) -> dict[str, dict[str, float]]:
+    """Connected guests' series by announced name (joined through ``timesync_guest_info``)."""
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name.startswith("timesync_guest_")]
+    names = {s.labels["guest"]: s.labels["name"] for s in samples
+             if s.name == "timesync_guest_info"}
+    up = {s.labels["guest"] for s in samples if s.name == "timesync_guest_up" and s.value == 1}
     out: dict[str, dict[str, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            name = s.labels.get("name")
-            if name is None or not s.name.startswith("timesync_guest_"):
-                continue
-            key = s.name + (f":{s.labels['state']}" if "state" in s.labels else "")
-            out.setdefault(name, {})[key] = s.value
+    for s in samples:
+        if s.labels.get("guest") not in up:
+            continue
+        key = s.name + (f":{s.labels['state']}" if "state" in s.labels else "")
+        out.setdefault(names[s.labels["guest"]], {})[key] = s.value
     return out
 
 
@@ -67,7 +71,8 @@ def test_two_daemons_are_visible_in_one_scrape(tmp_path: Path) -> None:
                 assert v["timesync_guest_sync_state:synchronised"] == 1
                 assert v["timesync_guest_offset_seconds"] == last.offset_s
                 assert abs(last.offset_s or 1) < 0.01
-                assert v["timesync_guest_frequency_ppm"] == last.frequency_ppm
+                assert v["timesync_guest_frequency_ratio"] * 1e6 == pytest.approx(
+                    last.frequency_ppm)
                 assert v["timesync_guest_root_distance_seconds"] == last.root_distance_s
                 assert v["timesync_guest_poll_interval_seconds"] == last.poll_s
                 assert v["timesync_guest_report_age_seconds"] < 1.0

@@ -117,7 +117,10 @@ def test_relay_cli_logs_json_lines_with_fields(tmp_path: Path) -> None:
             url = f"http://{address}/metrics"
             body = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: urllib.request.urlopen(url, timeout=3).read())
-            assert b'timesync_guest_frequency_ppm{guest="conn:1",name="enclave-7"} -7.5' in body
+            assert (f'timesync_guest_info{{guest="unix:pid:{os.getpid()}",name="enclave-7"}} 1.0'
+                    .encode()) in body
+            assert f'timesync_guest_frequency_ratio{{guest="unix:pid:{os.getpid()}"}} -7.5e-06'\
+                .encode() in body
             await g.close()
 
         asyncio.run(visit())
@@ -129,7 +132,7 @@ def test_relay_cli_logs_json_lines_with_fields(tmp_path: Path) -> None:
     assert rc == 0
     docs = lines()
     connected = [d for d in docs if d.get("event") == "guest_connected"]
-    assert connected and connected[0]["guest"] == "conn:1"
+    assert connected and connected[0]["guest"] == f"unix:pid:{os.getpid()}"
     assert connected[0]["guest_name"] == "enclave-7" and connected[0]["level"] == "info"
     gone = [d for d in docs if d.get("event") == "guest_disconnected"][0]
     assert gone["reports"] == 1

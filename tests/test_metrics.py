@@ -53,8 +53,13 @@ def value(samples: Samples, metric: str, /, **labels: str) -> float:
     return samples[(metric, tuple(sorted(labels.items())))]
 
 
-def guest_series(samples: Samples, name: str) -> list[Any]:
-    return [k for k in samples if ("name", name) in k[1]]
+def guest_series(samples: Samples, guest: str) -> list[Any]:
+    return [k for k in samples if ("guest", guest) in k[1]]
+
+
+#: Series kept for a guest that left (within the registry's TTL): presence, last seen, name.
+KEPT_AFTER_LEAVING = {"timesync_guest_up", "timesync_guest_last_seen_age_seconds",
+                      "timesync_guest_info"}
 
 
 async def _until(cond: Any, timeout: float = 3.0) -> None:
@@ -118,29 +123,37 @@ async def test_two_guests_one_scrape_shows_each_guest_and_upstream_counters(rela
 
     m = await scrape(relay)
     ids = {g.name: g.guest for g in relay.guests.records()}
-    a = {"guest": ids["alpha"], "name": "alpha"}
-    b = {"guest": ids["beta"], "name": "beta"}
+    a = {"guest": ids["alpha"]}
+    b = {"guest": ids["beta"]}
+    # the announced name is only in the info series; the host-verified identity labels the rest
+    assert value(m, "timesync_guest_info", **a, name="alpha") == 1
+    assert value(m, "timesync_guest_up", **a) == 1
+    assert value(m, "timesync_guest_last_seen_age_seconds", **a) == 0
+    assert not [k for k in m if ("name", "alpha") in k[1] and k[0] != "timesync_guest_info"]
     assert value(m, "timesync_guest_offset_seconds", **a) == pytest.approx(12e-6)
-    assert value(m, "timesync_guest_frequency_ppm", **a) == 3.25
+    assert value(m, "timesync_guest_frequency_ratio", **a) == pytest.approx(3.25e-6)
     assert value(m, "timesync_guest_sync_state", **a, state="synchronised") == 1
     assert value(m, "timesync_guest_sync_state", **a, state="holdover") == 0
     assert value(m, "timesync_guest_rejected_samples_total", **a, reason="bad_delay") == 4
     assert value(m, "timesync_guest_offset_seconds", **b) == pytest.approx(-0.0015)
-    assert value(m, "timesync_guest_frequency_ppm", **b) == -41.5
+    assert value(m, "timesync_guest_frequency_ratio", **b) == pytest.approx(-41.5e-6)
     assert value(m, "timesync_guest_sync_state", **b, state="holdover") == 1
     assert value(m, "timesync_guest_holdover_seconds", **b) == 120.0
     assert value(m, "timesync_guest_steps_total", **b) == 1
     assert value(m, "timesync_guest_root_distance_seconds", **b) == pytest.approx(2e-4)
+    # no error_bound_s in the report: the bound falls back to the root distance
+    assert value(m, "timesync_guest_error_bound_seconds", **b) == pytest.approx(2e-4)
     assert value(m, "timesync_guest_poll_interval_seconds", **b) == 16.0
     assert 0 <= value(m, "timesync_guest_report_age_seconds", **b) < 5
 
-    assert value(m, "timesync_upstream_requests_total", upstream=good) == 2
-    assert value(m, "timesync_upstream_replies_total", upstream=good) == 2
-    assert value(m, "timesync_upstream_rtt_seconds_count", upstream=good) == 2
-    assert value(m, "timesync_upstream_rtt_seconds_bucket", upstream=good, le="+Inf") == 2
-    assert value(m, "timesync_upstream_requests_total", upstream=silent) == 1
-    assert value(m, "timesync_upstream_timeouts_total", upstream=silent) == 1
-    assert value(m, "timesync_upstream_rtt_seconds_count", upstream=silent) == 0
+    assert value(m, "timesync_relay_upstream_requests_total", source_address=good) == 2
+    assert value(m, "timesync_relay_upstream_replies_total", source_address=good) == 2
+    assert value(m, "timesync_relay_upstream_rtt_seconds_count", source_address=good) == 2
+    assert value(m, "timesync_relay_upstream_rtt_seconds_bucket", source_address=good,
+                 le="+Inf") == 2
+    assert value(m, "timesync_relay_upstream_requests_total", source_address=silent) == 1
+    assert value(m, "timesync_relay_upstream_timeouts_total", source_address=silent) == 1
+    assert value(m, "timesync_relay_upstream_rtt_seconds_count", source_address=silent) == 0
     assert value(m, "timesync_relay_residence_seconds_count") == 2
     assert 0 < value(m, "timesync_relay_residence_seconds_sum") < 0.1
     assert value(m, "timesync_relay_connections_open") == 2
@@ -159,7 +172,7 @@ async def test_two_guests_one_scrape_shows_each_guest_and_upstream_counters(rela
                                                f"tcp:{relay.metrics_address}"]))
     assert result.exit_code == 0, result.output
     rows = {line.split()[1]: line.split() for line in result.output.splitlines()
-            if line.startswith(("conn:", "cid:", "tcp:"))}
+            if line.startswith(("unix:", "conn:", "cid:", "tcp:"))}
     assert rows["alpha"][2] == "synchronised" and rows["alpha"][3] == "+12.0us"
     assert rows["alpha"][4] == "+3.250"
     assert rows["beta"][2] == "holdover" and rows["beta"][3] == "-1500.0us"
@@ -174,23 +187,28 @@ async def test_two_guests_one_scrape_shows_each_guest_and_upstream_counters(rela
 
 
 @with_relay
-async def test_guest_series_go_away_on_disconnect_and_do_not_grow_under_churn(relay: Any) -> None:
+async def test_a_guest_that_leaves_keeps_only_presence_series_and_churn_is_bounded(
+        relay: Any) -> None:
     stay = await Guest.connect(relay.test_address, name="stay")
     stay.send(_report("synchronised", 1e-6, 1.0))
     gone = await Guest.connect(relay.test_address, name="gone")
     gone.send(_report("unsynchronised", 0.3, 90.0, rejected={"bad_stratum": 2}))
     await _until(lambda: len(relay.guests) == 2 and all(
         g.reports for g in relay.guests.records()))
+    ids = {g.name: g.guest for g in relay.guests.records()}
     m = await scrape(relay)
-    assert guest_series(m, "gone") and guest_series(m, "stay")
+    assert len(guest_series(m, ids["gone"])) > len(KEPT_AFTER_LEAVING)
 
     await gone.close()
     await _until(lambda: len(relay.guests) == 1)
     m = await scrape(relay)
-    assert guest_series(m, "gone") == []
-    after_gone = len(m)
-    assert value(m, "timesync_guest_offset_seconds", guest=relay.guests.records()[0].guest,
-                 name="stay") == pytest.approx(1e-6)
+    # what it said about its clock is gone; that it was here and left is not
+    assert {k[0] for k in guest_series(m, ids["gone"])} == KEPT_AFTER_LEAVING
+    assert value(m, "timesync_guest_up", guest=ids["gone"]) == 0
+    assert 0 < value(m, "timesync_guest_last_seen_age_seconds", guest=ids["gone"]) < 5
+    assert value(m, "timesync_guest_info", guest=ids["gone"], name="gone") == 1
+    assert value(m, "timesync_guest_offset_seconds", guest=ids["stay"]) == pytest.approx(1e-6)
+    per_guest = len([k for k in m if k[0] not in KEPT_AFTER_LEAVING])
 
     for i in range(60):  # churn: each guest reports with new reasons, then leaves
         g = await Guest.connect(relay.test_address, name=f"churn{i}")
@@ -200,9 +218,10 @@ async def test_guest_series_go_away_on_disconnect_and_do_not_grow_under_churn(re
         await g.close()
         await _until(lambda: len(relay.guests) == 1)
     m = await scrape(relay)
-    assert not [k for k in m if any(v.startswith("churn") for _, v in k[1])]
-    # per-guest series are back to one guest's worth; relay-wide counters only changed values
-    assert len(m) == after_gone
+    # clock series are back to one guest's worth; left guests add only their presence series
+    assert len([k for k in m if k[0] not in KEPT_AFTER_LEAVING]) == per_guest
+    assert not [k for k in m if k[0] not in KEPT_AFTER_LEAVING
+                and any(v.startswith("reason") for _, v in k[1])]
     assert value(m, "timesync_relay_connections_accepted_total") == 62
     await stay.close()
 
@@ -229,7 +248,7 @@ async def test_bad_and_excess_health_reports_are_counted_and_never_affect_forwar
     assert record.reports == REPORT_BURST - 3 and record.report is not None
     m = await scrape(relay)
     assert value(m, "timesync_relay_errors_total", reason="health_rate_limited") == 6
-    assert value(m, "timesync_guest_reports_total", guest=record.guest, name="noisy") == 2
+    assert value(m, "timesync_guest_reports_total", guest=record.guest) == 2
     await g.close()
 
 

@@ -130,7 +130,8 @@ def test_disconnect_counts_cancelled_work_and_ke_counters_are_exported() -> None
             assert svc.ke_proxy.counters["guest_disconnected"] == 1
             text = svc.render_metrics().decode()
             assert 'timesync_relay_nts_ke_streams_total{event="guest_disconnected"} 1.0' in text
-            cancelled = 'timesync_upstream_cancelled_total{upstream="' + up.address + '"} 3.0'
+            cancelled = ('timesync_relay_upstream_cancelled_total{source_address="' + up.address
+                         + '"} 3.0')
             assert cancelled in text
             assert svc.status()["nts_ke"]["opened"] == 1
         finally:

@@ -29,7 +29,7 @@ def test_local_answers_count_as_the_local_upstream(tmp_path: Path) -> None:
             assert (local["requests"], local["replies"], local["timeouts"]) == (3, 3, 0)
             assert local["errors"] == {}
             assert local["mean_rtt_s"] is not None and 0 < local["mean_rtt_s"] < 0.1
-            assert b'timesync_upstream_requests_total{upstream="local"} 3.0' in \
+            assert b'timesync_relay_upstream_requests_total{source_address="local"} 3.0' in \
                 relay.render_metrics()
         finally:
             await relay.stop()

@@ -1,0 +1,99 @@
+"""Guest identity as the host knows it, and what is kept of a guest after it leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from relay_helpers import Guest
+
+from host_relay.guest_registry import GuestRegistry
+from host_relay.service import RelayService
+from host_relay.settings import RelaySettings
+
+pytestmark = pytest.mark.timeout(30)
+S = 1_000_000_000
+
+
+class Peer:
+    """A transport's extra info, as the registry reads it."""
+
+    def __init__(self, **info: Any) -> None:
+        self.info = info
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.info.get(name, default)
+
+
+def test_left_guests_are_kept_for_the_ttl_and_bounded_in_number() -> None:
+    reg = GuestRegistry(gone_ttl_s=10.0, max_gone=3)
+    conns = [object() for _ in range(5)]
+    for i, conn in enumerate(conns):
+        reg.connect(conn, Peer(peername=(f"10.0.0.{i}", 1), socket=None), f"g{i}", 0)
+    for i, conn in enumerate(conns):
+        reg.disconnect(conn, now_mono_ns=i * S)
+    # five left, three kept: the oldest two forgotten first
+    assert [g.name for g in reg.gone(5 * S)] == ["g2", "g3", "g4"]
+    assert [g.name for g in reg.gone(13 * S)] == ["g3", "g4"]  # g2 left at 2 s: past the TTL
+    assert reg.gone(100 * S) == []
+
+
+def test_a_guest_that_comes_back_is_no_longer_missing() -> None:
+    reg = GuestRegistry()
+    first, second = object(), object()
+    peer = Peer(sockname="/run/fc/vm1.sock_123")
+    one_guest = GuestRegistry(["/run/fc/vm1.sock_123"])
+    rec = one_guest.connect(first, peer, "vm1", 0)
+    assert rec.guest == "fc:/run/fc/vm1.sock_123"  # stable across reconnects: the VM's socket
+    one_guest.disconnect(first, now_mono_ns=S)
+    assert [g.guest for g in one_guest.gone(2 * S)] == [rec.guest]
+    assert one_guest.connect(second, peer, "vm1", 3 * S).guest == rec.guest
+    assert one_guest.gone(4 * S) == []
+    # a plain Unix socket shared by many clients does not name the guest by the socket
+    assert reg.connect(first, peer, "x", 0).guest == "conn:1"
+
+
+def test_unix_peers_are_named_by_their_process(tmp_path: Path) -> None:
+    """SO_PEERCRED: the pid the kernel recorded for the connecting process."""
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    conn, _ = server.accept()
+    try:
+        rec = GuestRegistry().connect(object(), Peer(peername="", socket=conn), "x", 0)
+        assert rec.guest == f"unix:pid:{os.getpid()}"
+    finally:
+        for s in (conn, client, server):
+            s.close()
+
+
+def test_relay_labels_firecracker_guests_by_socket_and_keeps_them_after_they_leave(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        uds = tmp_path / "v.sock"
+        relay = RelayService(RelaySettings(listen=(f"fc:{uds}:123",), metrics="tcp:127.0.0.1:0"))
+        await relay.start()
+        try:
+            g = await Guest.connect(f"unix:{uds}_123", name="vm-one")
+            await g.close()
+            async with asyncio.timeout(3):
+                while len(relay.guests):
+                    await asyncio.sleep(0.01)
+            text = relay.render_metrics().decode()
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(text) for s in f.samples}
+            ident = f"fc:{uds}_123"
+            assert samples[("timesync_guest_up", (("guest", ident),))] == 0
+            assert samples[("timesync_guest_info", (("guest", ident), ("name", "vm-one")))] == 1
+        finally:
+            await relay.stop()
+
+    asyncio.run(main())

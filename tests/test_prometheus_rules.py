@@ -105,3 +105,17 @@ def test_ci_installs_prometheus_without_starting_it() -> None:
     check = script[script.index("if [ ! -x"):script.index("; then")]
     assert "command -v prometheus" in check and "command -v promtool" in check
     assert "policy-rc.d" in script and "exit 101" in script
+
+
+def test_missing_prometheus_fails_under_ci_and_skips_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import prometheus_fixture
+
+    monkeypatch.setattr(prometheus_fixture.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(prometheus_fixture.os.path, "exists", lambda _path: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        require("prometheus")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        require("prometheus")

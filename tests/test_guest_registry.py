@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loops import LOOPS, run
 from prometheus_client.parser import text_string_to_metric_families
 from relay_helpers import Guest
 
@@ -97,3 +99,29 @@ def test_relay_labels_firecracker_guests_by_socket_and_keeps_them_after_they_lea
             await relay.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_relay_names_unix_guests_by_peer_process_under_each_loop(
+        tmp_path: Path, loop_kind: str) -> None:
+    """The transport's socket (asyncio's TransportSocket, uvloop's pseudo-socket) gives the
+    peer credentials on both loops; a reconnect from the same process is the same guest."""
+    async def main() -> None:
+        sock = tmp_path / "r.sock"
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",)))
+        await relay.start()
+        try:
+            for _ in range(2):
+                g = await Guest.connect(f"unix:{sock}", name="x")
+                (rec,) = relay.guests.records()
+                assert rec.guest == f"unix:pid:{os.getpid()}"
+                await g.close()
+                async with asyncio.timeout(3):
+                    while len(relay.guests):
+                        await asyncio.sleep(0.01)
+            now = time.monotonic_ns()
+            assert [g.guest for g in relay.guests.gone(now)] == [f"unix:pid:{os.getpid()}"]
+        finally:
+            await relay.stop()
+
+    run(main, loop_kind)

@@ -3,9 +3,9 @@
 One record per guest connection, created when its HELLO is accepted and dropped when it
 disconnects. A guest is identified by what the host can verify (its vsock CID, the Firecracker
 socket it came in on, its Unix peer's pid, or its TCP peer), not by the name it announces; the
-name is shown beside it. A guest that leaves is remembered for ``GONE_TTL_S`` (at most
-``MAX_GONE`` of them, oldest forgotten first) so a "guest missing" alert has a series to fire
-on; nothing else grows with churn.
+name is shown beside it. A guest (peer) whose last connection closes is remembered for
+``GONE_TTL_S`` (at most ``MAX_GONE`` of them, oldest forgotten first) so a "guest missing"
+alert has a series to fire on; nothing else grows with churn.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ class GuestRecord:
     report_mono_ns: int = 0
     reports: int = 0
     refused_reports: int = 0
+    peer: str = ""  # ``guest`` without the ``/N`` a second connection from the same peer gets
 
     def to_json(self, now_mono_ns: int) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class GuestRegistry:
                  gone_ttl_s: float = GONE_TTL_S, max_gone: int = MAX_GONE) -> None:
         self._guests: dict[object, GuestRecord] = {}
         self._taken: set[str] = set()  # identities in use (O(1) uniqueness on connect)
+        self._live: Counter[str] = Counter()  # connections held, by peer identity
         self._seq = 0
         self._one_guest_sockets = frozenset(one_guest_sockets)
         self._gone: OrderedDict[str, GoneGuest] = OrderedDict()  # oldest first
@@ -89,24 +91,31 @@ class GuestRegistry:
     def connect(self, conn: object, writer: PeerInfo, name: str,
                 now_mono_ns: int | None = None) -> GuestRecord:
         self._seq += 1
-        ident = self._unique(peer_identity(writer, self._seq, self._one_guest_sockets))
+        peer = peer_identity(writer, self._seq, self._one_guest_sockets)
+        ident = self._unique(peer)
         mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
         record = GuestRecord(ident, name, time.time(), mono,
-                             TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, mono))
+                             TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, mono), peer=peer)
         self._guests[conn] = record
         self._taken.add(ident)
-        self._gone.pop(ident, None)  # back: no longer missing
+        self._live[peer] += 1
+        self._gone.pop(peer, None)  # back: no longer missing
         return record
 
     def disconnect(self, conn: object, now_mono_ns: int | None = None) -> GuestRecord | None:
         record = self._guests.pop(conn, None)
-        if record is not None:
-            self._taken.discard(record.guest)
-            mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
-            self._gone.pop(record.guest, None)
-            self._gone[record.guest] = GoneGuest(record.guest, record.name, mono)
-            while len(self._gone) > self._max_gone:
-                self._gone.popitem(last=False)
+        if record is None:
+            return None
+        self._taken.discard(record.guest)
+        self._live[record.peer] -= 1
+        if self._live[record.peer] > 0:
+            return record  # the peer is still here on another connection: not missing
+        del self._live[record.peer]
+        mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
+        self._gone.pop(record.peer, None)
+        self._gone[record.peer] = GoneGuest(record.peer, record.name, mono)
+        while len(self._gone) > self._max_gone:
+            self._gone.popitem(last=False)
         return record
 
     def gone(self, now_mono_ns: int) -> list[GoneGuest]:

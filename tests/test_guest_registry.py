@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -58,6 +59,23 @@ def test_a_guest_that_comes_back_is_no_longer_missing() -> None:
     assert one_guest.gone(4 * S) == []
     # a plain Unix socket shared by many clients does not name the guest by the socket
     assert reg.connect(first, peer, "x", 0).guest == "conn:1"
+
+
+def test_a_peer_is_missing_only_when_its_last_connection_closes() -> None:
+    """A guest that reconnects before its old connection is noticed gone holds two (the second
+    named ``PEER/N``); the old one closing must not make the guest look missing."""
+    reg = GuestRegistry()
+    old, new = object(), object()
+    vsock = SimpleNamespace(family=getattr(socket, "AF_VSOCK", 40))  # no real vsock socket
+    peer = Peer(peername=(3, 123), socket=vsock)
+    first = reg.connect(old, peer, "vm", 0)
+    second = reg.connect(new, peer, "vm", S)
+    assert second.guest.startswith(first.guest + "/") and second.peer == first.guest
+    reg.disconnect(old, now_mono_ns=2 * S)
+    assert reg.gone(3 * S) == []
+    reg.disconnect(new, now_mono_ns=4 * S)
+    assert first.guest == "cid:3"
+    assert [g.guest for g in reg.gone(5 * S)] == ["cid:3"]  # the peer, not "cid:3/N"
 
 
 def test_unix_peers_are_named_by_their_process(tmp_path: Path) -> None:

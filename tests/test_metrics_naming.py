@@ -48,8 +48,8 @@ async def _exposition(tmp_path: Path) -> str:
     reporting guest, a guest that left, a refused report."""
     up = await start_fake_upstream()
     sock = tmp_path / "r.sock"
-    relay = RelayService(RelaySettings(listen=(f"unix:{sock}",), upstreams=(up.address,),
-                                       metrics="tcp:127.0.0.1:0"))
+    relay = RelayService(RelaySettings(listen=(f"unix:{sock}", f"fc:{tmp_path}/vm.sock:5"),
+                                       upstreams=(up.address,), metrics="tcp:127.0.0.1:0"))
     await relay.start()
     try:
         stay = await Guest.connect(f"unix:{sock}", name="stay")
@@ -59,7 +59,7 @@ async def _exposition(tmp_path: Path) -> str:
         stay.send(framing.Frame(FrameType.HEALTH, 0, b"not json"))
         stay.request(1, 0, client_packet())
         assert (await stay.recv()).type == FrameType.NTP_REPLY
-        left = await Guest.connect(f"unix:{sock}", name="left")
+        left = await Guest.connect(f"unix:{tmp_path}/vm.sock_5", name="left")
         await left.close()
         async with asyncio.timeout(3):
             while len(relay.guests) != 1 or not relay.guests.records()[0].reports:

@@ -117,8 +117,9 @@ class GuestConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if not self.owner.accept(self):
             self.stats.connections_refused += 1
-            self.send_frame(framing.error(0, ErrorCode.BUSY, "relay at max_connections or "
-                                          "max_connections_per_guest"))
+            self.send_frame(framing.error(0, ErrorCode.BUSY, "relay at max_connections, "
+                                          "max_connections_per_guest or its descriptor "
+                                          "limit"))
             self.closed = True
             self.transport.close()
             return

@@ -24,6 +24,7 @@ from host_relay.connection import (
     ConnectionLimits,
     GuestConnection,
 )
+from host_relay.descriptors import AcceptWatch, FdBudget, fd_families
 from host_relay.guest_registry import GuestRegistry, display_name, peer_key
 from host_relay.ke_proxy import KeProxy, KeProxyLimits
 from host_relay.local_source import LocalSource
@@ -81,10 +82,14 @@ class RelayService:
         self._local_figures = self.metrics.upstreams[names[0]] if self._local else None
         self._residence = self.metrics.residence
         self._stall = StallWatch()
+        self._accepts = AcceptWatch(self.stats.accept_errors)
+        self._budget = FdBudget(self.stats.errors)
         self._stale_ns = int(settings.stale_request_s * 1e9)
         self._max_pending = settings.max_pending
         self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight,
-                                         self._ke.counters, self._ke.reach)
+                                         self._ke.counters, self._ke.reach,
+                                         lambda: fd_families(self._budget.limit.soft,
+                                                             self.stats.accept_errors))
         self.metrics_registry = make_registry(self._collector)
         self._metrics_server: MetricsServer | None = None
         self._listeners: list[StreamListener] = []
@@ -111,7 +116,9 @@ class RelayService:
             return
         self._started = True
         self._stopped.clear()
+        self._budget.raise_limit()
         try:
+            self._accepts.install()
             self._stall.start()
             for upstream in self._upstreams:
                 await upstream.open()
@@ -124,6 +131,7 @@ class RelayService:
                 self._metrics_server = MetricsServer(self.settings.metrics, self.render_metrics,
                                                      self.status)
                 await self._metrics_server.start()
+            self._budget.measure_base()
         except BaseException:
             await self.stop()
             raise
@@ -155,6 +163,7 @@ class RelayService:
         for upstream in self._upstreams:
             upstream.close()
         self._stall.stop()
+        self._accepts.uninstall()
         self._started = False
         self._stopped.set()
 
@@ -207,7 +216,11 @@ class RelayService:
         return GuestConnection(self, self.stats, self._limits)
 
     def accept(self, conn: GuestConnection) -> bool:
+        if self._accepts.failing:
+            self._accepts.accepted()
         if len(self._connections) >= self.settings.max_connections:
+            return False
+        if self._fds_short():
             return False
         key = peer_key(conn, self._one_guest_sockets)
         if key is not None:
@@ -219,6 +232,9 @@ class RelayService:
             conn.peer_key = key
         self._connections.add(conn)
         return True
+
+    def _fds_short(self) -> bool:
+        return self._budget.short(len(self._connections) + self._ke.open_streams)
 
     def on_closing(self, conn: GuestConnection) -> None:
         """Cancel pending upstream work first so no reply is written late."""
@@ -254,6 +270,10 @@ class RelayService:
                 self.stats.errors["rate_limited"] += 1
                 conn.send_error(frame.request_id, ErrorCode.RATE_LIMITED,
                                 "stream open rate limit exceeded")
+                return
+            if ftype == FrameType.STREAM_OPEN and self._fds_short():
+                conn.send_error(frame.request_id, ErrorCode.BUSY,
+                                "relay is short of file descriptors")
                 return
             self._ke.on_frame(conn, frame, conn.send_frame)
         else:

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 log = logging.getLogger(__name__)
 
 #: Descriptors kept free for what is not counted one by one: refusals being written, log
-#: files, DNS, the metrics server's clients (it holds at most its own limit).
+#: files, DNS, a metrics client or two beyond those counted.
 HEADROOM = 48
 _ACCEPT_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 

@@ -234,7 +234,8 @@ class RelayService:
         return True
 
     def _fds_short(self) -> bool:
-        return self._budget.short(len(self._connections) + self._ke.open_streams)
+        http = self._metrics_server.clients if self._metrics_server is not None else 0
+        return self._budget.short(len(self._connections) + self._ke.open_streams + http)
 
     def on_closing(self, conn: GuestConnection) -> None:
         """Cancel pending upstream work first so no reply is written late."""

@@ -45,7 +45,7 @@ from timesyncd import framing
 from timesyncd.addresses import Address, parse_address
 from timesyncd.framing import ErrorCode, FrameType, FramingError
 from timesyncd.health import HealthError
-from timesyncd.logs import decade
+from timesyncd.logs import EventGate, decade
 from timesyncd.packet import HEADER_LEN, MAX_PACKET_LEN, Mode, PacketError
 from timesyncd.transport import StreamListener, listen_protocol
 
@@ -82,6 +82,8 @@ class RelayService:
         self._local_figures = self.metrics.upstreams[names[0]] if self._local else None
         self._residence = self.metrics.residence
         self._stall = StallWatch()
+        #: guest connects/disconnects: a few lines a minute, then counts (churn is no flood)
+        self._conn_log = EventGate()
         self._accepts = AcceptWatch(self.stats.accept_errors)
         self._budget = FdBudget(self.stats.errors)
         self._stale_ns = int(settings.stale_request_s * 1e9)
@@ -255,9 +257,13 @@ class RelayService:
             self._all_gone.set()
         record = self.guests.disconnect(conn)
         if record is not None and log.isEnabledFor(logging.INFO):
-            log.info("guest %s (%r) disconnected", record.guest, record.name,
-                     extra={"event": "guest_disconnected", "guest": record.guest,
-                            "guest_name": record.name, "reports": record.reports})
+            unlogged = self._conn_log.allow("disconnect")
+            if unlogged is not None:
+                log.info("guest %s (%r) disconnected%s", record.guest, record.name,
+                         _unlogged(unlogged, "disconnects"),
+                         extra={"event": "guest_disconnected", "guest": record.guest,
+                                "guest_name": record.name, "reports": record.reports,
+                                "unlogged": unlogged})
 
     def on_frame(self, conn: GuestConnection, frame: framing.Frame, rx_ns: int) -> None:
         ftype = frame.type
@@ -307,9 +313,12 @@ class RelayService:
         conn.send_frame(framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
         record = self.guests.connect(conn, conn, conn.name, rx_ns)
         if log.isEnabledFor(logging.INFO):
-            log.info("guest %s (%r) connected", record.guest, conn.name,
-                     extra={"event": "guest_connected", "guest": record.guest,
-                            "guest_name": conn.name})
+            unlogged = self._conn_log.allow("connect")
+            if unlogged is not None:
+                log.info("guest %s (%r) connected%s", record.guest, conn.name,
+                         _unlogged(unlogged, "connects"),
+                         extra={"event": "guest_connected", "guest": record.guest,
+                                "guest_name": conn.name, "unlogged": unlogged})
 
     # --- the NTP path ------------------------------------------------------------------
 
@@ -477,3 +486,7 @@ class RelayService:
 
     def _in_flight(self, name: str) -> int:
         return sum(u.in_flight for u in self._upstreams if u.name == name)
+
+
+def _unlogged(n: int, what: str) -> str:
+    return f" ({n} more guest {what} not logged in the minute before)" if n else ""

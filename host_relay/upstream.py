@@ -122,6 +122,7 @@ class Upstream:
         if addr.kind != "udp":
             raise TransportError("bad_address", f"{addr} is not a udp: address")
         self._loop = asyncio.get_running_loop()
+        self._closing = False
         self._target = await self._resolve()
         self._connect()
 

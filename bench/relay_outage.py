@@ -88,7 +88,7 @@ async def one(loop: str, outage_s: float, tmp: Path) -> dict[str, float | int | 
         await guest.close()
     ended = st["replies"] + st["timeouts"] + st["cancelled"] + sum(st["errors"].values())
     return {"loop": loop, "outage_s": outage_s,
-            "recovered_s": "never (30 s)" if recovered is None else f"{recovered:.2f}",
+            "recovered_s": "never (30 s)" if recovered is None else f"{recovered:.2f} s",
             "requests": st["requests"], "ended": ended, "in_flight": st["in_flight"],
             "identity": "holds" if st["requests"] == ended + st["in_flight"] else "BROKEN"}
 
@@ -107,7 +107,7 @@ def main() -> None:
     for outage in args.outages:
         for loop in args.loops:
             r = asyncio.run(one(loop, min(outage, 120.0), tmp))
-            print(f"| {r['loop']} | {r['outage_s']:g} s | {r['recovered_s']} s | "
+            print(f"| {r['loop']} | {r['outage_s']:g} s | {r['recovered_s']} | "
                   f"{r['requests']} | {r['ended']} | {r['in_flight']} | {r['identity']} |",
                   flush=True)
 

@@ -353,7 +353,7 @@ class RelayService:
             conn.send_error(rid, ErrorCode.BUSY, "too many requests in flight")
             return
         upstream = upstreams[index]
-        queued_ns = self._queued_ns(conn, rx_ns)
+        queued_ns = self._queued_ns(conn, rx_ns) if self._stall.suspect(rx_ns) else 0
         if queued_ns and queued_ns > (conn.stale_ns or self._stale_ns):
             # the guest has given up on it: forwarding would only load the upstream
             stats.stale_requests += 1
@@ -473,7 +473,8 @@ class RelayService:
         """Keep the guest's report for metrics; a bad or too-frequent one is only counted."""
         try:
             self.guests.report(conn, frame.payload, rx_ns,
-                               charge=not self._queued_ns(conn, rx_ns))
+                               charge=not (self._stall.suspect(rx_ns)
+                                           and self._queued_ns(conn, rx_ns)))
         except HealthError as exc:
             self.stats.errors[f"health_{exc.reason}"] += 1
             record = self.guests.get(conn)

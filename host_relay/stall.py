@@ -28,11 +28,13 @@ class StallWatch:
         self.stalls = 0  # stalls noticed; also the id of the latest one
         self.last_gap_ns = 0
         self._ended_ns = 0
-        self._last_tick_ns = time.monotonic_ns()
+        #: reads up to this time belong to the latest stall's catch-up
+        self.catchup_until_ns = 0
+        self.last_tick_ns = time.monotonic_ns()
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._last_tick_ns = time.monotonic_ns()
+        self.last_tick_ns = time.monotonic_ns()
         self._timer = asyncio.get_running_loop().call_later(self.period_s, self._tick)
 
     def stop(self) -> None:
@@ -42,27 +44,32 @@ class StallWatch:
 
     def _tick(self) -> None:
         now = time.monotonic_ns()
-        gap = now - self._last_tick_ns
+        gap = now - self.last_tick_ns
         if gap > self.threshold_ns:
             self._noticed(now, gap)
-        self._last_tick_ns = now
+        self.last_tick_ns = now
         self._timer = asyncio.get_running_loop().call_later(self.period_s, self._tick)
 
     def _noticed(self, now: int, gap: int) -> None:
         self.stalls += 1
         self.last_gap_ns = gap
         self._ended_ns = now
+        self.catchup_until_ns = now + _CATCHUP_WINDOW_NS
         log.warning("relay event loop stood still for %.1f s (stopped or starved); requests "
                     "queued meanwhile are judged by age", gap / 1e9,
                     extra={"event": "relay_stalled", "seconds": round(gap / 1e9, 3)})
 
+    def suspect(self, rx_ns: int) -> bool:
+        """Cheap pre-check for the hot path: only then is :meth:`catchup` worth calling."""
+        return rx_ns - self.last_tick_ns > self.threshold_ns or rx_ns <= self.catchup_until_ns
+
     def catchup(self, rx_ns: int) -> tuple[int, int]:
         """``(stall id, gap ns)`` if a read at ``rx_ns`` belongs to a stall's catch-up,
         else ``(0, 0)``."""
-        behind = rx_ns - self._last_tick_ns
+        behind = rx_ns - self.last_tick_ns
         if behind > self.threshold_ns:  # the overdue tick has not run yet: it is this one
             self._noticed(rx_ns, behind)
-            self._last_tick_ns = rx_ns
+            self.last_tick_ns = rx_ns
             return self.stalls, behind
         if self.stalls and rx_ns - self._ended_ns <= _CATCHUP_WINDOW_NS:
             return self.stalls, self.last_gap_ns

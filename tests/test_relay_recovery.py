@@ -166,3 +166,60 @@ def test_name_that_moves_to_a_new_address_is_followed(tmp_path, loop_kind):
         new.close()
 
     run(main, loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_requests_queued_while_the_loop_stood_still_are_stale_not_forwarded(tmp_path,
+                                                                           loop_kind):
+    import json
+    import threading
+    import time
+
+    sock = tmp_path / "relay.sock"
+    port = free_port()
+    health = framing.Frame(FrameType.HEALTH, 0, json.dumps(
+        {"version": 1, "state": "synchronised"}).encode()).encode()
+
+    async def main() -> None:
+        up = await fake_upstream_on("127.0.0.1", port)
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",),
+                                           upstreams=(f"udp:127.0.0.1:{port}",),
+                                           stale_request_s=0.5))
+        await relay.start()
+        raw = socket.socket(socket.AF_UNIX)  # a guest in another thread: it runs on
+        raw.connect(str(sock))
+        raw.sendall(framing.json_frame(FrameType.HELLO, 0,
+                                       {"version": 1, "name": "t"}).encode())
+        decoder = framing.FrameDecoder()
+        await asyncio.sleep(0.3)
+        raw.setblocking(True)
+        assert decoder.feed(raw.recv(65536))[0].type == FrameType.HELLO
+
+        def guest_meanwhile() -> None:  # while the relay's loop is frozen
+            time.sleep(0.2)
+            for rid in (1, 2):
+                raw.sendall(framing.ntp_request(rid, 0, client_packet()).encode())
+            raw.sendall(health * 7)  # more than the report burst (5)
+
+        thread = threading.Thread(target=guest_meanwhile)
+        thread.start()
+        time.sleep(1.2)  # the loop stands still (what SIGSTOP or a frozen host does)
+        thread.join()
+        await asyncio.sleep(0.3)
+        raw.settimeout(2)
+        frames = decoder.feed(raw.recv(65536))
+        assert [(f.request_id, framing.parse_error(f)[0]) for f in frames] == [
+            (1, ErrorCode.UPSTREAM_TIMEOUT), (2, ErrorCode.UPSTREAM_TIMEOUT)]
+        assert up.received == [] and relay.stats.stale_requests == 2
+        assert relay.stats.errors["health_rate_limited"] == 0
+        assert relay.guests.records()[0].reports == 7
+        raw.sendall(framing.ntp_request(3, 0, client_packet()).encode())  # fresh: forwarded
+        await asyncio.sleep(0.3)
+        frame = decoder.feed(raw.recv(65536))[0]
+        assert (frame.type, frame.request_id) == (FrameType.NTP_REPLY, 3)
+        accounting(relay)
+        raw.close()
+        await relay.stop()
+        up.close()
+
+    run(main, loop_kind)

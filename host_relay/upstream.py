@@ -291,7 +291,6 @@ class Upstream:
         except BlockingIOError as exc:  # send buffer full: nothing wrong with the socket
             raise UpstreamError("send_failed", f"upstream {self.name}: {exc}") from exc
         except OSError as exc:  # a pending ICMP error, or worse: start again on a new socket
-            self._stats.upstream_errors += 1
             self._fail_all("unreachable")
             self._reopen(type(exc).__name__)
             raise UpstreamError("send_failed", f"upstream {self.name}: "

@@ -98,6 +98,9 @@ class GuestConnection(asyncio.Protocol):
         self.closed = False
         #: requests in flight upstream, cancelled when the connection closes
         self.pending: set[Pending] = set()
+        self.stale_ns = 0  # the guest's request deadline if its HELLO said (0: the relay's)
+        self.catchup_stall = 0  # the relay stall whose catch-up read this connection had
+        self.catchup_rx_ns = 0  # ... and that read's stamp
         now = time.monotonic_ns()
         self.bucket = TokenBucket(limits.rate, limits.burst, now)
         self.frames = TokenBucket(limits.frame_rate, limits.frame_burst, now)
@@ -114,8 +117,9 @@ class GuestConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if not self.owner.accept(self):
             self.stats.connections_refused += 1
-            self.send_frame(framing.error(0, ErrorCode.BUSY, "relay at max_connections or "
-                                          "max_connections_per_guest"))
+            self.send_frame(framing.error(0, ErrorCode.BUSY, "relay at max_connections, "
+                                          "max_connections_per_guest or its descriptor "
+                                          "limit"))
             self.closed = True
             self.transport.close()
             return

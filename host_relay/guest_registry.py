@@ -130,13 +130,16 @@ class GuestRegistry:
     def get(self, conn: object) -> GuestRecord | None:
         return self._guests.get(conn)
 
-    def report(self, conn: object, payload: bytes, now_mono_ns: int) -> GuestRecord:
+    def report(self, conn: object, payload: bytes, now_mono_ns: int,
+               charge: bool = True) -> GuestRecord:
         """Store a HEALTH payload; raises :class:`HealthError` (reason ``rate_limited``,
-        ``no_hello`` or a parse reason) for one that is refused."""
+        ``no_hello`` or a parse reason) for one that is refused. ``charge=False``: reports
+        that piled up while the relay stood still arrive together through no fault of the
+        guest, so they do not count against its rate."""
         record = self._guests.get(conn)
         if record is None:
             raise HealthError("no_hello", "HEALTH before HELLO")
-        if not record.bucket.take(now_mono_ns):
+        if charge and not record.bucket.take(now_mono_ns):
             record.refused_reports += 1
             raise HealthError("rate_limited", f"{record.guest} reports too often")
         try:

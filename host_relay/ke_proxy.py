@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from host_relay.reach import Reach
 from timesyncd import framing
 from timesyncd.addresses import Address
 from timesyncd.framing import ErrorCode, Frame, StreamKind
@@ -63,6 +65,8 @@ class KeProxy:
         self._by_owner: dict[int, set[_Stream]] = {}
         self.counters: Counter[str] = Counter()
         self._failing: Counter[str] = Counter()  # connect failures in a row, per endpoint
+        #: per endpoint: each connect is a poll (chrony-like reach register)
+        self.reach: dict[str, Reach] = {str(a): Reach() for a in self.endpoints}
 
     @property
     def open_streams(self) -> int:
@@ -150,6 +154,7 @@ class KeProxy:
                 except (TransportError, OSError) as exc:
                     self.counters["connect_failed"] += 1
                     name = str(stream.endpoint)
+                    self._reach_poll(name, False)
                     self._failing[name] += 1
                     if decade(self._failing[name]):
                         log.warning("NTS-KE endpoint %s: %s (%d failed connects in a row)",
@@ -162,6 +167,7 @@ class KeProxy:
                     return
                 stream.writer = writer
                 self._failing.pop(str(stream.endpoint), None)  # reachable again
+                self._reach_poll(str(stream.endpoint), True)
                 if stream.closed:  # the guest gave up while we connected
                     writer.close()
                     return
@@ -189,6 +195,13 @@ class KeProxy:
             reason = f"endpoint error: {exc}"
         finally:
             self._finish(stream, reason)
+
+    def _reach_poll(self, name: str, ok: bool) -> None:
+        change = self.reach[name].poll(ok, time.monotonic_ns())
+        if change is not None:
+            log.warning("NTS-KE endpoint %s is %s", name,
+                        "reachable again" if change == "reachable" else "unreachable",
+                        extra={"event": f"nts_ke_{change}", "endpoint": name})
 
     def _finish(self, stream: _Stream, reason: str | None) -> None:
         """Idempotent; ``reason`` None: do not tell the guest (it closed, or got an ERROR)."""

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from host_relay.guest_registry import GuestRegistry
+from host_relay.reach import Reach
 from host_relay.stats import RelayStats
 from timesyncd.health import STATES, HealthReport
 
@@ -87,6 +88,9 @@ class UpstreamFigures:
     timeouts: int = 0
     cancelled: int = 0  # the guest went away first: its reply is not wanted
     failing: int = 0  # failures since the last reply (log gating per episode)
+    stale: int = 0  # dropped unforwarded: queued past the guest's deadline (relay stall)
+    reach: Reach = field(default_factory=Reach)
+    reach_lost_ns: int = 0  # when it became unreachable (for the "back after" log line)
     errors: Counter[str] = field(default_factory=Counter)
     rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS))
 
@@ -127,15 +131,21 @@ class RelayCollector(Collector):
 
     def __init__(self, stats: RelayStats, metrics: RelayMetrics, guests: GuestRegistry,
                  in_flight: Callable[[str], int] | None = None,
-                 nts_ke: Mapping[str, int] | None = None) -> None:
+                 nts_ke: Mapping[str, int] | None = None,
+                 nts_ke_reach: Mapping[str, Reach] | None = None,
+                 host: Callable[[], Iterator[Metric]] | None = None) -> None:
         self.stats = stats
         self.metrics = metrics
         self.guests = guests
         self.in_flight = in_flight
         self.nts_ke = nts_ke if nts_ke is not None else {}
+        self.nts_ke_reach = nts_ke_reach if nts_ke_reach is not None else {}
+        self.host = host  # process-level families (descriptors), if the service has them
 
     def collect(self) -> Iterator[Metric]:
         yield from self._relay()
+        if self.host is not None:
+            yield from self.host()
         yield from self._upstreams()
         yield from self._guests()
 
@@ -200,6 +210,9 @@ class RelayCollector(Collector):
         rtt = HistogramMetricFamily("timesync_relay_upstream_rtt_seconds",
                                     "Round trip from the relay to the upstream and back.",
                                     labels=lbl)
+        stale = CounterMetricFamily("timesync_relay_upstream_stale",
+                                    "Requests dropped unforwarded: read after a relay stall, "
+                                    "possibly older than their guest's deadline.", labels=lbl)
         for name, fig in self.metrics.upstreams.items():
             req.add_metric([name], fig.requests)
             rep.add_metric([name], fig.replies)
@@ -210,7 +223,12 @@ class RelayCollector(Collector):
             if self.in_flight is not None:
                 inf.add_metric([name], self.in_flight(name))
             rtt.add_metric([name], fig.rtt.cumulative(), fig.rtt.total)
-        yield from (req, rep, tmo, cnc, err, inf, rtt)
+            stale.add_metric([name], fig.stale)
+        yield from (req, rep, tmo, cnc, err, inf, rtt, stale)
+        yield from reach_families("timesync_relay_upstream", "upstream",
+                                  ((n, f.reach) for n, f in self.metrics.upstreams.items()))
+        yield from reach_families("timesync_relay_nts_ke", "NTS-KE endpoint",
+                                  self.nts_ke_reach.items())
 
     def _guests(self) -> Iterator[Metric]:
         now = time.monotonic_ns()
@@ -294,6 +312,29 @@ def guest_error_bound_s(report: HealthReport) -> float | None:
     return bound if isinstance(bound, float) else report.root_distance_s
 
 
+def reach_families(prefix: str, what: str,
+                   reaches: Iterable[tuple[str, Reach]]) -> Iterator[Metric]:
+    """Reachable, 8-poll reach ratio and last reply age, labelled ``source_address`` like the
+    other upstream families (NTS-KE endpoints too, so one dashboard query fits both)."""
+    now = time.monotonic_ns()
+    lbl = [SOURCE_LABEL]
+    ok = GaugeMetricFamily(f"{prefix}_reachable",
+                           f"1 if the {what} answered any of its last 8 polls.", labels=lbl)
+    ratio = GaugeMetricFamily(f"{prefix}_reach_ratio",
+                              f"Share of the {what}'s last 8 polls that were answered.",
+                              labels=lbl)
+    age = GaugeMetricFamily(f"{prefix}_last_reply_age_seconds",
+                            f"Seconds since the {what} last answered (absent: never).",
+                            labels=lbl)
+    for name, reach in reaches:
+        ok.add_metric([name], 1.0 if reach.reachable else 0.0)
+        ratio.add_metric([name], reach.ratio)
+        seconds = reach.age_s(now)
+        if seconds is not None:
+            age.add_metric([name], seconds)
+    yield from (ok, ratio, age)
+
+
 def make_registry(collector: RelayCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
@@ -307,6 +348,7 @@ def render(registry: CollectorRegistry) -> bytes:
 
 def status_document(collector: RelayCollector) -> dict[str, Any]:
     """The ``/status`` JSON: relay counters, per-upstream figures, every connected guest."""
+    now = time.monotonic_ns()
     ups = []
     for name, fig in collector.metrics.upstreams.items():
         ups.append({
@@ -314,6 +356,9 @@ def status_document(collector: RelayCollector) -> dict[str, Any]:
             "timeouts": fig.timeouts, "cancelled": fig.cancelled, "errors": dict(fig.errors),
             "in_flight": collector.in_flight(name) if collector.in_flight else None,
             "mean_rtt_s": fig.rtt.total / fig.rtt.count if fig.rtt.count else None,
+            "stale": fig.stale, **fig.reach.to_json(now),
         })
+    ke = [{"name": name, **reach.to_json(now)} for name, reach in collector.nts_ke_reach.items()]
     return {"relay": collector.stats.snapshot(), "upstreams": ups,
-            "nts_ke": dict(collector.nts_ke), "guests": collector.guests.snapshot()}
+            "nts_ke": dict(collector.nts_ke), "nts_ke_endpoints": ke,
+            "guests": collector.guests.snapshot()}

@@ -3,7 +3,10 @@
 ``/metrics`` is the Prometheus text format; ``/status`` is JSON (relay counters, upstreams and
 every connected guest with its last health report) for ``timesync status --relay``. Serving on
 the loop that owns the data means a scrape sees one consistent moment and needs no locks.
-Requests are size-, time- and concurrency-bounded; one request per connection.
+Requests are size-, time- and concurrency-bounded; one request per connection. A client must
+send its whole request head within :data:`HEAD_TIMEOUT_S`, and when every slot is taken a
+client is evicted, slow ones first (see ``timesyncd.transport.slots``), so slow clients
+(slowloris) cannot lock Prometheus out.
 """
 
 from __future__ import annotations
@@ -19,12 +22,19 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from timesyncd.transport import StreamListener, listen_stream
+from timesyncd.transport.slots import ClientSlots, read_until
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 8192
+#: The whole request head must arrive within this (a scraper sends it at once).
+HEAD_TIMEOUT_S = 1.0
+#: Writing the answer may take this long (a large /status to a slow reader).
 REQUEST_TIMEOUT_S = 5.0
-MAX_CLIENTS = 32
+#: Clients held at once; beyond it one is evicted (counted in the relay's descriptor budget
+#: while held). Above the size of attack the issue names (100 slow connections), so such an
+#: attack evicts nobody: its connections only time out.
+MAX_CLIENTS = 128
 
 
 class MetricsServer:
@@ -36,7 +46,7 @@ class MetricsServer:
         self._metrics = metrics
         self._status = status
         self._listener: StreamListener | None = None
-        self._clients = 0
+        self._slots = ClientSlots(MAX_CLIENTS)
         self.requests: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -52,6 +62,11 @@ class MetricsServer:
             self._listener = None
 
     @property
+    def clients(self) -> int:
+        """Connections held now (each one a descriptor)."""
+        return len(self._slots)
+
+    @property
     def bound(self) -> str:
         """``HOST:PORT`` actually bound (port 0 resolved)."""
         assert self._listener is not None
@@ -60,34 +75,43 @@ class MetricsServer:
         return f"{host}:{b.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= MAX_CLIENTS:
-            self.requests["busy"] += 1
-            writer.transport.abort()
-            return
-        self._clients += 1
+        self._slots.admit(writer, writer.transport)
         try:
-            status, ctype, body = await self._answer(reader)
+            status, ctype, body = await self._answer(reader, writer)
+            if self._slots.evicted(writer):  # aborted mid-request by a newer client
+                self.requests["evicted"] += 1
+                return
+            if not status:  # the client closed before a complete head
+                self.requests["bad_request"] += 1
+                status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n"
                     "Cache-Control: no-store\r\n\r\n")
             writer.write(head.encode("ascii") + body)
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
         except (ConnectionError, OSError, TimeoutError):
-            self.requests["disconnected"] += 1
+            self.requests["evicted" if self._slots.evicted(writer) else "disconnected"] += 1
         except Exception:  # a rendering bug must never take the relay down
             self.requests["internal"] += 1
             log.exception("metrics request failed", extra={"event": "metrics_error"})
         finally:
-            self._clients -= 1
+            self._slots.release(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+    async def _answer(self, reader: asyncio.StreamReader,
+                      key: object) -> tuple[str, str, bytes]:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError,
-                ValueError):
+            head = await asyncio.wait_for(
+                read_until(reader, b"\r\n\r\n", MAX_REQUEST_HEAD, self._slots, key),
+                HEAD_TIMEOUT_S)
+        except TimeoutError:
+            self.requests["head_timeout"] += 1
+            return "408 Request Timeout", "text/plain", b"request head too slow\n"
+        except asyncio.IncompleteReadError:  # closed early, or evicted: the caller tells
+            return "", "", b""
+        except (asyncio.LimitOverrunError, ValueError):
             self.requests["bad_request"] += 1
             return "400 Bad Request", "text/plain", b"bad request\n"
         parts = head.split(b"\r\n", 1)[0].split()

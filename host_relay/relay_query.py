@@ -62,7 +62,9 @@ def _num(value: Any, scale: float, fmt: str, unit: str = "") -> str:
 
 
 def format_relay_status(doc: dict[str, Any], now: float | None = None) -> str:
-    """One line per guest (like ``chronyc clients``), then one per upstream."""
+    """One line per guest (like ``chronyc clients``), then one per upstream and NTS-KE
+    endpoint with its reach register (octal, like ``chronyc sources``; ``*`` before the
+    name: unreachable)."""
     now = time.time() if now is None else now
     relay = doc.get("relay", {})
     lines = [f"Relay           : {relay.get('connections_open', '?')} connections, "
@@ -85,12 +87,29 @@ def format_relay_status(doc: dict[str, Any], now: float | None = None) -> str:
             f"{_num(age, 1, '.0f', 's'):>7} {sum((r.get('rejected') or {}).values()):>8}")
     ups = doc.get("upstreams") or []
     if ups:
-        lines += ["", f"{'upstream':32} {'requests':>9} {'replies':>9} {'timeouts':>9} "
-                      f"{'errors':>7} {'mean rtt':>10}"]
+        lines += ["", f"{'upstream':32} {'reach':>5} {'last rx':>8} {'requests':>9} "
+                      f"{'replies':>9} {'timeouts':>9} {'errors':>7} {'stale':>6} "
+                      f"{'mean rtt':>10}"]
         for u in ups:
             rtt = u.get("mean_rtt_s")
-            lines.append(f"{str(u.get('name'))[:32]:32} {u.get('requests', 0):>9} "
+            lines.append(f"{_name(u)} {_reach(u)} {u.get('requests', 0):>9} "
                          f"{u.get('replies', 0):>9} {u.get('timeouts', 0):>9} "
-                         f"{sum((u.get('errors') or {}).values()):>7} "
+                         f"{sum((u.get('errors') or {}).values()):>7} {u.get('stale', 0):>6} "
                          f"{_num(rtt, 1e6, '.1f', 'us'):>10}")
+    kes = doc.get("nts_ke_endpoints") or []
+    if kes:
+        lines += ["", f"{'NTS-KE endpoint':32} {'reach':>5} {'last ok':>8}"]
+        lines += [f"{_name(k)} {_reach(k)}" for k in kes]
     return "\n".join(lines)
+
+
+def _name(entry: dict[str, Any]) -> str:
+    """The endpoint's name, marked with ``*`` while it is unreachable."""
+    mark = "*" if entry.get("reachable") is False else ""
+    return f"{(mark + str(entry.get('name')))[:32]:32}"
+
+
+def _reach(entry: dict[str, Any]) -> str:
+    """chrony-style octal reach register and seconds since the last reply."""
+    return (f"{str(entry.get('reach', '-')):>5} "
+            f"{_num(entry.get('last_reply_age_s'), 1, '.0f', 's'):>8}")

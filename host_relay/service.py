@@ -24,19 +24,28 @@ from host_relay.connection import (
     ConnectionLimits,
     GuestConnection,
 )
+from host_relay.descriptors import AcceptWatch, FdBudget, fd_families
 from host_relay.guest_registry import GuestRegistry, display_name, peer_key
 from host_relay.ke_proxy import KeProxy, KeProxyLimits
 from host_relay.local_source import LocalSource
-from host_relay.metrics import RelayCollector, RelayMetrics, make_registry, render, status_document
+from host_relay.metrics import (
+    RelayCollector,
+    RelayMetrics,
+    UpstreamFigures,
+    make_registry,
+    render,
+    status_document,
+)
 from host_relay.metrics_http import MetricsServer
 from host_relay.settings import RelaySettings
+from host_relay.stall import StallWatch
 from host_relay.stats import RelayStats
 from host_relay.upstream import Pending, Upstream, UpstreamError
 from timesyncd import framing
 from timesyncd.addresses import Address, parse_address
 from timesyncd.framing import ErrorCode, FrameType, FramingError
 from timesyncd.health import HealthError
-from timesyncd.logs import decade
+from timesyncd.logs import EventGate, decade
 from timesyncd.packet import HEADER_LEN, MAX_PACKET_LEN, Mode, PacketError
 from timesyncd.transport import StreamListener, listen_protocol
 
@@ -76,9 +85,17 @@ class RelayService:
         # host-clock mode reports as one upstream, "local", so per-upstream views aren't empty
         self._local_figures = self.metrics.upstreams[names[0]] if self._local else None
         self._residence = self.metrics.residence
+        self._stall = StallWatch()
+        #: guest connects/disconnects: a few lines a minute, then counts (churn is no flood)
+        self._conn_log = EventGate()
+        self._accepts = AcceptWatch(self.stats.accept_errors)
+        self._budget = FdBudget(self.stats.errors)
+        self._stale_ns = int(settings.stale_request_s * 1e9)
         self._max_pending = settings.max_pending
         self._collector = RelayCollector(self.stats, self.metrics, self.guests, self._in_flight,
-                                         self._ke.counters)
+                                         self._ke.counters, self._ke.reach,
+                                         lambda: fd_families(self._budget.limit.soft,
+                                                             self.stats.accept_errors))
         self.metrics_registry = make_registry(self._collector)
         self._metrics_server: MetricsServer | None = None
         self._listeners: list[StreamListener] = []
@@ -102,7 +119,10 @@ class RelayService:
             return
         self._started = True
         self._stopped.clear()
+        self._budget.raise_limit()
         try:
+            self._accepts.install()
+            self._stall.start()
             for upstream in self._upstreams:
                 await upstream.open()
             for spec in self.settings.listen:
@@ -114,6 +134,7 @@ class RelayService:
                 self._metrics_server = MetricsServer(self.settings.metrics, self.render_metrics,
                                                      self.status)
                 await self._metrics_server.start()
+            self._budget.measure_base()
         except BaseException:
             await self.stop()
             raise
@@ -144,6 +165,8 @@ class RelayService:
         await self._ke.stop()
         for upstream in self._upstreams:
             upstream.close()
+        self._stall.stop()
+        self._accepts.uninstall()
         self._started = False
         self._stopped.set()
 
@@ -196,7 +219,11 @@ class RelayService:
         return GuestConnection(self, self.stats, self._limits)
 
     def accept(self, conn: GuestConnection) -> bool:
+        if self._accepts.failing:
+            self._accepts.accepted()
         if len(self._connections) >= self.settings.max_connections:
+            return False
+        if self._fds_short():
             return False
         key = peer_key(conn, self._one_guest_sockets)
         if key is not None:
@@ -208,6 +235,10 @@ class RelayService:
             conn.peer_key = key
         self._connections.add(conn)
         return True
+
+    def _fds_short(self) -> bool:
+        http = self._metrics_server.clients if self._metrics_server is not None else 0
+        return self._budget.short(len(self._connections) + self._ke.open_streams + http)
 
     def on_closing(self, conn: GuestConnection) -> None:
         """Cancel pending upstream work first so no reply is written late."""
@@ -227,9 +258,13 @@ class RelayService:
             self._all_gone.set()
         record = self.guests.disconnect(conn)
         if record is not None and log.isEnabledFor(logging.INFO):
-            log.info("guest %s (%r) disconnected", record.guest, record.name,
-                     extra={"event": "guest_disconnected", "guest": record.guest,
-                            "guest_name": record.name, "reports": record.reports})
+            unlogged = self._conn_log.allow("disconnect")
+            if unlogged is not None:
+                log.info("guest %s (%r) disconnected%s", record.guest, record.name,
+                         _unlogged(unlogged, "disconnects"),
+                         extra={"event": "guest_disconnected", "guest": record.guest,
+                                "guest_name": record.name, "reports": record.reports,
+                                "unlogged": unlogged})
 
     def on_frame(self, conn: GuestConnection, frame: framing.Frame, rx_ns: int) -> None:
         ftype = frame.type
@@ -243,6 +278,10 @@ class RelayService:
                 self.stats.errors["rate_limited"] += 1
                 conn.send_error(frame.request_id, ErrorCode.RATE_LIMITED,
                                 "stream open rate limit exceeded")
+                return
+            if ftype == FrameType.STREAM_OPEN and self._fds_short():
+                conn.send_error(frame.request_id, ErrorCode.BUSY,
+                                "relay is short of file descriptors")
                 return
             self._ke.on_frame(conn, frame, conn.send_frame)
         else:
@@ -266,14 +305,21 @@ class RelayService:
             conn.close()
             return
         conn.name = display_name(hello.get("name"))
+        timeout = hello.get("request_timeout_s")
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool) \
+                and 0 < timeout <= 600:
+            conn.stale_ns = int(timeout * 1e9)  # the guest's own deadline, if it says it
         conn.hello_done = True
         conn.deadline_ns = rx_ns + self._limits.idle_ns
         conn.send_frame(framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
         record = self.guests.connect(conn, conn, conn.name, rx_ns)
         if log.isEnabledFor(logging.INFO):
-            log.info("guest %s (%r) connected", record.guest, conn.name,
-                     extra={"event": "guest_connected", "guest": record.guest,
-                            "guest_name": conn.name})
+            unlogged = self._conn_log.allow("connect")
+            if unlogged is not None:
+                log.info("guest %s (%r) connected%s", record.guest, conn.name,
+                         _unlogged(unlogged, "connects"),
+                         extra={"event": "guest_connected", "guest": record.guest,
+                                "guest_name": conn.name, "unlogged": unlogged})
 
     # --- the NTP path ------------------------------------------------------------------
 
@@ -308,18 +354,55 @@ class RelayService:
             conn.send_error(rid, ErrorCode.BUSY, "too many requests in flight")
             return
         upstream = upstreams[index]
+        queued_ns = self._queued_ns(conn, rx_ns) if self._stall.suspect(rx_ns) else 0
+        if queued_ns and queued_ns > (conn.stale_ns or self._stale_ns):
+            # the guest has given up on it: forwarding would only load the upstream
+            stats.stale_requests += 1
+            self._figures[index].stale += 1
+            conn.send_error(rid, ErrorCode.UPSTREAM_TIMEOUT,
+                            f"stale: queued up to {queued_ns / 1e9:.1f} s in a stalled relay")
+            return
         try:
             pending = upstream.submit(packet, conn, rid, rx_ns)
-        except (UpstreamError, OSError) as exc:
-            reason = getattr(exc, "reason", "send_failed")
+        except UpstreamError as exc:
+            reason = exc.reason
             stats.errors[reason] += 1
             if reason != "duplicate_transmit":  # that one is the guest's mistake
                 stats.upstream_errors += 1
-                self._figures[index].errors[reason] += 1
+                fig = self._figures[index]
+                fig.requests += 1  # a request that failed to leave is still a request
+                fig.errors[reason] += 1
+                self._reach_poll(upstream, fig, False, rx_ns)
             conn.send_error(rid, ErrorCode.UPSTREAM_ERROR, str(exc))
             return
         self._figures[index].requests += 1
         conn.pending.add(pending)
+
+    def _queued_ns(self, conn: GuestConnection, rx_ns: int) -> int:
+        """Up to how long a frame read at ``rx_ns`` may have waited in the socket: the
+        stall's length for a connection's first read after one (see ``stall``), else 0."""
+        stall, gap = self._stall.catchup(rx_ns)
+        if not stall:
+            return 0
+        if conn.catchup_stall != stall:
+            conn.catchup_stall = stall
+            conn.catchup_rx_ns = rx_ns
+        return gap if conn.catchup_rx_ns == rx_ns else 0
+
+    def _reach_poll(self, upstream: Upstream, fig: UpstreamFigures, ok: bool,
+                    now_ns: int) -> None:
+        change = fig.reach.poll(ok, now_ns)
+        if change == "unreachable":
+            log.warning("upstream %s is unreachable: no reply to the last %d requests",
+                        upstream.name, min(fig.reach.polls, 8),
+                        extra={"event": "upstream_unreachable", "upstream": upstream.name})
+        elif change == "reachable":
+            age = fig.reach_lost_ns
+            log.warning("upstream %s is reachable again%s", upstream.name,
+                        f" after {(now_ns - age) / 1e9:.1f} s" if age else "",
+                        extra={"event": "upstream_reachable", "upstream": upstream.name})
+        if change is not None:
+            fig.reach_lost_ns = now_ns if change == "unreachable" else 0
 
     def _on_upstream_result(self, pending: Pending, reply: bytes | None, at_ns: int,
                             reason: str) -> None:
@@ -332,6 +415,13 @@ class RelayService:
             fig.replies += 1
             if fig.failing:  # the episode is over: the next failure is news again
                 fig.failing = 0
+            reach = fig.reach
+            if reach.reported_reachable:  # the hot path: reachable and staying so
+                reach.register = ((reach.register << 1) | 1) & 0xFF
+                reach.polls += 1
+                reach.last_reply_ns = at_ns
+            else:
+                self._reach_poll(upstream, fig, True, at_ns)
             fig.rtt.observe_ns(at_ns - sent_ns)
             if not conn.closed:
                 r_in = sent_ns - pending.rx_ns
@@ -345,6 +435,8 @@ class RelayService:
             return
         fig = self._figures[upstream.index]
         fig.result(reason, at_ns - sent_ns)
+        if reason != "closed":  # the relay shutting down says nothing about the upstream
+            self._reach_poll(upstream, fig, False, at_ns)
         fig.failing += 1
         if decade(fig.failing):  # one ICMP error can fail thousands of requests at once
             log.warning("upstream %s: request failed (%s; %d in a row)", upstream.name, reason,
@@ -381,7 +473,9 @@ class RelayService:
     def _on_health(self, conn: GuestConnection, frame: framing.Frame, rx_ns: int) -> None:
         """Keep the guest's report for metrics; a bad or too-frequent one is only counted."""
         try:
-            self.guests.report(conn, frame.payload, rx_ns)
+            self.guests.report(conn, frame.payload, rx_ns,
+                               charge=not (self._stall.suspect(rx_ns)
+                                           and self._queued_ns(conn, rx_ns)))
         except HealthError as exc:
             self.stats.errors[f"health_{exc.reason}"] += 1
             record = self.guests.get(conn)
@@ -394,3 +488,7 @@ class RelayService:
 
     def _in_flight(self, name: str) -> int:
         return sum(u.in_flight for u in self._upstreams if u.name == name)
+
+
+def _unlogged(n: int, what: str) -> str:
+    return f" ({n} more guest {what} not logged in the minute before)" if n else ""

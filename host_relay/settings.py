@@ -86,6 +86,14 @@ class RelaySettings:
         metadata={"help": "Wait this long for an upstream reply before ERROR UPSTREAM_TIMEOUT.",
                   "min": 0.01, "max": 60.0},
     )
+    stale_request_s: float = field(
+        default=5.0,
+        metadata={"help": "A request read after a relay stall (SIGSTOP, frozen host) that may "
+                          "have waited longer than this is dropped with ERROR "
+                          "UPSTREAM_TIMEOUT and counted as stale, not forwarded: its guest "
+                          "gave up on it (the guest's request_timeout_s; a guest may announce "
+                          "its own in HELLO).", "min": 0.1, "max": 600.0},
+    )
     max_frame_bytes: int = field(
         default=HEADER.size + MAX_PAYLOAD,
         metadata={"help": "Largest frame (header + payload) accepted from a guest; a larger one "

@@ -25,6 +25,13 @@ class RelayStats:
     #: datagrams from an upstream that matched no request (late, duplicate or forged)
     upstream_unsolicited: int = 0
     upstream_late: int = 0  # replies to requests that timed out or were cancelled
+    #: upstream sockets replaced after an error, and readers re-registered after a stall
+    upstream_reopens: int = 0
+    upstream_reader_repairs: int = 0
+    #: NTP requests dropped unforwarded: queued longer than their guest waits (relay stall)
+    stale_requests: int = 0
+    #: listen-socket accept failures by errno name (EMFILE, ENFILE, ENOBUFS, ...)
+    accept_errors: Counter[str] = field(default_factory=Counter)
     #: requests answered from the host clock (no upstreams configured)
     local_replies: int = 0
 
@@ -43,5 +50,9 @@ class RelayStats:
             "upstream_timeouts": self.upstream_timeouts,
             "upstream_unsolicited": self.upstream_unsolicited,
             "upstream_late": self.upstream_late,
+            "upstream_reopens": self.upstream_reopens,
+            "upstream_reader_repairs": self.upstream_reader_repairs,
+            "stale_requests": self.stale_requests,
+            "accept_errors": dict(self.accept_errors),
             "local_replies": self.local_replies,
         }

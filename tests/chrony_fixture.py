@@ -122,11 +122,14 @@ def chronyd(
     extra_config: Iterable[str] = (),
     startup_timeout: float = 10.0,
     attempts: int = 3,
+    port: int | None = None,
 ) -> Iterator[ChronyServer]:
     """Run ``chronyd -x -d`` on 127.0.0.1 and yield a verified :class:`ChronyServer`.
 
-    ``extra_config`` lines are appended verbatim (e.g. ``ntsserverkey``, ``ntsservercert``,
-    ``ntsport``); files they name should live under ``server.workdir`` or the caller's own dir.
+    ``port``: serve on this UDP port (to restart a server where its clients expect it)
+    instead of a free one. ``extra_config`` lines are appended verbatim (e.g.
+    ``ntsserverkey``, ``ntsservercert``, ``ntsport``); files they name should live under
+    ``server.workdir`` or the caller's own dir.
     """
     if not os.path.exists(CHRONYD):
         pytest.skip("chronyd is not installed")
@@ -134,9 +137,9 @@ def chronyd(
     last_error = ""
     for _ in range(attempts):
         workdir = Path(tempfile.mkdtemp(prefix="chronyd-test-"))
-        port = free_udp_port()
+        use_port = port if port is not None else free_udp_port()
         conf = workdir / "chrony.conf"
-        conf.write_text(_config(workdir, port, stratum, extra))
+        conf.write_text(_config(workdir, use_port, stratum, extra))
         log = open(workdir / "chronyd.log", "wb")  # noqa: SIM115 - closed in finally
         # -x: never touch the clock; -d: foreground, log to stderr; -u root: keep write access
         # to the root-owned temp dir (chronyd drops to its own user by default).
@@ -145,7 +148,7 @@ def chronyd(
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            server = _wait_ready(proc, port, stratum, workdir, startup_timeout)
+            server = _wait_ready(proc, use_port, stratum, workdir, startup_timeout)
             if server is None:
                 last_error = (workdir / "chronyd.log").read_text(errors="replace")[-2000:]
                 continue

@@ -155,3 +155,46 @@ def test_unreachable_endpoint_and_stream_frames_for_unknown_ids(tmp_path: Path) 
             await relay.stop()
 
     asyncio.run(main())
+
+
+def test_endpoint_reach_register_follows_connects_and_logs_each_change(tmp_path: Path,
+                                                                        caplog) -> None:
+    import logging
+
+    async def main() -> None:
+        echo = Echo()
+        port = await echo.start()
+        await echo.stop()  # down at first: connects are refused
+        await asyncio.sleep(0.05)
+        sock = tmp_path / "r.sock"
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",),
+                                           nts_ke_servers=(f"tcp:127.0.0.1:{port}",)))
+        await relay.start()
+        guest = await Guest.connect(f"unix:{sock}")
+        name = f"tcp:127.0.0.1:{port}"
+        try:
+            for sid in range(2):
+                guest.send(framing.stream_open(sid, 0))
+                assert (await guest.recv()).type == FrameType.ERROR
+            ke = relay.status()["nts_ke_endpoints"]
+            assert ke == [{"name": name, "reachable": False, "reach": "000", "reach_ratio": 0.0,
+                           "polls": 2, "last_reply_age_s": None}]
+            back = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+            guest.send(framing.stream_open(5, 0))
+            assert (await guest.recv()).type == FrameType.STREAM_OPEN  # the ack
+            ke = relay.status()["nts_ke_endpoints"][0]
+            assert ke["reachable"] is True and ke["reach"] == "001"
+            body = relay.render_metrics().decode()
+            assert f'timesync_relay_nts_ke_reachable{{source_address="{name}"}} 1.0' in body
+            assert f'timesync_relay_nts_ke_reach_ratio{{source_address="{name}"}} 0.333' in body
+            assert f'timesync_relay_nts_ke_last_reply_age_seconds{{source_address="{name}"}}' in body
+            back.close()
+        finally:
+            await guest.close()
+            await relay.stop()
+
+    with caplog.at_level(logging.WARNING, logger="host_relay"):
+        asyncio.run(main())
+    events = [getattr(r, "event", "") for r in caplog.records
+              if getattr(r, "event", "").startswith("nts_ke_") and "reach" in r.event]
+    assert events == ["nts_ke_unreachable", "nts_ke_reachable"]

@@ -137,3 +137,43 @@ def test_relay_cli_logs_json_lines_with_fields(tmp_path: Path) -> None:
     gone = [d for d in docs if d.get("event") == "guest_disconnected"][0]
     assert gone["reports"] == 1
     assert all({"ts", "level", "logger", "msg"} <= d.keys() for d in docs)
+
+
+def test_event_gate_passes_a_burst_per_window_then_reports_what_it_held_back():
+    from timesyncd.logs import EventGate
+
+    now = [0.0]
+    gate = EventGate(interval_s=60, burst=3, clock=lambda: now[0])
+    assert [gate.allow("connect") for _ in range(5)] == [0, 0, 0, None, None]
+    assert gate.allow("disconnect") == 0  # kinds are separate
+    now[0] = 61.0
+    assert gate.allow("connect") == 2  # the next line carries the count held back
+    assert gate.allow("connect") == 0
+
+
+def test_guest_churn_logs_a_few_lines_not_one_per_connection(tmp_path, caplog):
+    import asyncio
+    import logging
+
+    from relay_helpers import Guest
+
+    from host_relay.service import RelayService
+    from host_relay.settings import RelaySettings
+
+    sock = tmp_path / "relay.sock"
+
+    async def main() -> None:
+        relay = RelayService(RelaySettings(listen=(f"unix:{sock}",)))
+        await relay.start()
+        for _ in range(40):
+            guest = await Guest.connect(f"unix:{sock}")
+            await guest.close()
+        await asyncio.sleep(0.2)
+        assert relay.stats.connections_accepted == 40
+        await relay.stop()
+
+    with caplog.at_level(logging.INFO, logger="host_relay"):
+        asyncio.run(main())
+    events = [getattr(r, "event", "") for r in caplog.records]
+    assert 1 <= events.count("guest_connected") <= 5
+    assert 1 <= events.count("guest_disconnected") <= 5

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 _STD_ATTRS = set(vars(logging.LogRecord("x", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -19,6 +20,34 @@ def decade(count: int) -> bool:
     logged a handful of times, with its count, however often it happens (the counters have
     every one)."""
     return count > 0 and count == 10 ** (len(str(count)) - 1)
+
+
+class EventGate:
+    """Rate limit for events that are news one at a time but a flood in bulk (guest
+    connects under churn): per ``interval_s`` window the first ``burst`` of each kind pass;
+    the rest are only counted, and the next line of that kind reports how many were not
+    logged. Works at any level (``RepeatFilter`` only limits warnings and above)."""
+
+    def __init__(self, interval_s: float = 60.0, burst: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.burst = burst
+        self._clock = clock
+        self._windows: dict[str, list[float]] = {}  # kind -> [start, passed, suppressed]
+
+    def allow(self, kind: str) -> int | None:
+        """None: do not log this one. Else how many of this kind went unlogged before it."""
+        now = self._clock()
+        window = self._windows.get(kind)
+        if window is None or now - window[0] >= self.interval_s:
+            suppressed = int(window[2]) if window else 0
+            self._windows[kind] = [now, 1, 0]
+            return suppressed
+        if window[1] < self.burst:
+            window[1] += 1
+            return 0
+        window[2] += 1
+        return None
 
 
 class JsonLinesFormatter(logging.Formatter):

@@ -97,6 +97,7 @@ class GuestDaemon:
             is_synchronised=lambda: self.controller.state == "synchronised",
             on_reply=self._on_nts_reply, on_error=self._source_error,
             on_sent=self.controller.on_sent, ke_timeout_s=settings.nts_ke_timeout_s,
+            floor=settings.floor(),
         )
         for nts_name in self.nts.sources:
             self.controller.add_source(self._nts_config(nts_name), clock.now_ns())

@@ -212,6 +212,19 @@ class NtsKeSession:
             self._fail(KeError("connection_closed", "server closed before End of Message"))
         return b""
 
+    def abort(self, exc: KeError) -> KeError:
+        """The transport failed (stream closed with a reason, timeout): the error to report.
+
+        A peer that presented a certificate outside its dates and then went quiet or hung up
+        never proved its key, so that becomes ``peer_unproven``, as in the handshake."""
+        if self._phase is _Phase.FAILED and self.error is not None:
+            return self.error
+        try:
+            self._fail(exc)
+        except KeError as failed:
+            return failed
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- internals -------------------------------------------------------------------------
 
     def _step(self) -> bytes:

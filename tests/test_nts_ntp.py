@@ -39,13 +39,13 @@ def uid_of(request: bytes) -> bytes:
 
 def reply(request: bytes, *, cookies: int | None = None, uid: bytes | None = None,
           key: bytes = S2C, plaintext: bytes | None = None, stratum: int = 2,
-          trailer: tuple[ExtensionField, ...] = ()) -> bytes:
+          trailer: tuple[ExtensionField, ...] = (), transmit: int = 6) -> bytes:
     """What a correct server would send (one new cookie per cookie/placeholder), or a variant."""
     req = decode(request)
     wanted = len(req.find(ExtType.NTS_COOKIE)) + len(req.find(ExtType.NTS_COOKIE_PLACEHOLDER))
     n = wanted if cookies is None else cookies
     head = NtpPacket(mode=4, stratum=stratum, origin_ts=req.transmit_ts, receive_ts=5,
-                     transmit_ts=6).encode()
+                     transmit_ts=transmit).encode()
     body = head + ExtensionField(ExtType.UNIQUE_IDENTIFIER, uid or uid_of(request)).encode()
     if plaintext is None:
         plaintext = b"".join(ExtensionField(ExtType.NTS_COOKIE, b"new%03d" % i + bytes(93))

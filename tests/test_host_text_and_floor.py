@@ -89,3 +89,41 @@ def test_nts_reply_before_the_time_floor_is_refused() -> None:
             await m.stop()
 
     asyncio.run(main())
+
+
+def test_plain_source_cannot_take_the_clock_before_the_floor() -> None:
+    """A plain server (or the host) answering 20 years in the past at first boot. Before the
+    fix the guest stepped its clock back 20 years; now every such reply is refused."""
+    import time
+
+    from guest_fakes import start_fake_upstream
+    from loops import wait_for
+
+    from guest_client.clocks import SoftwareClock
+    from guest_client.daemon import GuestDaemon
+    from timesyncd.server import build_server_reply
+
+    past = 20 * 365 * 86400 * 10**9
+
+    def old_reply(request: bytes) -> bytes:
+        now = time.time_ns() - past
+        return build_server_reply(request, now, now, stratum=2, reference_id=b"OLD\0",
+                                  reference_ns=now - 10**9)
+
+    async def main() -> None:
+        ntp = await start_fake_upstream(reply_for=old_reply)
+        settings = GuestSettings(servers=(ntp.address,), clock="software", status_socket="",
+                                 minpoll=-3, maxpoll=-3, health_interval_s=0)
+        clock = SoftwareClock()
+        daemon = GuestDaemon(settings, clock, rng=random.Random(3))
+        await daemon.start()
+        try:
+            await wait_for(lambda: daemon.status()["rejected"].get("before_time_floor", 0) >= 4,
+                           5, "refusals")
+            assert not clock.steps and daemon.controller.state == "unsynchronised"
+            assert daemon.status()["daemon_errors"]["before_time_floor"] >= 4
+        finally:
+            await daemon.stop()
+            ntp.close()
+
+    asyncio.run(main())

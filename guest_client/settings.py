@@ -82,7 +82,7 @@ class GuestSettings:
     time_floor: str | None = field(default=None, metadata={
         "help": "Earliest acceptable time, YYYY-MM-DD or an ISO 8601 date-time (UTC unless a "
                 "zone is given), e.g. the image's build date. Raises the built-in floor (this "
-                "release's date): NTS replies before it and certificates that expired before "
+                "release's date): replies dated before it and certificates that expired before "
                 "it are refused (docs/SECURITY.md)."})
     relay_plain_sources: bool = field(default=True, metadata={
         "help": "Also use every relay upstream as a plain NTP source (trust 'host'). With "

@@ -7,7 +7,8 @@ package (:data:`RELEASE_DATE`, updated with ``__version__`` at every release; a 
 checkout is never older than it), optionally raised by the operator (guest setting
 ``time_floor``, e.g. the image's build date). What is before the floor is refused:
 
-* NTS replies whose server time is before it (``before_time_floor``), and
+* replies whose server time is before it (``before_time_floor``; NTS ones in the NTS
+  manager, plain ones in the daemon), and
 * NTS-KE certificates whose notAfter is before it, even while dates are otherwise tolerated
   (bootstrap); certificate dates are checked against ``max(clock, floor)``.
 

@@ -13,6 +13,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from hostile_relay import cut_after_certificate
 from nts_fixture import Authority, CertFiles, issue_cert, make_ca
 from test_nts_session import MemoryServer, ke_response, pump
 
@@ -23,29 +24,13 @@ from timesyncd.time_floor import TimeFloor, parse_floor
 NOW = dt.datetime.now(dt.UTC)
 
 
-def split_records(data: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos + 5 <= len(data):
-        end = pos + 5 + int.from_bytes(data[pos + 3 : pos + 5], "big")
-        out.append(data[pos:end])
-        pos = end
-    return out
-
-
 class ImpostorServer(MemoryServer):
     """Presents the certificate, then cannot go on: its first flight is cut after the
     Certificate message (the 2nd encrypted record), before CertificateVerify, which would
     need the private key. A path attacker replaying a public certificate looks like this."""
 
     def receive(self, data: bytes) -> bytes:
-        flight = super().receive(data)
-        kept, encrypted = [], 0
-        for record in split_records(flight):
-            kept.append(record)
-            encrypted += record[0] == 23
-            if encrypted == 2:
-                break
-        return b"".join(kept)
+        return cut_after_certificate(super().receive(data))
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +111,16 @@ def test_time_floor_values(tmp_path: Path) -> None:
     assert parse_floor("2027-03-04T05:06:07+01:00") == parse_floor("2027-03-04T04:06:07")
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         parse_floor("next tuesday")
+
+
+def test_peer_that_stalls_after_an_expired_certificate_is_unproven_too(
+        pki: tuple[Authority, CertFiles, CertFiles]) -> None:
+    """The relay transport ends the exchange (timeout, stream closed): same verdict."""
+    ca, expired, valid = pki
+    for cert, want in ((expired, "peer_unproven"), (valid, "timeout")):
+        session = NtsKeSession("localhost", cafile=str(ca.cert_file), time_trusted=True)
+        server = ImpostorServer(cert, ke_response())
+        assert session.receive_data(server.receive(session.start())) == b""  # waits for more
+        error = session.abort(KeError("timeout", "no NTS-KE result in 10 s"))
+        assert error.reason == want and session.error is error and session.done
+        assert session.abort(KeError("stream_closed")) is error  # the first verdict stands

@@ -216,6 +216,7 @@ class GuestDaemon:
         if true is not None:
             st["true_offset_s"] = true / _NS
         st["clock"] = self.settings.clock
+        st["time_floor"] = {"date": self.floor.datetime.isoformat(), "source": self.floor.source}
         if self.link is not None:
             st["relay"] = {
                 "address": self.link.address, "connected": self.link.connected,

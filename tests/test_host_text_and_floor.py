@@ -122,6 +122,8 @@ def test_plain_source_cannot_take_the_clock_before_the_floor() -> None:
                            5, "refusals")
             assert not clock.steps and daemon.controller.state == "unsynchronised"
             assert daemon.status()["daemon_errors"]["before_time_floor"] >= 4
+            assert daemon.status()["time_floor"] == {
+                "date": TimeFloor.build().datetime.isoformat(), "source": "release"}
         finally:
             await daemon.stop()
             ntp.close()

@@ -64,8 +64,6 @@ _ERR_EXPIRED = 10  # X509_V_ERR_CERT_HAS_EXPIRED
 _DATE_ERRORS = {_ERR_NOT_YET_VALID: "cert_not_yet_valid", _ERR_EXPIRED: "cert_expired"}
 _UNTRUSTED_ERRORS = {2, 18, 19, 20, 21}  # no issuer / self-signed / unable to verify leaf
 _READ_CHUNK = 16384
-#: KE failures that mean the server itself is wrong: judged after it proved its key.
-PROVEN_DATE_ERRORS = ("cert_expired", "cert_not_yet_valid", "cert_expired_before_floor")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Bootstrap (certificate dates): until the controller is synchronised the guest's 
 far off, so NTS-KE then tolerates only the certificate's date errors (chain and name are still
 verified, see :mod:`timesyncd.nts.ke_session`). Once synchronised, every source whose
 certificate dates went unchecked does NTS-KE again with dates checked against the
-*disciplined guest clock* (never the host's); if that fails the source is dropped for good.
+*disciplined guest clock* (never the host's); if the server completes the handshake with a
+certificate not valid then, the source is disabled (a peer that cannot finish it is not the
+server: see below).
 Later key exchanges (cookies used up, NTS NAK) always check dates.
 
 What the host can force (it carries every byte): a forged NTS NAK, or dropped replies, makes

@@ -34,6 +34,8 @@ from guest_client.udp_source import UdpSource
 from timesyncd.addresses import parse_address
 from timesyncd.clock import Clock
 from timesyncd.config import parse_file_mode
+from timesyncd.logs import decade
+from timesyncd.ntptime import ntp_to_unix_ns
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class GuestDaemon:
         self._udp: dict[str, UdpSource] = {}
         udp_names = [str(parse_address(s)) for s in settings.servers]
         self._trust = settings.trust_overrides()
+        self.floor = settings.floor()
         self.controller = controller if controller is not None else GuestController(
             settings.discipline_config(), self._rng,
             [SourceConfig(n, self._trust.get(n, "host")) for n in udp_names]
@@ -97,6 +100,7 @@ class GuestDaemon:
             is_synchronised=lambda: self.controller.state == "synchronised",
             on_reply=self._on_nts_reply, on_error=self._source_error,
             on_sent=self.controller.on_sent, ke_timeout_s=settings.nts_ke_timeout_s,
+            floor=self.floor,
         )
         for nts_name in self.nts.sources:
             self.controller.add_source(self._nts_config(nts_name), clock.now_ns())
@@ -212,6 +216,7 @@ class GuestDaemon:
         if true is not None:
             st["true_offset_s"] = true / _NS
         st["clock"] = self.settings.clock
+        st["time_floor"] = {"date": self.floor.datetime.isoformat(), "source": self.floor.source}
         if self.link is not None:
             st["relay"] = {
                 "address": self.link.address, "connected": self.link.connected,
@@ -302,7 +307,7 @@ class GuestDaemon:
             return
         if isinstance(result, RelayReply):
             route = self._relay_routes.get(source)
-            if route is None:
+            if route is None or self._before_floor(source, result.packet):
                 return
             self._apply(self.controller.on_reply(
                 source, result.packet, result.rx_ns, result.residence_in_ns,
@@ -311,8 +316,25 @@ class GuestDaemon:
             self._source_error(source, result.reason)
 
     def _on_udp_reply(self, source: str, data: bytes, rx_ns: int) -> None:
-        if self._running:
+        if self._running and not self._before_floor(source, data):
             self._apply(self.controller.on_reply(source, data, rx_ns))
+
+    def _before_floor(self, source: str, packet: bytes) -> bool:
+        """A plain reply whose server time is before the time floor is refused here, like an
+        NTS one in the NTS manager: no source may take the clock back before it. (KoD replies,
+        stratum 0, carry no time: the controller handles them.)"""
+        if len(packet) < 48 or packet[1] == 0:
+            return False
+        server_ns = ntp_to_unix_ns(int.from_bytes(packet[40:48], "big"), self.floor.floor_ns)
+        if self.floor.allows(server_ns):
+            return False
+        self.counters["before_time_floor"] += 1
+        if decade(self.counters["before_time_floor"]):
+            log.warning("source %s: reply time is before the time floor %s (%s): refused (%d "
+                        "so far)", source, f"{self.floor.datetime:%Y-%m-%d}", self.floor.source,
+                        self.counters["before_time_floor"])
+        self._source_error(source, "before_time_floor")
+        return True
 
     def _source_error(self, source: str, reason: str) -> None:
         if self._running:

@@ -9,14 +9,30 @@ Bootstrap (certificate dates): until the controller is synchronised the guest's 
 far off, so NTS-KE then tolerates only the certificate's date errors (chain and name are still
 verified, see :mod:`timesyncd.nts.ke_session`). Once synchronised, every source whose
 certificate dates went unchecked does NTS-KE again with dates checked against the
-*disciplined guest clock* (never the host's); if that fails the source is dropped for good.
+*disciplined guest clock* (never the host's); if the server completes the handshake with a
+certificate not valid then, the source is disabled (a peer that cannot finish it is not the
+server: see below).
 Later key exchanges (cookies used up, NTS NAK) always check dates.
+
+What the host can force (it carries every byte): a forged NTS NAK, or dropped replies, makes
+the guest run NTS-KE again; and it can answer that KE as the TLS server with any certificate
+it has seen. Hence:
+
+* Certificate date errors are judged only after the peer proved its key
+  (:mod:`timesyncd.nts.ke_session`). Only a proven one (the server itself is misconfigured)
+  disables a source; ``peer_unproven`` (someone in the path) is retried with backoff. The
+  two are counted apart and named in the source's note, so an operator can tell them apart.
+* The KE backoff is kept until :data:`KE_RESET_REPLIES` verified replies have arrived, so a
+  host alternating forged NAKs and genuine replies cannot reset it every second poll.
+* A server that rotated its keys without a NAK (or a host dropping the NAKs) leaves requests
+  unanswered: after :data:`ROTATION_UNANSWERED` in a row with cookies left, NTS-KE runs again,
+  at most once per backoff step.
+* Replies whose server time is before the time floor are refused (``before_time_floor``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
 import logging
 import os
@@ -28,8 +44,11 @@ from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, cancel_
 from timesyncd import framing
 from timesyncd.clock import Clock
 from timesyncd.framing import ErrorCode, Frame, FrameType
+from timesyncd.ntptime import ntp_to_unix_ns
 from timesyncd.nts.ke import KeError
 from timesyncd.packet import NtpPacket
+from timesyncd.text import clean_text
+from timesyncd.time_floor import TimeFloor
 
 if TYPE_CHECKING:  # the NTS modules load cryptography and pyOpenSSL (~15 MiB): only when used
     from timesyncd.nts.ke_session import NtsKeResult, NtsKeSession
@@ -37,8 +56,12 @@ if TYPE_CHECKING:  # the NTS modules load cryptography and pyOpenSSL (~15 MiB): 
 
 log = logging.getLogger(__name__)
 
-_NS = 1_000_000_000
-_DATE_ERRORS = ("cert_expired", "cert_not_yet_valid")
+#: KE failures judged after the peer proved its key: the server is misconfigured
+_PROVEN_ERRORS = ("cert_expired", "cert_not_yet_valid", "cert_expired_before_floor")
+#: Verified replies after a key exchange before its backoff starts over.
+KE_RESET_REPLIES = 4
+#: Unanswered authenticated requests in a row (cookies left) before NTS-KE runs again.
+ROTATION_UNANSWERED = 4
 
 OnReply = Callable[[str, bytes, int, int, int], None]  # source, packet, rx_ns, r_in, r_out
 OnError = Callable[[str, str], None]  # source, reason
@@ -62,13 +85,13 @@ async def nts_ke_via_relay(link: RelayLink, endpoint: int, session: NtsKeSession
                 code, message = framing.parse_error(frame)
                 name = ErrorCode(code).name.lower() if code in ErrorCode._value2member_map_ \
                     else str(code)
-                raise KeError(f"relay_{name}", message)
+                raise session.abort(KeError(f"relay_{name}", clean_text(message)))
             if frame.type == FrameType.STREAM_DATA:
                 out = session.receive_data(frame.payload)
             else:
                 reason = framing.parse_stream_close(frame)
                 if reason and session.result is None:
-                    raise KeError("stream_closed", reason)
+                    raise session.abort(KeError("stream_closed", clean_text(reason)))
                 out = session.receive_eof()
             for f in framing.stream_data(sid, out):
                 link.send_frame(f)
@@ -88,7 +111,7 @@ async def nts_ke_via_relay(link: RelayLink, endpoint: int, session: NtsKeSession
             link.send_frame(f)
         return await asyncio.wait_for(done, timeout_s)
     except TimeoutError:
-        raise KeError("timeout", f"no NTS-KE result in {timeout_s} s") from None
+        raise session.abort(KeError("timeout", f"no NTS-KE result in {timeout_s} s")) from None
     finally:
         link.close_stream(sid)  # no-op if the relay already ended it
         if done.done() and not done.cancelled():
@@ -103,6 +126,7 @@ class NtsManager:
         is_synchronised: Callable[[], bool], on_reply: OnReply, on_error: OnError,
         on_sent: OnSent, ke_timeout_s: float = 10.0, retry_min_s: float = 2.0,
         retry_max_s: float = 600.0, random_bytes: RandomBytes = os.urandom,
+        floor: TimeFloor | None = None,
     ) -> None:
         self.sources = {s.source_name: NtsSource(s, random_bytes) for s in specs}
         self.cafile = cafile
@@ -120,6 +144,12 @@ class NtsManager:
         self._not_before: dict[str, float] = dict.fromkeys(self.sources, 0.0)  # monotonic s
         self._last_request: dict[str, int] = {}
         self._disabled: set[str] = set()
+        self.floor = floor or TimeFloor.build()
+        #: verified replies since the last key exchange (its backoff resets at KE_RESET_REPLIES)
+        self._verified: dict[str, int] = dict.fromkeys(self.sources, 0)
+        #: authenticated requests in a row that got no verified reply
+        self._unanswered: dict[str, int] = dict.fromkeys(self.sources, 0)
+        self._outstanding: set[str] = set()  # sent, not yet answered, timed out or superseded
 
     def owns(self, name: str) -> bool:
         return name in self.sources
@@ -139,11 +169,13 @@ class NtsManager:
         """A (re)connected relay: keys may be fine, but run KE for sources that need it."""
         upstreams = {u.name: u.index for u in self.link.upstreams} if self.link else {}
         for src in self.sources.values():
+            self._unanswered[src.name] = 0  # lost with the link: not the server's doing
             src.remap(upstreams)
             self._maybe_ke(src)
 
     def on_relay_down(self) -> None:
         self._last_request.clear()
+        self._outstanding.clear()
 
     def send(self, name: str, data: bytes) -> None:
         """Send the controller's plain request ``data`` for NTS source ``name``."""
@@ -164,12 +196,14 @@ class NtsManager:
         last = self._last_request.pop(name, None)
         if last is not None:
             link.cancel(last)
+        self._unanswer(src)  # superseded without a verified reply
         rid = link.send(src.upstream, wrapped, functools.partial(self._on_result, name))
         t1 = self.clock.now_ns()  # after the write, as for plain relay sources (daemon._send)
         if rid is None:  # the link's own reason: busy or oversized is not "not connected"
             self._on_error(name, link.last_refusal or "relay_not_connected")
             return
         self._last_request[name] = rid
+        self._outstanding.add(name)
         self._on_sent(name, t1)
 
     def status(self) -> dict[str, dict[str, object]]:
@@ -178,6 +212,7 @@ class NtsManager:
             st = src.status()
             st["disabled"] = name in self._disabled
             st["ke_running"] = name in self._tasks
+            st["unanswered"] = self._unanswered[name]
             st["note"] = src.note
             out[name] = st
         return out
@@ -187,6 +222,8 @@ class NtsManager:
     def _on_result(self, name: str, result: RelayReply | RelayFailure) -> None:
         src = self.sources[name]
         if isinstance(result, RelayFailure):
+            if result.reason == "timeout":
+                self._unanswer(src)
             if result.reason != "connection_lost":
                 self._on_error(name, result.reason)
             return
@@ -198,20 +235,44 @@ class NtsManager:
             if src.needs_ke:
                 self._maybe_ke(src)
             return
-        self._failures[name] = 0
+        server_ns = ntp_to_unix_ns(verified.transmit_ts, self.floor.floor_ns)
+        if not self.floor.allows(server_ns):
+            src.counters["before_time_floor"] += 1
+            self._on_error(name, "before_time_floor")
+            log.warning("NTS source %s: reply time is before the time floor %s: refused", name,
+                        f"{self.floor.datetime:%Y-%m-%d}")
+            return
+        self._outstanding.discard(name)
+        self._unanswered[name] = 0
+        self._verified[name] += 1
+        if self._verified[name] >= KE_RESET_REPLIES:
+            # several verified replies, not one: a host alternating forged NAKs with genuine
+            # replies must not reset the backoff each time
+            self._failures[name] = 0
         # The relay's residence times are the untrusted host's word: a correction by them could
         # move the offset by up to delay/2 *beyond* the raw measurement, doubling what a
         # delaying host achieves while the bound (delay/2) claims otherwise. Ignore them.
         self._on_reply(name, result.packet, result.rx_ns, 0, 0)
         self._maybe_ke(src)  # validity re-check once synchronised
 
-    def _maybe_ke(self, src: NtsSource) -> None:
+    def _unanswer(self, src: NtsSource) -> None:
+        """The outstanding request got no verified reply (timed out or superseded): after
+        ROTATION_UNANSWERED in a row with cookies left, the server may have new keys."""
+        name = src.name
+        if name not in self._outstanding:
+            return
+        self._outstanding.discard(name)
+        self._unanswered[name] += 1
+        if self._unanswered[name] >= ROTATION_UNANSWERED and src.ready:
+            self._maybe_ke(src, rotate=True)
+
+    def _maybe_ke(self, src: NtsSource, rotate: bool = False) -> None:
         name = src.name
         link = self.link
         if name in self._disabled or name in self._tasks or link is None or not link.connected:
             return
         recheck = src.validity_unchecked and src.ready and self._synced()
-        if not (src.needs_ke or recheck):
+        if not (src.needs_ke or recheck or rotate):
             return
         loop = asyncio.get_running_loop()
         if loop.time() < self._not_before[name]:
@@ -226,25 +287,34 @@ class NtsManager:
         self._failures[name] = failures + 1
         self._not_before[name] = loop.time() + min(self.retry_max_s,
                                                    self.retry_min_s * 2.0 ** min(failures, 20))
+        self._verified[name] = 0
         trusted = self._synced()
         try:
             endpoint = self._ke_index(src, link)
             if endpoint is None:
                 return
-            now = dt.datetime.fromtimestamp(self.clock.now_ns() / _NS, dt.UTC)
             from timesyncd.nts.ke_session import NtsKeSession
 
             session = NtsKeSession(src.spec.tls_name, cafile=self.cafile, time_trusted=trusted,
-                                   verify_time=now)
+                                   verify_time=self.floor.verify_time(self.clock.now_ns()),
+                                   floor=self.floor.datetime)
             result = await nts_ke_via_relay(link, endpoint, session, self.ke_timeout_s)
         except KeError as exc:
             src.on_ke_error(exc.reason, exc.detail)
             self._on_error(name, f"nts_ke_{exc.reason}")
-            if trusted and exc.reason in _DATE_ERRORS:
+            if exc.reason in _PROVEN_ERRORS and (trusted or exc.reason.endswith("_floor")):
+                # the peer proved its key: the server itself serves a bad certificate
                 self._disabled.add(name)
                 src.state = None
-                src.note = (f"certificate not valid at the synchronised time ({exc.reason}): "
-                            "source disabled")
+                src.counters["ke_server_misconfigured"] += 1
+                when = "time floor" if exc.reason.endswith("_floor") else "synchronised time"
+                src.note = (f"server misconfigured: certificate not valid at the {when} "
+                            f"({exc.reason}), proven by a completed TLS handshake: source "
+                            "disabled")
+            elif exc.reason == "peer_unproven":
+                src.counters["ke_path_suspect"] += 1
+                src.note = (f"someone in the path? {clean_text(exc.detail)}; retrying with "
+                            "backoff")
             log.warning("NTS-KE for %s failed: %s", name, src.note)
             return
         except Exception as exc:  # noqa: BLE001 - e.g. a CA file OpenSSL cannot load
@@ -257,6 +327,7 @@ class NtsManager:
         finally:
             self._tasks.pop(name, None)
         upstreams = {u.name: u.index for u in link.upstreams}
+        self._unanswered[name] = 0
         if src.on_ke_result(result, upstreams):
             log.info("NTS-KE for %s done: %d cookies, NTP via relay upstream %d (%s)%s", name,
                      len(result.cookies), src.upstream, src.ntp_server,
@@ -272,7 +343,7 @@ class NtsManager:
             for e in entries:
                 if (isinstance(e, dict) and isinstance(e.get("name"), str)
                         and isinstance(e.get("index"), int) and 0 <= e["index"] <= 255):
-                    offered[e["name"]] = e["index"]
+                    offered[clean_text(e["name"])] = e["index"]
         index = offered.get(src.spec.ke_endpoint)
         if index is None:
             src.counters["ke_endpoint_not_offered"] += 1

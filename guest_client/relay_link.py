@@ -7,6 +7,9 @@ the bytes to the stream (``data_received``), not when the reading task wakes up:
 event-loop iteration later, and everything the loop runs in between would otherwise be
 counted as return-path delay and bias every offset (measured: +10..+25 us on loopback).
 
+Relay text (ERROR messages, upstream names) is the host's: cleaned (``clean_text``) before
+logs or status; ERRORs for unknown ids are counted and logged on the 1st/10th/100th... only.
+
 A relay that stops reading must not grow the guest's memory: once more than
 :data:`MAX_WRITE_BUFFER` bytes wait unsent, sends are refused (``send_busy``) and the link is
 dropped and reconnected (``relay_stalled``). A relay that answers HELLO and then drops us at
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 
 from timesyncd import framing
 from timesyncd.framing import ErrorCode, Frame, FrameDecoder, FrameType, FramingError
+from timesyncd.logs import decade
+from timesyncd.text import clean_text
 from timesyncd.transport import TransportError, open_stream
 
 log = logging.getLogger(__name__)
@@ -386,7 +391,7 @@ class RelayLink:
             for i, frame in enumerate(frames):
                 if frame.type == FrameType.ERROR:
                     code, message = framing.parse_error(frame)
-                    raise RelayProtocolError(_error_reason(code), message)
+                    raise RelayProtocolError(_error_reason(code), clean_text(message))
                 if frame.type != FrameType.HELLO:
                     raise RelayProtocolError("unexpected_frame", f"type {frame.type} before HELLO")
                 if i + 1 < len(frames):  # nothing was asked yet: nothing can be an answer
@@ -424,10 +429,15 @@ class RelayLink:
                 return
             reason = _error_reason(code)
             self.counters[reason] += 1
+            message = clean_text(message)
             p = self._pending.pop(frame.request_id, None)
             if p is None:
-                log.warning("relay %s error (request %d): %s %s", self.address,
-                            frame.request_id, reason, message)
+                self.counters["error_unknown_id"] += 1
+                count = self.counters["error_unknown_id"]
+                if decade(count):
+                    log.warning("relay %s sent an ERROR for request %d we are not waiting for "
+                                "(%d so far): %s %s", self.address, frame.request_id, count,
+                                reason, message)
                 return
             p.timer.cancel()
             p.callback(RelayFailure(reason, message))
@@ -485,7 +495,7 @@ def parse_hello(frame: Frame) -> list[Upstream]:
     """The relay's upstream list; a malformed HELLO is a protocol error, not a crash."""
     obj = framing.parse_json(frame)
     if not isinstance(obj, dict) or obj.get("version") != PROTOCOL_VERSION:
-        raise RelayProtocolError("bad_hello", f"unsupported HELLO {str(obj)[:100]}")
+        raise RelayProtocolError("bad_hello", f"unsupported HELLO {clean_text(str(obj), 100)}")
     raw = obj.get("upstreams")
     if not isinstance(raw, list):
         raise RelayProtocolError("bad_hello", "HELLO without an upstream list")
@@ -493,6 +503,8 @@ def parse_hello(frame: Frame) -> list[Upstream]:
     for item in raw:
         if not (isinstance(item, dict) and isinstance(item.get("index"), int)
                 and isinstance(item.get("name"), str) and 0 <= item["index"] <= 255):
-            raise RelayProtocolError("bad_hello", f"bad upstream entry {str(item)[:100]}")
-        upstreams.append(Upstream(item["index"], item["name"]))
+            raise RelayProtocolError("bad_hello",
+                                     f"bad upstream entry {clean_text(str(item), 100)}")
+        # the name becomes part of a source name: in status, logs and metric labels
+        upstreams.append(Upstream(item["index"], clean_text(item["name"], 128)))
     return upstreams

@@ -16,6 +16,7 @@ from guest_client.nts_source import check_ca_file, parse_nts_server
 from timesyncd.addresses import AddressError, parse_address
 from timesyncd.config import parse_file_mode
 from timesyncd.discipline import DisciplineConfig
+from timesyncd.time_floor import TimeFloor
 
 DEFAULT_STATUS_SOCKET = "/run/timesync/guest.sock"
 _DISCIPLINE = {f.name: f for f in dataclasses.fields(DisciplineConfig)}
@@ -78,6 +79,11 @@ class GuestSettings:
                 "your server)."})
     nts_ke_timeout_s: float = field(default=10.0, metadata={
         "min": 0.1, "max": 600.0, "help": "Give up on one NTS-KE exchange after this long."})
+    time_floor: str | None = field(default=None, metadata={
+        "help": "Earliest acceptable time, YYYY-MM-DD or an ISO 8601 date-time (UTC unless a "
+                "zone is given), e.g. the image's build date. Raises the built-in floor (this "
+                "release's date): replies dated before it and certificates that expired before "
+                "it are refused (docs/SECURITY.md)."})
     relay_plain_sources: bool = field(default=True, metadata={
         "help": "Also use every relay upstream as a plain NTP source (trust 'host'). With "
                 "authenticated sources configured, plain ones are only used within the bounds "
@@ -177,6 +183,15 @@ class GuestSettings:
                                  "-----BEGIN CERTIFICATE----- blocks) of the CAs that issue "
                                  "your NTS-KE certificates") from None
         self.trust_overrides()
+        if self.time_floor is not None:
+            try:
+                self.floor()
+            except ValueError as exc:
+                raise ValueError(f"time_floor: {exc}") from None
+
+    def floor(self) -> TimeFloor:
+        """The time floor: the release date, raised to ``time_floor`` if set and later."""
+        return TimeFloor.build(self.time_floor)
 
     def trust_overrides(self) -> dict[str, str]:
         """``source_trust`` as a dict; ValueError for a malformed entry."""

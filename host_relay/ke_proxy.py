@@ -5,6 +5,11 @@ the allowlisted endpoint the guest names by index and moves opaque bytes both wa
 sees keys or cookies, so it cannot forge NTS-protected time: it can only delay or drop.
 Each stream is bounded (bytes each way, lifetime) and a guest connection holds few of them,
 so a guest cannot use the relay as a general-purpose TCP proxy or exhaust its fds.
+
+Each TLS handshake costs the KE server, a third party, real work, and it sees the host's
+address: so stream opens also draw on a per-guest budget (a few a minute, across all of a
+guest's connections: by vsock CID, TCP host or ``fc:`` socket; per connection where the
+peer cannot be told apart). Refusals are counted (``guest_budget_exceeded``) on /metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from timesyncd import framing
 from timesyncd.addresses import Address
 from timesyncd.framing import ErrorCode, Frame, StreamKind
 from timesyncd.logs import decade
+from timesyncd.ratelimit import TokenBucket
 from timesyncd.transport import TransportError, open_stream
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ class KeProxyLimits:
     stream_timeout_s: float = 15.0  # whole lifetime of one stream
     max_streams: int = 2  # per guest connection
     max_stream_bytes: int = 256 * 1024  # each direction
+    per_guest_per_minute: float = 6.0  # stream opens, across all of a guest's connections
+    per_guest_burst: int = 8
 
 
 @dataclass(eq=False)
@@ -67,6 +75,7 @@ class KeProxy:
         self._failing: Counter[str] = Counter()  # connect failures in a row, per endpoint
         #: per endpoint: each connect is a poll (chrony-like reach register)
         self.reach: dict[str, Reach] = {str(a): Reach() for a in self.endpoints}
+        self._budgets: dict[object, TokenBucket] = {}  # guest -> its stream-open budget
 
     @property
     def open_streams(self) -> int:
@@ -116,6 +125,12 @@ class KeProxy:
             send(framing.error(sid, ErrorCode.UNKNOWN_ENDPOINT,
                                f"no NTS-KE endpoint {index} (kind {kind})"))
             return
+        if not self._within_budget(owner):
+            self.counters["guest_budget_exceeded"] += 1
+            send(framing.error(sid, ErrorCode.RATE_LIMITED,
+                               f"NTS-KE budget: {self.limits.per_guest_per_minute:g} streams a "
+                               "minute per guest"))
+            return
         key = (id(owner), sid)
         owned = self._by_owner.setdefault(id(owner), set())
         if key in self._streams or len(owned) >= self.limits.max_streams:
@@ -127,6 +142,21 @@ class KeProxy:
         owned.add(stream)
         self.counters["opened"] += 1
         stream.task = asyncio.create_task(self._run(stream), name=f"ke-stream {sid}")
+
+    def _within_budget(self, owner: object, now_ns: int | None = None) -> bool:
+        """Spend one stream open of ``owner``'s guest (its ``peer_key``, else the connection)."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        guest = getattr(owner, "peer_key", None) or id(owner)
+        bucket = self._budgets.get(guest)
+        if bucket is None:
+            if len(self._budgets) >= 4096:  # bounded: forget buckets that have refilled
+                full_after = self.limits.per_guest_burst / self.limits.per_guest_per_minute * 60e9
+                for old in [g for g, b in self._budgets.items() if now - b.last_ns > full_after]:
+                    del self._budgets[old]
+            bucket = TokenBucket(self.limits.per_guest_per_minute / 60.0,
+                                 self.limits.per_guest_burst, now)
+            self._budgets[guest] = bucket
+        return bucket.take(now)
 
     def _from_guest(self, stream: _Stream, data: bytes) -> None:
         stream.bytes_in += len(data)

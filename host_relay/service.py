@@ -73,7 +73,8 @@ class RelayService:
         self._local = None if self._upstreams else LocalSource(settings.local_stratum)
         names = [u.name for u in self._upstreams] or [local_source.NAME]
         self._ke = KeProxy([parse_address(s) for s in settings.nts_ke_servers],
-                           KeProxyLimits(stream_timeout_s=settings.nts_ke_timeout_s))
+                           KeProxyLimits(stream_timeout_s=settings.nts_ke_timeout_s,
+                                         per_guest_per_minute=settings.nts_ke_per_guest_per_minute))
         self._hello = framing.relay_hello(names, [str(a) for a in self._ke.endpoints]).payload
         # a Firecracker socket serves one microVM: its connections share one limit, and its
         # path names the guest in metrics

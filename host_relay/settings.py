@@ -38,6 +38,14 @@ class RelaySettings:
         metadata={"help": "Longest lifetime of one NTS-KE stream (connect + TLS + response).",
                   "min": 0.1, "max": 600.0},
     )
+    nts_ke_per_guest_per_minute: float = field(
+        default=6.0,
+        metadata={"help": "NTS-KE streams one guest may open per minute, across all its "
+                          "connections (burst 8): each is a TLS handshake with a third-party "
+                          "server from this host's address. Refusals: "
+                          "timesync_relay_nts_ke_streams{event=\"guest_budget_exceeded\"}.",
+                  "min": 0.1, "max": 6000.0},
+    )
     local_stratum: int = field(
         default=10,
         metadata={"help": "Stratum announced when answering from the host clock (no upstreams), "

@@ -93,6 +93,57 @@ def make_cert(
     return files
 
 
+@dataclass(frozen=True)
+class Authority:
+    """A test CA: its certificate file (the guest's ``nts_ca_file``) and signing key."""
+
+    cert_file: Path
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def make_ca(directory: Path, stem: str = "ca") -> Authority:
+    """A self-signed CA valid for ten years around now."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"timesync test CA {stem}")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=3650))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = directory / f"{stem}.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return Authority(path, cert, key)
+
+
+def issue_cert(ca: Authority, directory: Path, *, name: str = "localhost",
+               not_before: dt.datetime | None = None, days: int = 30,
+               stem: str = "server") -> CertFiles:
+    """A server certificate for ``name`` (and 127.0.0.1) signed by ``ca``, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    files = CertFiles(directory / f"{stem}.crt", directory / f"{stem}.key")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return files
+
+
 def _wait_for_tcp(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -105,12 +156,16 @@ def _wait_for_tcp(port: int, proc: subprocess.Popen[bytes], timeout_s: float) ->
 
 
 @contextlib.contextmanager
-def chronyd_nts(directory: Path, cert: CertFiles | None = None) -> Iterator[NtsServer]:
-    """Run chronyd with NTS in ``directory`` until the context exits; raise with its log if not."""
+def chronyd_nts(directory: Path, cert: CertFiles | None = None, *,
+                cafile: Path | None = None,
+                ports: tuple[int, int] | None = None) -> Iterator[NtsServer]:
+    """Run chronyd with NTS in ``directory`` until the context exits; raise with its log if not.
+
+    ``cafile``: what clients trust (default: the self-signed ``cert`` itself); ``ports``: the
+    (KE, NTP) ports of a server being restarted (a fresh ``directory`` means new keys)."""
     directory.mkdir(parents=True, exist_ok=True)
     cert = cert or make_cert(directory)
-    ke_port = free_port(socket.SOCK_STREAM)
-    ntp_port = free_port(socket.SOCK_DGRAM)
+    ke_port, ntp_port = ports or (free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM))
     pidfile = directory / "chronyd.pid"
     conf = directory / "chrony.conf"
     conf.write_text(
@@ -146,7 +201,7 @@ def chronyd_nts(directory: Path, cert: CertFiles | None = None) -> Iterator[NtsS
             _check_pidfile(pidfile, proc.pid)
         except Exception as exc:
             raise RuntimeError(f"{exc}; chronyd log:\n{log.read_text(errors='replace')}") from exc
-        yield NtsServer(HOST, ke_port, ntp_port, cert.cert, proc.pid)
+        yield NtsServer(HOST, ke_port, ntp_port, cafile or cert.cert, proc.pid)
     finally:
         _stop(proc)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 
 import pytest
+from nts_fixture import free_port
 from relay_helpers import Guest
 
 from host_relay.ke_proxy import KeProxyLimits
@@ -198,3 +200,44 @@ def test_endpoint_reach_register_follows_connects_and_logs_each_change(tmp_path:
     events = [getattr(r, "event", "") for r in caplog.records
               if getattr(r, "event", "").startswith("nts_ke_") and "reach" in r.event]
     assert events == ["nts_ke_unreachable", "nts_ke_reachable"]
+def test_ke_streams_have_a_per_guest_budget_across_connections(tmp_path: Path) -> None:
+    """Issue 10 item 6. Before the fix STREAM_OPEN drew only on each connection's NTP bucket
+    (16/s, burst 32) and a guest may hold 64 connections: ~1,000 TLS handshakes a second
+    from the host's address to a third party. Now a guest (here: one TCP host with two
+    connections) gets a few a minute in all, and the refusals show on /metrics."""
+    async def main() -> None:
+        echo = Echo()
+        port = await echo.start()
+        listen = f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+        relay = RelayService(RelaySettings(listen=(listen,),
+                                           nts_ke_servers=(f"tcp:127.0.0.1:{port}",),
+                                           rate_limit=1000.0, rate_burst=100))
+        await relay.start()
+        guests = [await Guest.connect(listen), await Guest.connect(listen)]
+        outcomes = []
+        try:
+            for i in range(12):
+                guest, sid = guests[i % 2], 100 + i
+                guest.send(framing.stream_open(sid, 0))
+                f = await guest.recv()
+                assert f.request_id == sid
+                outcomes.append(f.type)
+                if f.type == FrameType.ERROR:
+                    assert framing.parse_error(f)[0] == ErrorCode.RATE_LIMITED
+                    assert "per guest" in framing.parse_error(f)[1]
+                else:
+                    guest.send(framing.stream_close(sid))
+            assert outcomes.count(FrameType.STREAM_OPEN) == 8  # the burst, shared
+            assert outcomes[8:] == [FrameType.ERROR] * 4
+            assert relay.ke_proxy.counters["guest_budget_exceeded"] == 4
+            assert echo.accepted == 8
+            text = relay.render_metrics().decode()
+            assert 'timesync_relay_nts_ke_streams_total{event="guest_budget_exceeded"} 4.0' \
+                in text
+        finally:
+            for guest in guests:
+                await guest.close()
+            await relay.stop()
+            await echo.stop()
+
+    asyncio.run(main())

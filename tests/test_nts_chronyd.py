@@ -169,7 +169,7 @@ def test_unknown_cookie_gets_nts_nak(chrony: NtsServer, udp: socket.socket) -> N
     _, reply, *_ = exchange(udp, chrony, state)
     result = state.verify(reply)
     assert isinstance(result, NtsRejection) and result.reason == "nts_nak"
-    assert result.kiss_code == "NTSN" and state.needs_ke and state.cookies == 0
+    assert result.kiss_code == "NTSN" and state.nak_received and state.cookies == 0
     with pytest.raises(NtsError, match="nts_no_cookies"):
         state.request(NtpPacket(mode=3, transmit_ts=1), os.urandom)
 

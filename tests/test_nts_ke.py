@@ -60,14 +60,39 @@ def test_request_layout_matches_rfc8915() -> None:
     assert recs[3].body == struct.pack("!H", 4460)
 
 
-def test_parse_good_response_with_server_port_and_warning() -> None:
+def test_parse_good_response_with_server_and_port() -> None:
     data = good(Record(RecordType.NTPV4_SERVER, b"ntp.example"),
                 Record(RecordType.NTPV4_PORT, b"\x12\x34"),
-                Record(RecordType.WARNING, b"\0\x07"),
                 Record(0x4242, b"ignored non-critical"))
     resp = parse_response(data)
     assert resp.aead_id == 15 and resp.cookies == tuple(bytes([i]) * 64 for i in range(8))
-    assert (resp.server, resp.port, resp.warnings) == ("ntp.example", 0x1234, (7,))
+    assert (resp.server, resp.port, resp.warnings) == ("ntp.example", 0x1234, ())
+    assert "cookies" not in repr(resp) and (b"\0" * 64).hex() not in repr(resp)
+
+
+def test_unknown_warning_code_aborts_the_exchange() -> None:
+    """No Warning code is registered (RFC 8915 section 7.6): one we cannot interpret must not
+    be silently accepted with the keys."""
+    with pytest.raises(KeError) as info:
+        parse_response(good(Record(RecordType.WARNING, b"\0\x07")))
+    assert info.value.reason == "unknown_warning" and "code 7" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ntp.example", "ntp.example.", "192.0.2.1", "2001:db8::1",
+                                  "::1", "a-b.c1", "xn--bcher-kva.example", "localhost"])
+def test_server_record_accepts_ip_addresses_and_domain_names(name: str) -> None:
+    assert parse_response(good(Record(RecordType.NTPV4_SERVER, name.encode()))).server == name
+
+
+@pytest.mark.parametrize("name", [b"a b", b"host:123", b"udp:evil:1", b"1.2.3.4.5", b"999.1.1.1",
+                                  b"fe80::1%eth0", b"[::1]", b"-a.example", b"a..b", b"a_b.c",
+                                  b"a/b", b"a\nb", b"x" * 64 + b".example", b"192.0.2.1."])
+def test_server_record_refuses_what_is_not_an_address_or_fqdn(name: bytes) -> None:
+    """RFC 8915 section 4.1.7: the Server record is built into a ``udp:`` relay name, so
+    anything but an IPv4/IPv6 address or a domain name is refused, not guessed at."""
+    with pytest.raises(KeError) as info:
+        parse_response(good(Record(RecordType.NTPV4_SERVER, name)))
+    assert info.value.reason == "bad_server"
 
 
 def test_parser_is_incremental_byte_by_byte() -> None:
@@ -104,7 +129,7 @@ def test_extra_cookies_are_capped() -> None:
         (response(NEXT, AEAD, cookie(1), Record(0x1234, b"x", True), EOM),
          "unrecognized_critical"),
         (response(NEXT, AEAD, cookie(1), Record(7, b"\0"), EOM), "bad_record"),
-        (response(NEXT, AEAD, cookie(1), Record(6, b"a b"), EOM), "bad_record"),
+        (response(NEXT, AEAD, cookie(1), Record(6, b"a b"), EOM), "bad_server"),
         (response(NEXT, AEAD, cookie(1), Record(6, b"\xff"), EOM), "bad_record"),
         (response(NEXT, AEAD, cookie(1), Record(0, b"x", True)), "bad_record"),
     ],

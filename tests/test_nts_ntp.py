@@ -39,13 +39,13 @@ def uid_of(request: bytes) -> bytes:
 
 def reply(request: bytes, *, cookies: int | None = None, uid: bytes | None = None,
           key: bytes = S2C, plaintext: bytes | None = None, stratum: int = 2,
-          trailer: tuple[ExtensionField, ...] = ()) -> bytes:
+          trailer: tuple[ExtensionField, ...] = (), transmit: int = 6) -> bytes:
     """What a correct server would send (one new cookie per cookie/placeholder), or a variant."""
     req = decode(request)
     wanted = len(req.find(ExtType.NTS_COOKIE)) + len(req.find(ExtType.NTS_COOKIE_PLACEHOLDER))
     n = wanted if cookies is None else cookies
     head = NtpPacket(mode=4, stratum=stratum, origin_ts=req.transmit_ts, receive_ts=5,
-                     transmit_ts=6).encode()
+                     transmit_ts=transmit).encode()
     body = head + ExtensionField(ExtType.UNIQUE_IDENTIFIER, uid or uid_of(request)).encode()
     if plaintext is None:
         plaintext = b"".join(ExtensionField(ExtType.NTS_COOKIE, b"new%03d" % i + bytes(93))
@@ -152,7 +152,28 @@ def test_nak_needs_matching_uid() -> None:
     assert not s.needs_ke
     genuine = s.verify(nak(uid_of(req)))
     assert isinstance(genuine, NtsRejection) and genuine.reason == "nts_nak"
-    assert s.needs_ke and s.nak_received
+    assert s.nak_received and not s.needs_ke
+
+
+def test_nak_keeps_the_jar_until_the_next_poll() -> None:
+    """RFC 8915 section 5.7: a NAK (unauthenticated; the host can forge it) is refuted by a
+    valid reply to the same request; unrefuted, the next poll drops the jar for NTS-KE."""
+    s = state()
+
+    def nak(request: bytes) -> bytes:
+        return NtpPacket(mode=4, stratum=0, reference_id=NTS_NAK_CODE, extensions=(
+            ExtensionField(ExtType.UNIQUE_IDENTIFIER, uid_of(request)),)).encode()
+
+    req = s.request(NtpPacket(transmit_ts=1), rng().randbytes)
+    assert s.verify(nak(req)).reason == "nts_nak"  # forged by the host...
+    assert isinstance(s.verify(reply(req)), NtpPacket)  # ...and the genuine reply still counts
+    assert not s.nak_received and not s.needs_ke and s.cookies == 8
+    req = s.request(NtpPacket(transmit_ts=2), rng(3).randbytes)
+    assert s.verify(nak(req)).reason == "nts_nak"
+    assert s.cookies == 7 and not s.needs_ke  # kept until the next poll
+    with pytest.raises(NtsError, match="nts_no_cookies"):
+        s.request(NtpPacket(transmit_ts=3), rng(4).randbytes)
+    assert s.needs_ke and s.cookies == 0
 
 
 def test_unsolicited_and_misuse() -> None:

@@ -7,8 +7,9 @@ problem raises :class:`KeError` with a stable ``reason`` for counters.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 _RECORD_HEADER = struct.Struct("!HH")
@@ -35,6 +36,12 @@ class RecordType(IntEnum):
     NEW_COOKIE = 5
     NTPV4_SERVER = 6
     NTPV4_PORT = 7
+
+
+#: Warning record codes we understand (RFC 8915 section 7.6: the registry has none yet). A
+#: warning we do not understand aborts the exchange, as an Error record does, rather than being
+#: silently ignored.
+KNOWN_WARNINGS: frozenset[int] = frozenset()
 
 
 class KeErrorCode(IntEnum):
@@ -121,7 +128,7 @@ class KeResponse:
 
     next_protocol: int
     aead_id: int
-    cookies: tuple[bytes, ...]
+    cookies: tuple[bytes, ...] = field(repr=False)  # secrets: never in logs or tracebacks
     server: str | None = None
     port: int | None = None
     warnings: tuple[int, ...] = ()
@@ -191,7 +198,10 @@ def _interpret(records: list[Record], offered: tuple[int, ...]) -> KeResponse:
         elif t == RecordType.WARNING:
             if len(body) != 2:
                 raise KeError("bad_record", "Warning record body is not 2 bytes")
-            warnings.append(_u16s(body)[0])
+            code = _u16s(body)[0]
+            if code not in KNOWN_WARNINGS:  # none is registered: we cannot know what it means
+                raise KeError("unknown_warning", f"Warning record code {code}")
+            warnings.append(code)
         elif t == RecordType.NEXT_PROTOCOL:
             if protocols is not None or len(body) % 2:
                 raise KeError("bad_record", "duplicate or odd-length Next Protocol record")
@@ -229,15 +239,44 @@ def _interpret(records: list[Record], offered: tuple[int, ...]) -> KeResponse:
 
 
 def _server_name(body: bytes, previous: str | None) -> str:
+    """The Server record as RFC 8915 section 4.1.7 allows it: an IPv4 address in dotted
+    decimal, an IPv6 address (no zone) or a fully qualified domain name in A-label form."""
     if previous is not None:
         raise KeError("bad_record", "duplicate Server record")
     try:
         name = body.decode("ascii")
     except UnicodeDecodeError:
         raise KeError("bad_record", "Server record is not ASCII") from None
-    if not name or len(name) > 255 or any(c.isspace() or not c.isprintable() for c in name):
-        raise KeError("bad_record", f"bad Server name {name!r}")
+    if not valid_server_name(name):
+        raise KeError("bad_server", f"Server record {name[:80]!r} is not an IPv4 address, "
+                      "IPv6 address or domain name")
     return name
+
+
+def valid_server_name(name: str) -> bool:
+    """True for an IPv4 address, an IPv6 address without zone, or an LDH domain name."""
+    if not name or len(name) > 253 or not name.isascii():
+        return False
+    if ":" in name:
+        if "%" in name:
+            return False
+        try:
+            return isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address)
+        except ValueError:
+            return False
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    if all(label.isdigit() for label in labels):  # looks numeric: must be a real IPv4 address
+        try:
+            ipaddress.IPv4Address(name.rstrip("."))
+        except ValueError:
+            return False
+        return not name.endswith(".")
+    return all(_ldh_label(label) for label in labels)
+
+
+def _ldh_label(label: str) -> bool:
+    return (0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
+            and all(c.isalnum() or c == "-" for c in label))
 
 
 def _error_name(code: int) -> str:

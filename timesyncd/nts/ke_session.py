@@ -18,6 +18,20 @@ clock is synchronised (from several sources) and redo NTS-KE when a result says
 ``validity_unchecked``. ``verify_time`` lets the caller check dates against its own notion of
 time (e.g. the disciplined guest clock) instead of the host's system clock, which OpenSSL
 would otherwise read.
+
+Dates are judged only after the peer proved its key
+---------------------------------------------------
+OpenSSL checks the chain, dates included, when the Certificate message arrives: before the
+peer has shown it holds the certificate's private key (CertificateVerify, Finished). Anyone in
+the path can replay an expired certificate for our name (they are public, e.g. in Certificate
+Transparency logs), so a date error at that point says nothing about the server. The session
+therefore records date errors during the handshake and judges them only once the handshake
+completed: a peer that proved the key of a certificate outside its dates is a misconfigured
+server (``cert_expired``, ``cert_not_yet_valid``, ``cert_expired_before_floor``); a peer
+that presented such a certificate and then failed the handshake could not prove the key:
+``peer_unproven``, someone in the path, retryable. ``floor`` (the time floor,
+:mod:`timesyncd.time_floor`) rejects certificates whose notAfter is before it even while
+dates are otherwise tolerated.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from cryptography import x509
@@ -54,12 +68,14 @@ _READ_CHUNK = 16384
 
 @dataclass(frozen=True)
 class NtsKeResult:
-    """Keys and cookies for NTS-protected NTP; ``server``/``port`` are where to send it."""
+    """Keys and cookies for NTS-protected NTP; ``server``/``port`` are where to send it.
+
+    Keys and cookies are secrets: kept out of ``repr`` (logs, tracebacks, debuggers)."""
 
     aead_id: int
-    c2s_key: bytes
-    s2c_key: bytes
-    cookies: tuple[bytes, ...]
+    c2s_key: bytes = field(repr=False)
+    s2c_key: bytes = field(repr=False)
+    cookies: tuple[bytes, ...] = field(repr=False)
     server: str
     port: int
     warnings: tuple[int, ...] = ()
@@ -122,10 +138,12 @@ class NtsKeSession:
         cafile: str | None = None,
         time_trusted: bool = True,
         verify_time: dt.datetime | None = None,
+        floor: dt.datetime | None = None,
         aead_ids: tuple[int, ...] = (AEAD_AES_SIV_CMAC_256,),
     ) -> None:
         """``server_name`` is verified against the certificate (and sent as SNI unless it is
-        an IP address); ``cafile`` is a PEM bundle, or None for the system trust store."""
+        an IP address); ``cafile`` is a PEM bundle, or None for the system trust store;
+        ``floor``: refuse certificates whose notAfter is before it, whatever the clock says."""
         unsupported = [a for a in aead_ids if a not in AEAD_KEY_LENGTHS]
         if not aead_ids or unsupported:
             raise ValueError(f"unsupported AEAD algorithms {unsupported or aead_ids}")
@@ -133,6 +151,11 @@ class NtsKeSession:
         self.time_trusted = time_trusted
         self._aead_ids = aead_ids
         self._verify_error: str | None = None
+        self._floor = floor
+        #: date problems seen in the chain, judged once the handshake proved the peer's key
+        self._date_error: str | None = None
+        self._floor_error: str | None = None
+        self._proven = False  # the handshake completed: the peer holds the certificate's key
         self._dates_tolerated = False
         self._parser = ResponseParser(aead_ids)
         self._phase = _Phase.NEW
@@ -187,6 +210,19 @@ class NtsKeSession:
             self._fail(KeError("connection_closed", "server closed before End of Message"))
         return b""
 
+    def abort(self, exc: KeError) -> KeError:
+        """The transport failed (stream closed with a reason, timeout): the error to report.
+
+        A peer that presented a certificate outside its dates and then went quiet or hung up
+        never proved its key, so that becomes ``peer_unproven``, as in the handshake."""
+        if self._phase is _Phase.FAILED and self.error is not None:
+            return self.error
+        try:
+            self._fail(exc)
+        except KeError as failed:
+            return failed
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- internals -------------------------------------------------------------------------
 
     def _step(self) -> bytes:
@@ -206,6 +242,8 @@ class NtsKeSession:
             self._conn.do_handshake()
         except SSL.WantReadError:
             return
+        self._proven = True
+        self._judge_dates()  # the peer proved its key: its certificate's dates now mean something
         if self._conn.get_protocol_version_name() != "TLSv1.3":
             raise KeError("not_tls13", str(self._conn.get_protocol_version_name()))
         if self._conn.get_alpn_proto_negotiated() != ALPN_NTSKE:
@@ -245,7 +283,24 @@ class NtsKeSession:
             except SSL.WantReadError:
                 return out
 
+    def _judge_dates(self) -> None:
+        if self._floor_error is not None:
+            raise KeError("cert_expired_before_floor", self._floor_error)
+        if self._date_error is None:
+            return
+        if self.time_trusted:
+            raise KeError(self._date_error, f"server {self.server_name!r} completed the TLS "
+                          "handshake with this certificate: the server is misconfigured")
+        self._dates_tolerated = True
+
     def _fail(self, exc: KeError) -> None:
+        problem = self._floor_error or self._date_error
+        if not self._proven and problem is not None and self._verify_error is None:
+            # a certificate outside its dates from a peer that never proved its key: anyone
+            # in the path can replay one, so this is not the server's fault (retry)
+            exc = KeError("peer_unproven", f"certificate {problem}, then the handshake failed "
+                          f"({exc.reason}): the peer did not prove the key; someone in the "
+                          "path?")
         self._phase = _Phase.FAILED
         self.error = exc
         raise exc
@@ -257,10 +312,16 @@ class NtsKeSession:
 
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int,
                 ok: int) -> bool:
-        """OpenSSL verify callback: tolerate date errors while time is untrusted, check name."""
+        """OpenSSL verify callback: record date errors (judged after the handshake), check the
+        floor and the name; any other chain error fails at once."""
+        if self._floor is not None and self._floor_error is None:
+            not_after = cert.to_cryptography().not_valid_after_utc
+            if not_after < self._floor:
+                self._floor_error = (f"notAfter {not_after:%Y-%m-%d} is before the time floor "
+                                     f"{self._floor:%Y-%m-%d} (depth {depth})")
         if not ok:
-            if errnum in _DATE_ERRORS and not self.time_trusted:
-                self._dates_tolerated = True
+            if errnum in _DATE_ERRORS:
+                self._date_error = self._date_error or _DATE_ERRORS[errnum]
             else:
                 self._verify_error = _verify_reason(errnum)
                 return False

@@ -103,7 +103,9 @@ class NtsState:
         self.cookie_target = cookie_target
         self._jar: deque[bytes] = deque(list(cookies)[-cookie_target:])
         self._uid: bytes | None = None
+        #: an NTS NAK answered the outstanding request and no valid reply came since
         self.nak_received = False
+        self._nak_confirmed = False  # ... and the next poll came: run NTS-KE
         #: rejected replies by reason, for status/metrics
         self.rejected: Counter[str] = Counter()
 
@@ -113,14 +115,20 @@ class NtsState:
 
     @property
     def needs_ke(self) -> bool:
-        """True when no request can be sent (jar empty) or the server NAKed our cookie."""
-        return self.nak_received or not self._jar
+        """True when no request can be sent: the jar is empty, or a NAK went unrefuted until
+        the next poll (RFC 8915 section 5.7)."""
+        return self._nak_confirmed or not self._jar
 
     def request(self, header: NtpPacket, random_bytes: RandomBytes) -> bytes:
         """Encode ``header`` (mode 3, its transmit timestamp set by the caller) with NTS fields.
 
-        Consumes one cookie; supersedes any outstanding request.
+        Consumes one cookie; supersedes any outstanding request. A NAK is unauthenticated (the
+        host sees the Unique Identifier and can forge one), so it only counts once the next
+        poll comes without a valid reply having refuted it: then the jar is dropped.
         """
+        if self.nak_received:
+            self._nak_confirmed = True
+            self._jar.clear()
         if self.needs_ke:
             raise NtsError("nts_no_cookies", "cookie jar empty or NTS NAK: run NTS-KE")
         cookie = self._jar.popleft()
@@ -177,10 +185,10 @@ class NtsState:
             return NtsRejection("nts_uid_mismatch")
         if packet.stratum == 0 and packet.reference_id == NTS_NAK_CODE:
             # Unauthenticated by design: the server could not decrypt our cookie. Only the
-            # matching UID lets it count, so an off-path attacker cannot force a new NTS-KE.
-            self._uid = None
+            # matching UID lets it count, so an off-path attacker cannot force a new NTS-KE;
+            # the host can, so the request stays outstanding (a genuine reply may follow) and
+            # the jar is kept until the next poll (RFC 8915 section 5.7).
             self.nak_received = True
-            self._jar.clear()
             return NtsRejection("nts_nak", "server rejected our cookie: run NTS-KE", "NTSN")
         if auth is None or auth_at is None:
             return NtsRejection("nts_bad_auth", "no authenticator")
@@ -195,6 +203,7 @@ class NtsState:
         if not cookies:
             return NtsRejection("nts_no_cookies", "authenticated reply carried no cookie")
         self._uid = None
+        self.nak_received = False  # a valid reply refutes any NAK before it
         for cookie in cookies:
             if len(self._jar) < self.cookie_target:
                 self._jar.append(cookie)

@@ -112,7 +112,6 @@ class GuestDaemon:
         self._timer_task: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()
         self.fatal: BaseException | None = None
-        self._last_state: str | None = None
         self._last_refused = 0
         self._running = False
 
@@ -388,15 +387,18 @@ class GuestDaemon:
         return self.fatal
 
     def _log_changes(self) -> None:
-        st = self.controller.status(self.clock.now_ns())
-        if st.state != self._last_state:
-            if self._last_state is not None:  # the start-up state is in "daemon started"
-                log.info("state %s -> %s (offset %s, frequency %+.3f ppm)", self._last_state,
-                         st.state, "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
-                         st.frequency_ppm)
-            self._last_state = st.state
-        if st.refused_jumps > self._last_refused:
+        events = self.controller.drain_events()
+        if events:
+            st = self.controller.status(self.clock.now_ns())
+            for ev in events:
+                log.log(logging.INFO if ev.new == "synchronised" else logging.WARNING,
+                        "state %s -> %s (%s; offset %s, error bound %s, frequency %+.3f ppm)",
+                        ev.old, ev.new, ev.reason,
+                        "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
+                        "-" if st.error_bound_s is None else f"{st.error_bound_s:.6f} s",
+                        st.frequency_ppm, extra={"event": ev.name})
+        refused = self.controller.refused_jumps
+        if refused > self._last_refused:
             log.warning("refused a time jump reported by the sources (%d refused so far); "
-                        "a source or the relay may be wrong or lying", st.refused_jumps)
-            self._last_refused = st.refused_jumps
-
+                        "a source or the relay may be wrong or lying", refused)
+            self._last_refused = refused

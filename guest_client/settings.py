@@ -102,6 +102,8 @@ class GuestSettings:
     holdover_polls: int = _mirror("holdover_polls")
     holdover_drift_ppm: float = _mirror("holdover_drift_ppm")
     max_error_s: float = _mirror("max_error_s")
+    max_clock_error_ppm: float = _mirror("max_clock_error_ppm")
+    sync_max_correction_s: float = _mirror("sync_max_correction_s")
     leap_mode: str = _mirror("leap_mode")
     # --- daemon ---
     reconnect_min_s: float = field(default=0.5, metadata={

@@ -222,7 +222,14 @@ class RelayCollector(Collector):
         freq = gauge("timesync_guest_frequency_ppm",
                      "Estimated native rate error of the guest clock (positive: fast).")
         dist = gauge("timesync_guest_root_distance_seconds",
-                     "The guest's error bound (root distance).")
+                     "The guest's root distance (chrony's meaning: around its estimate).")
+        bound = gauge("timesync_guest_error_bound_seconds",
+                      "Bound on |guest clock reading - reference| (absent from old guests).")
+        disagree = gauge("timesync_guest_disagreement_seconds",
+                         "Jump every usable source keeps reporting and the guest refuses "
+                         "(0: none).")
+        reason = gauge("timesync_guest_state_reason", "1 for why the guest is in its state.",
+                       lbl + ["reason"])
         last = gauge("timesync_guest_last_update_timestamp_seconds",
                      "Guest clock time of its last clock update.")
         poll = gauge("timesync_guest_poll_interval_seconds", "The guest's poll interval.")
@@ -247,16 +254,19 @@ class RelayCollector(Collector):
                 state.add_metric([*key, st], 1.0 if r.state == st else 0.0)
             for fam, value in ((offset, r.offset_s), (freq, r.frequency_ppm),
                                (dist, r.root_distance_s), (last, r.last_update),
-                               (poll, r.poll_s)):
+                               (poll, r.poll_s), (bound, r.error_bound_s),
+                               (disagree, r.disagreement_s)):
                 if value is not None:
                     fam.add_metric(key, value)
+            if r.state_reason is not None:
+                reason.add_metric([*key, r.state_reason], 1.0)
             hold.add_metric(key, r.holdover_s)
             steps.add_metric(key, r.steps)
             jumps.add_metric(key, r.refused_jumps)
             for reason, n in sorted(r.rejected.items()):
                 rej.add_metric([*key, reason], n)
-        yield from (up, age, state, offset, freq, dist, last, poll, hold, steps, jumps, rej,
-                    reports)
+        yield from (up, age, state, reason, offset, freq, dist, bound, disagree, last, poll, hold,
+                    steps, jumps, rej, reports)
 
 
 def make_registry(collector: RelayCollector) -> CollectorRegistry:

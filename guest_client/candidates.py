@@ -54,9 +54,11 @@ def holdover_after(sources: Iterable[Source], cfg: DisciplineConfig) -> float:
     return cfg.holdover_polls * 2.0 ** (max(polls) if polls else cfg.maxpoll)
 
 
-def gather(sources: Iterable[Source], now: float, x_now: float, max_age: float,
-           prior_slope: float, cfg: DisciplineConfig) -> tuple[list[Candidate], list[Source]]:
-    """Candidates (offset +- distance at ``x_now``) of the sources with a fresh enough sample."""
+def gather(sources: Collection[Source], now: float, x_now: float, prior_slope: float,
+           cfg: DisciplineConfig) -> tuple[list[Candidate], list[Source]]:
+    """Candidates (offset +- distance at ``x_now``) of the sources with a sample younger
+    than the holdover limit."""
+    max_age = holdover_after(sources, cfg)
     cands: list[Candidate] = []
     live: list[Source] = []
     for src in sources:

@@ -40,6 +40,7 @@ from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, comput
 from guest_client.source import Source, SourceConfig
 from guest_client.step_policy import (
     MAX_JUMPS,
+    Decision,
     Discontinuity,
     JumpState,
     StepAction,
@@ -47,6 +48,7 @@ from guest_client.step_policy import (
     counted,
     decide,
     evidence,
+    operator_step,
 )
 from guest_client.sync_state import (
     Facts,
@@ -185,10 +187,9 @@ class GuestController:
         return []
 
     def on_discontinuity(self, now_ns: int, kind: Discontinuity) -> list[Action]:
-        """The guest has reason to believe its clock moved (a suspend or restore it observed,
-        a relay reconnect, a long silence): a later large jump may be stepped once confirmed
-        (:mod:`guest_client.step_policy`). A jump already being refused now is not explained
-        by it and stays refused."""
+        """The guest has reason to believe its clock moved (suspend/restore, reconnect, long
+        silence): a later jump may then be stepped once confirmed (step_policy); one already
+        being refused now is not explained by it."""
         self._t(now_ns)
         self._jumps.mark(kind, counted(self._sources.values(), self._auth_names()),
                          self._jump_tolerance())
@@ -196,11 +197,9 @@ class GuestController:
 
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:
-        """The relay link dropped: stop polling the sources it carried (``sources``; all
-        when None), and count it as a discontinuity (:meth:`on_discontinuity`). The state is
-        kept (holdover follows the bound's age, not the link) but the bound is unverified
-        until a sample after the reconnect agrees. Re-arm with ``add_source`` after
-        reconnecting."""
+        """The relay link dropped: stop polling its ``sources`` (all when None); a discontinuity.
+        The state is kept (it follows the bound's age, not the link); the bound is unverified
+        until a sample after the reconnect agrees. Re-arm with ``add_source``."""
         lost = set(self._sources) if sources is None else set(sources)
         for name in lost:
             src = self._sources.get(name)
@@ -209,6 +208,18 @@ class GuestController:
         if self._basis is not None:
             self._verified = False
         return self.on_discontinuity(now_ns, Discontinuity.RECONNECT)
+
+    def make_step(self, now_ns: int) -> tuple[list[Action], Decision]:
+        """An operator accepts the step now (``timesync makestep``; step_policy.operator_step)."""
+        pool = counted(self._sources.values(), self._auth_names())
+        decision = operator_step(pool, self._jump_tolerance(), self._estimate(self._t(now_ns)))
+        actions: list[Action] = []
+        if decision.action == StepAction.STEP:
+            now_ns = self._step(now_ns, -decision.size_s, actions)
+            self._clear_samples()
+            self._jumps.settle(self._sources.values())
+            self._evaluate(self._t(now_ns), actions, kernel=True)
+        return actions, decision
 
     def next_timer_ns(self) -> int | None:
         times = [s.next_poll_ns for s in self._sources.values() if s.next_poll_ns is not None]
@@ -226,11 +237,8 @@ class GuestController:
         return events
 
     # --- status ---------------------------------------------------------------------------
-    def current_offset(self, now_ns: int) -> float | None:
-        """Estimated offset of the clock from the reference now (guest minus reference)."""
-        return self._estimate(self._t(now_ns))
-
     def _estimate(self, now: float) -> float | None:
+        """Estimated clock minus reference now (``error_bound(now_ns).estimate_s``)."""
         if self._sys is None:
             return None
         x, y = self._sys
@@ -249,8 +257,8 @@ class GuestController:
                        self.config.max_clock_error_ppm, self._jumps.disagreement_s, self._verified)
 
     def status(self, now_ns: int) -> ControllerStatus:
-        """Current state; ``offset_s`` is the offset estimated at the last clock update (the
-        amount then corrected, like chrony's "last offset"); see :meth:`current_offset`."""
+        """Current state; ``offset_s`` is the offset estimated at the last update (chrony's
+        "last offset"); the offset now is ``error_bound(now_ns).estimate_s``."""
         now = self._t(now_ns)
         polls = [s.poll.poll for s in self._sources.values() if not s.disabled]
         for src in self._sources.values():
@@ -376,8 +384,7 @@ class GuestController:
                                                          self._first_sample_t):
             return
         x_now = self._model.uncorrected(now)
-        cands, live = gather(self._sources.values(), now, x_now, self._holdover_after(),
-                             self._slope, self.config)
+        cands, live = gather(self._sources.values(), now, x_now, self._slope, self.config)
         cands, live = trust_bound(cands, live, self._sources, self._auth_names(), self._count)
         sel = select(cands)
         if sel is None:
@@ -449,9 +456,6 @@ class GuestController:
         self._sys = None
 
     # --- internals: state, holdover and kernel status -----------------------------------------
-    def _holdover_after(self) -> float:
-        return holdover_after(self._sources.values(), self.config)
-
     def _facts(self, now: float) -> Facts:
         bound = self.error_bound(self._ns(now))
         last = self._last_update_t
@@ -460,7 +464,8 @@ class GuestController:
             remaining_s=abs(bound.estimate_s or 0.0),
             max_correction_s=self.config.sync_max_correction_s,
             age_s=now - last + 1e-6 if last is not None else math.inf,  # timer rounding
-            holdover_after_s=self._holdover_after(), disagreeing=self._jumps.disagreement_s != 0.0)
+            holdover_after_s=holdover_after(self._sources.values(), self.config),
+            disagreeing=self._jumps.disagreement_s != 0.0)
 
     def _evaluate(self, now: float, actions: list[Action], kernel: bool = False) -> None:
         """Move to the state the bound calls for; one kernel status per call, when the state
@@ -477,7 +482,9 @@ class GuestController:
             if new == SyncState.HOLDOVER:  # keep the learned frequency, stop slewing phase
                 self._set_frequency(now, -self._slope, actions)
         if event is not None or kernel:
-            actions.append(SetKernelStatus(self._kernel_status(now)))
+            actions.append(SetKernelStatus(kernel_status(
+                self.state, self._leap, self.config.leap_mode,
+                self.error_bound(self._ns(now)).bound_s, self._est_error_s)))
 
     def _state_deadline(self) -> float | None:
         """When the state may next change without a sample: entering holdover, or the bound
@@ -488,9 +495,5 @@ class GuestController:
             return None
         deadlines = [self._bound_deadline] if self._bound_deadline is not None else []
         if self.state != SyncState.HOLDOVER:
-            deadlines.append(last + self._holdover_after())
+            deadlines.append(last + holdover_after(self._sources.values(), self.config))
         return min(deadlines) if deadlines else None
-
-    def _kernel_status(self, now: float) -> KernelStatus:
-        return kernel_status(self.state, self._leap, self.config.leap_mode,
-                             self.error_bound(self._ns(now)).bound_s, self._est_error_s)

@@ -22,6 +22,7 @@ from typing import Any
 
 from guest_client.actions import Action, SendRequest, SetFrequency, SetKernelStatus, StepClock
 from guest_client.clocks import SoftwareClock, SystemClock
+from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
 from guest_client.forward_ntp import NtpForwarder
 from guest_client.health import HealthReporter
@@ -105,6 +106,7 @@ class GuestDaemon:
         self._relay_prefix = ""
         self.link: RelayLink | None = None
         self.status_server: StatusServer | None = None
+        self.control_server: ControlServer | None = None
         self.forwarder: NtpForwarder | None = None
         self.health: HealthReporter | None = None  # reports to the relay (observability)
         self.counters: Counter[str] = Counter()
@@ -142,6 +144,9 @@ class GuestDaemon:
                 mode = parse_file_mode("status_socket_mode", s.status_socket_mode)
                 self.status_server = StatusServer(s.status_socket, self.status, mode=mode)
                 await self.status_server.start()
+            if s.control_socket:
+                self.control_server = ControlServer(s.control_socket, self.makestep)
+                await self.control_server.start()
             if s.forward_ntp and self.link is not None:
                 self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending,
                                               s.forward_ntp_rate_limit)
@@ -184,6 +189,8 @@ class GuestDaemon:
             src.close()
         if self.status_server is not None:
             await self.status_server.stop()
+        if self.control_server is not None:
+            await self.control_server.stop()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Start, run until ``stop`` is set (or a fatal clock error), then stop."""
@@ -232,6 +239,17 @@ class GuestDaemon:
         if self.counters:
             st["daemon_errors"] = dict(self.counters)
         return st
+
+    def makestep(self) -> dict[str, Any]:
+        """Step now, as an operator accepted (the control socket's ``makestep``)."""
+        if not self._running:
+            return {"error": "not_running: the daemon is stopping"}
+        before = self.controller.steps
+        actions, decision = self.controller.make_step(self.clock.now_ns())
+        self._apply(actions)
+        stepped = self.controller.steps > before and self.fatal is None
+        return {"stepped": stepped, "offset_s": -decision.size_s if stepped else 0.0,
+                "reason": decision.reason}
 
     # --- controller events ---------------------------------------------------------------
 

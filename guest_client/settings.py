@@ -51,6 +51,10 @@ class GuestSettings:
         "help": "Unix socket path answering `timesync status` (empty to disable)."})
     status_socket_mode: str = field(default="0660", metadata={
         "help": "Permissions of the status socket, octal (0666 lets any local user read it)."})
+    control_socket: str = field(default="", metadata={
+        "help": "Unix socket path for `timesync makestep` (an operator accepting a step), "
+                "created mode 0600, only root or the daemon's user may use it; every use is "
+                "logged. Empty (default): off."})
     forward_ntp: str | None = field(default=None, metadata={
         "help": "Serve plain NTP at udp:HOST:PORT inside the guest, forwarding each request "
                 "over the relay's first upstream (for unmodified NTP clients)."})

@@ -175,3 +175,17 @@ class JumpState:
         self.discontinuity = None
         self.jump_before = None
         self.disagreement_s = 0.0
+
+
+def operator_step(pool: Iterable[Source], tolerance_s: float,
+                  estimate_s: float | None) -> Decision:
+    """``timesync makestep``: the operator accepts the step the counted sources report (the
+    authenticated ones alone, in authenticated mode: ``pool`` from :func:`counted`): their
+    agreeing refused jump, else the remaining offset of the (trust-bounded) estimate."""
+    n, median = agreeing_jumps(pool, tolerance_s)
+    if n:
+        return Decision(StepAction.STEP, f"operator accepted the jump {n} sample(s) report",
+                        median)
+    if estimate_s is None:
+        return Decision(StepAction.REFUSE, "no estimate from a usable source to step to")
+    return Decision(StepAction.STEP, "operator stepped the remaining offset", estimate_s)

@@ -228,7 +228,7 @@ class RelayCollector(Collector):
         disagree = gauge("timesync_guest_disagreement_seconds",
                          "Jump every usable source keeps reporting and the guest refuses "
                          "(0: none).")
-        reason = gauge("timesync_guest_state_reason", "1 for why the guest is in its state.",
+        why = gauge("timesync_guest_state_reason", "1 for why the guest is in its state.",
                        lbl + ["reason"])
         last = gauge("timesync_guest_last_update_timestamp_seconds",
                      "Guest clock time of its last clock update.")
@@ -259,13 +259,13 @@ class RelayCollector(Collector):
                 if value is not None:
                     fam.add_metric(key, value)
             if r.state_reason is not None:
-                reason.add_metric([*key, r.state_reason], 1.0)
+                why.add_metric([*key, r.state_reason], 1.0)
             hold.add_metric(key, r.holdover_s)
             steps.add_metric(key, r.steps)
             jumps.add_metric(key, r.refused_jumps)
             for reason, n in sorted(r.rejected.items()):
                 rej.add_metric([*key, reason], n)
-        yield from (up, age, state, reason, offset, freq, dist, bound, disagree, last, poll, hold,
+        yield from (up, age, state, why, offset, freq, dist, bound, disagree, last, poll, hold,
                     steps, jumps, rej, reports)
 
 

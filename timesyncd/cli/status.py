@@ -135,3 +135,25 @@ def wait_sync(socket_path: str, max_offset: float, timeout: float, interval: flo
             click.echo(f"not synchronised within {timeout} s ({last})", err=True)
             raise SystemExit(1)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+@click.command("makestep")
+@click.option("--socket", "socket_path", required=True,
+              help="The guest daemon's control socket (its --control-socket).")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+def makestep(socket_path: str, timeout: float) -> None:
+    """Step the guest's clock now, to what its sources say (with NTS: the authenticated ones).
+
+    For an operator who checked that a refused jump is real. Exit 1 if refused."""
+    from guest_client.control_server import request_makestep
+
+    try:
+        answer = request_makestep(socket_path, timeout)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot reach the control socket {socket_path}: {exc}; is `timesync guest` "
+            f"running with --control-socket {socket_path}?") from exc
+    if answer.get("error") or not answer.get("stepped"):
+        click.echo(f"not stepped: {answer.get('error') or answer.get('reason')}", err=True)
+        raise SystemExit(1)
+    click.echo(f"stepped the clock by {answer['offset_s']:+.9f} s ({answer['reason']})")

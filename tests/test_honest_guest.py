@@ -155,3 +155,42 @@ def test_nts_guest_far_off_at_boot_steps_only_on_agreeing_authenticated_samples(
     assert clock.steps == []  # two samples so far: not enough
     engine.run(60.0)
     assert len(clock.steps) == 1 and abs(clock.offset_s()) < 1e-3
+
+
+def test_entering_holdover_tells_the_kernel_once() -> None:
+    """Entering holdover (replies stop, the link stays up) used to emit SetKernelStatus
+    twice in one timer call."""
+    from guest_client.actions import SetKernelStatus
+
+    silent = Network(upstream=Hop(base_s=100e-6, jitter_s=50e-6, outages=((600.0, 1e6),)))
+    engine, clock, ctl = make([Upstream("a", silent)])  # the link stays up: replies stop
+    engine.run(600.0)
+    seen: list[int] = []
+    original = engine._apply
+
+    def counting(actions: list) -> None:  # type: ignore[type-arg]
+        if ctl.state == "holdover" and not seen:
+            seen.append(sum(isinstance(a, SetKernelStatus) for a in actions))
+        original(actions)
+
+    engine._apply = counting  # type: ignore[method-assign]
+    engine.run(1200.0)
+    assert ctl.state == "holdover" and seen == [1]
+    assert [e.name for e in ctl.drain_events()][-1] == "holdover_entered"
+
+
+def test_nts_disabled_by_kod_still_means_authenticated_mode() -> None:
+    """Issue 10 item 7: the jump guard and the trust bound disagreed about an authenticated
+    source disabled by a KoD: the guard fell back to 'discontinuity', which the host can
+    cause. Now both count configured authenticated sources, so the host cannot step."""
+    lie = {"s": 0.0}
+    ups = [Upstream("nts", LAN), Upstream("host", LAN, error_s=lambda t: lie["s"])]
+    engine, clock, ctl = make(ups, sources=[SourceConfig("nts", "authenticated"),
+                                            SourceConfig("host")], minpoll=2, maxpoll=2)
+    engine.run(600.0)
+    engine.upstreams["nts"].kiss_code = "DENY"
+    engine.run(620.0)
+    lie["s"] = 10.0
+    engine.disconnect(640.0, 5.0)
+    engine.run(900.0)
+    assert clock.steps == [] and ctl.steps == 0 and abs(clock.offset_s()) < 0.01

@@ -96,3 +96,47 @@ def test_operator_step_with_nts_goes_only_where_the_authenticated_source_says() 
     assert abs(decision.size_s) < 1e-3
     engine.run(400.0)
     assert abs(clock.offset_s()) < 1e-3
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_makestep_cli_steps_a_running_guest(tmp_path: Path, loop: str) -> None:
+    """End to end: a software-clock guest 0.5 s off, slewing slowly (100 ppm), is stepped by
+    `timesync makestep` over its control socket, to what its source says."""
+    import random
+
+    from click.testing import CliRunner
+    from guest_fakes import start_ntp_server
+    from loops import wait_for
+
+    from guest_client.daemon import GuestDaemon, make_clock
+    from timesyncd.cli.status import makestep
+
+    ctl_path = str(tmp_path / "guest.ctl")
+
+    async def main() -> None:
+        ntp = await start_ntp_server()
+        settings = GuestSettings(servers=(ntp.address,), clock="software", status_socket="",
+                                 software_offset_s=0.5, max_slew_ppm=100.0, minpoll=-1,
+                                 maxpoll=0, burst=2, control_socket=ctl_path)
+        daemon = GuestDaemon(settings, make_clock(settings), rng=random.Random(3))
+        await daemon.start()
+        try:
+            await wait_for(lambda: daemon.controller.updates >= 1, 10, "first update")
+            st = daemon.status()
+            assert st["state"] == "unsynchronised" and st["state_reason"] == "correcting_offset"
+            result = await in_thread(CliRunner().invoke, makestep, ["--socket", ctl_path])
+            assert result.exit_code == 0, result.output
+            assert "stepped the clock by -0.49" in result.output
+            assert daemon.controller.steps == 1
+            true = daemon.clock.true_offset_ns()
+            assert true is not None and abs(true) < 10_000_000
+            await wait_for(lambda: daemon.status()["state"] == "synchronised", 10, "sync")
+            st = daemon.status()
+            assert abs(st["true_offset_s"]) <= st["error_bound_s"]
+        finally:
+            await daemon.stop()
+            ntp.close()
+        assert not os.path.exists(ctl_path)
+
+    run(main, loop)
+

@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Iterable
 from guest_client.source import BURST_INTERVAL_S, Source
 from timesyncd.discipline import MIN_WINDOW, DisciplineConfig, Estimate, fit_early, fit_filter
 from timesyncd.exchange import PHI
+from timesyncd.filter import ERROR_FLOOR_S
 from timesyncd.selection import Candidate
 from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
 
@@ -109,6 +110,31 @@ def sample_distance(src: Source, offset: float, slope: float, x_now: float,
         best = min(best, abs(offset - (s.y + slope * (x_now - s.x))) + s.root_distance_s
                    + PHI * age)
     return best
+
+
+def freq_uncertainty(src: Source, slope: float) -> float:
+    """Standard error of ``slope`` as this source's frequency, for the error bound's growth.
+
+    A full window's regression states it (``slope_sd``). A filling window's fit is pulled
+    toward the previous frequency (``fit_early``'s ridge), so its own sd understates the
+    error: a software clock 100 ppm off was estimated at 4 ppm with an sd of 29 ppm, and the
+    bound fell behind the truth within a second. There, the distance to the samples' plain
+    weighted line plus twice that line's sd is used instead."""
+    est = src.estimate
+    if est is None:
+        return math.inf
+    if len(src.filter) >= MIN_WINDOW:
+        return est.slope_sd
+    rows = [(s.x, s.y, 1.0 / (ERROR_FLOOR_S**2 + s.dispersion_s**2 + s.delay_s**2 / 12.0))
+            for s in src.filter]
+    sw = math.fsum(w for _, _, w in rows)
+    xm = math.fsum(w * x for x, _, w in rows) / sw
+    ym = math.fsum(w * y for _, y, w in rows) / sw
+    sxx = math.fsum(w * (x - xm) ** 2 for x, _, w in rows)
+    if sxx <= 0:
+        return math.inf
+    plain = math.fsum(w * (x - xm) * (y - ym) for x, y, w in rows) / sxx
+    return abs(plain - slope) + 2.0 / math.sqrt(sxx)
 
 
 def gain(offset: float, est_error_s: float, live: Iterable[Source]) -> float:

@@ -30,6 +30,7 @@ from guest_client.actions import (
 )
 from guest_client.candidates import (
     first_update_ready,
+    freq_uncertainty,
     gain,
     gather,
     holdover_after,
@@ -328,9 +329,7 @@ class GuestController:
         return actions
 
     def _use(self, src: Source, fs: FilteredSample, now: float) -> None:
-        src.last_sample = fs
-        src.last_sample_t = now
-        src.dirty = True
+        src.last_sample, src.last_sample_t, src.dirty = fs, now, True
         if self._first_sample_t is None:
             self._first_sample_t = now
 
@@ -402,8 +401,8 @@ class GuestController:
             src.status.selected = src.config.name in sel.selected
             src.status.note = "" if src.status.selected else "falseticker"
         self._slope = sel.slope
-        self._slope_sd = min((s.estimate.slope_sd for s in live
-                              if s.estimate and s.config.name in sel.selected), default=math.inf)
+        self._slope_sd = min((freq_uncertainty(s, sel.slope) for s in live
+                              if s.config.name in sel.selected), default=math.inf)
         self._sys = (x_now, sel.offset)
         if step:
             now_ns = self._step(now_ns, -offset, actions)

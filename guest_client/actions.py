@@ -61,17 +61,24 @@ class SourceStatus:
 class ControllerStatus:
     """The fields of ``timesync status --json`` that the controller knows (signs: guest - ref)."""
 
-    state: str  # "unsynchronised" | "synchronised" | "holdover"
+    state: str  # a guest_client.sync_state.SyncState value
     offset_s: float | None
     frequency_ppm: float  # estimated native rate error of the clock (positive: runs fast)
-    root_distance_s: float | None
+    root_distance_s: float | None  # chrony's meaning: around the estimate, not the reading
     poll_s: float
     last_update: float | None  # Unix seconds, clock time of the last clock update
     steps: int
     refused_jumps: int
     rejected: dict[str, int]
     sources: list[SourceStatus]
-    holdover_s: float = 0.0
+    holdover_s: float = 0.0  # seconds since the last update, while in holdover
+    #: |clock reading - reference| <= this (guest_client.error_bound)
+    error_bound_s: float | None = None
+    error_bound_growth_ppm: float | None = None
+    bound_verified: bool = True  # False after a link loss until a fresh sample agrees
+    state_reason: str = ""  # a guest_client.sync_state.Reason value
+    holdover_since: float | None = None  # Unix seconds (clock) of entering holdover
+    disagreement_s: float = 0.0  # jump all usable sources keep reporting, refused
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,8 +4,10 @@ All times passed in are readings of the clock being disciplined (Unix ns). The c
 never reads a clock: the driver applies the returned actions to its ``Clock`` at once, in
 order, and reports replies with the clock reading at arrival.
 
-Flow per reply: ``ClientExchange`` checks it -> jump guard (step / refuse / confirm) ->
-per-source ``SampleFilter`` -> regression ``fit`` -> ``select`` over sources -> slew plan.
+Flow per reply: ``ClientExchange`` checks it -> step policy on a large jump (slew / step /
+refuse, :mod:`guest_client.step_policy`) -> per-source ``SampleFilter`` -> regression fit and
+trust bound (:mod:`guest_client.candidates`) -> ``select`` over sources -> slew plan -> state
+from the error bound (:mod:`guest_client.error_bound`, :mod:`guest_client.sync_state`).
 Samples are kept in the clock's uncorrected time scale (``CorrectionModel``), so slews and
 steps never invalidate them.
 """
@@ -16,6 +18,7 @@ import logging
 import math
 import random
 from collections.abc import Iterable
+from dataclasses import replace
 
 from guest_client.actions import (
     Action,
@@ -23,35 +26,50 @@ from guest_client.actions import (
     SendRequest,
     SetFrequency,
     SetKernelStatus,
-    SourceStatus,
     StepClock,
 )
-from guest_client.jump_guard import confirmed_jump, jump_confirmed
-from guest_client.source import BURST_INTERVAL_S, Source, SourceConfig
-from timesyncd.clock import KernelStatus
-from timesyncd.discipline import (
-    MIN_WINDOW,
-    CorrectionModel,
-    DisciplineConfig,
-    Estimate,
-    PollState,
-    fit_early,
-    fit_filter,
-    slew_plan,
+from guest_client.candidates import (
+    first_update_ready,
+    freq_uncertainty,
+    gain,
+    gather,
+    holdover_after,
+    sample_distance,
+    trust_bound,
 )
-from timesyncd.exchange import PHI, ClientExchange, Rejection, Sample
-from timesyncd.filter import FilteredSample, SampleFilter
-from timesyncd.packet import Leap
-from timesyncd.selection import Candidate, select
-from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
+from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
+from guest_client.source import Source, SourceConfig
+from guest_client.step_policy import (
+    MAX_JUMPS,
+    Decision,
+    Discontinuity,
+    JumpState,
+    StepAction,
+    boot_evidence,
+    counted,
+    decide,
+    evidence,
+    operator_step,
+)
+from guest_client.sync_state import (
+    Facts,
+    StateEvent,
+    StateMachine,
+    SyncState,
+    kernel_status,
+    target,
+)
+from timesyncd.clock import KernelStatus
+from timesyncd.discipline import CorrectionModel, DisciplineConfig, slew_plan
+from timesyncd.exchange import Rejection, Sample
+from timesyncd.filter import FilteredSample
+from timesyncd.selection import select
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GuestController", "SourceConfig"]
 
 _NS = 1_000_000_000
-#: Kernel maxerror/esterror saturate here (Linux NTP_PHASE_LIMIT is 16 s).
-_MAX_KERNEL_ERROR_S = 16.0
 
 
 class GuestController:
@@ -65,7 +83,8 @@ class GuestController:
         self._epoch_ns: int | None = None
         self._model = CorrectionModel()
         self._started = False
-        self.state = "unsynchronised"
+        self._sm = StateMachine()
+        self.events: list[StateEvent] = []  # state transitions since the driver last drained
         self.updates = 0
         self.steps = 0
         self.refused_jumps = 0
@@ -73,14 +92,15 @@ class GuestController:
         self._slope = 0.0  # native rate error of the uncorrected clock (fraction)
         self._slope_sd = math.inf
         self._sys: tuple[float, float] | None = None  # (x, uncorrected offset) of last update
-        self._error_s = _MAX_KERNEL_ERROR_S  # error bound at the last update
-        self._est_error_s = _MAX_KERNEL_ERROR_S
-        self._last_update_t: float | None = None
+        self._basis: BoundBasis | None = None  # what the last update left for the bound
+        self._est_error_s = MAX_BOUND_S
         self._last_sample_rx_t: float | None = None
         self._first_sample_t: float | None = None
         self._slew_end_t: float | None = None
+        self._bound_deadline: float | None = None
         self._step_epoch = 0
-        self._discontinuity = False
+        self._jumps = JumpState()
+        self._verified = True  # False from a link loss until a sample after it agrees
         self._leap = 0
         self._last_offset: float | None = None
         for source in sources:
@@ -98,16 +118,7 @@ class GuestController:
 
     # --- sources --------------------------------------------------------------------------
     def _add(self, source: SourceConfig) -> Source:
-        cfg = self.config
-        src = Source(
-            config=source,
-            exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
-            filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
-            poll=PollState(cfg.minpoll),
-            status=SourceStatus(name=source.name, trust=source.trust,
-                                authenticated=source.trust == "authenticated"),
-        )
-        self._sources[source.name] = src
+        src = self._sources[source.name] = Source.new(source, self.config)
         return src
 
     def add_source(self, source: SourceConfig, now_ns: int) -> list[Action]:
@@ -129,13 +140,21 @@ class GuestController:
             src.arm(self.config.burst, now_ns)
         return [SetKernelStatus(KernelStatus(synchronised=False))]
 
+    @property
+    def state(self) -> SyncState:
+        return self._sm.state
+
+    @property
+    def _last_update_t(self) -> float | None:
+        return None if self._basis is None else self._basis.t
+
     # --- events ---------------------------------------------------------------------------
     def on_timer(self, now_ns: int) -> list[Action]:
         now = self._t(now_ns)
         actions: list[Action] = []
         if self._slew_end_t is not None and now >= self._slew_end_t - 1e-9:
             self._set_frequency(now, -self._slope, actions)
-        self._check_holdover(now, actions)
+        self._evaluate(now, actions, kernel=self._sm.state == SyncState.HOLDOVER)
         for src in self._sources.values():
             if src.next_poll_ns is not None and now_ns >= src.next_poll_ns:
                 actions.append(self._request(src, now_ns))
@@ -168,26 +187,40 @@ class GuestController:
         self._count(reason, self._sources.get(source))
         return []
 
+    def on_discontinuity(self, now_ns: int, kind: Discontinuity) -> list[Action]:
+        """The guest has reason to believe its clock moved (suspend/restore, reconnect, long
+        silence): a later jump may then be stepped once confirmed (step_policy); one already
+        being refused now is not explained by it."""
+        self._t(now_ns)
+        self._jumps.mark(kind, counted(self._sources.values(), self._auth_names()),
+                         self._jump_tolerance())
+        return []
+
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:
-        """The relay link dropped: stop polling the sources it carried (``sources``; all
-        when None), and treat it as a guest-side discontinuity (the next large jump may be
-        stepped once confirmed). Holdover follows unless a source off the link (a direct UDP
-        server) is still polled and reachable. Re-arm with ``add_source`` after reconnecting."""
-        now = self._t(now_ns)
-        self._discontinuity = True
+        """The relay link dropped: stop polling its ``sources`` (all when None); a discontinuity.
+        The state is kept (it follows the bound's age, not the link); the bound is unverified
+        until a sample after the reconnect agrees. Re-arm with ``add_source``."""
         lost = set(self._sources) if sources is None else set(sources)
         for name in lost:
             src = self._sources.get(name)
             if src is not None:
                 src.disconnect(self.config.max_root_distance_s)
+        if self._basis is not None:
+            self._verified = False
+        return self.on_discontinuity(now_ns, Discontinuity.RECONNECT)
+
+    def make_step(self, now_ns: int) -> tuple[list[Action], Decision]:
+        """An operator accepts the step now (``timesync makestep``; step_policy.operator_step)."""
+        pool = counted(self._sources.values(), self._auth_names())
+        decision = operator_step(pool, self._jump_tolerance(), self._estimate(self._t(now_ns)))
         actions: list[Action] = []
-        others_live = any(
-            s.next_poll_ns is not None and s.reach != 0 and not s.disabled
-            for n, s in self._sources.items() if n not in lost)
-        if self.state == "synchronised" and not others_live:
-            self._enter_holdover(now, actions)
-        return actions
+        if decision.action == StepAction.STEP:
+            now_ns = self._step(now_ns, -decision.size_s, actions)
+            self._clear_samples()
+            self._jumps.settle(self._sources.values())
+            self._evaluate(self._t(now_ns), actions, kernel=True)
+        return actions, decision
 
     def next_timer_ns(self) -> int | None:
         times = [s.next_poll_ns for s in self._sources.values() if s.next_poll_ns is not None]
@@ -199,40 +232,54 @@ class GuestController:
                 times.append(self._ns(deadline))
         return min(times) if times else None
 
+    def drain_events(self) -> list[StateEvent]:
+        """State transitions since the last call (the daemon logs them)."""
+        events, self.events = self.events, []
+        return events
+
     # --- status ---------------------------------------------------------------------------
-    def current_offset(self, now_ns: int) -> float | None:
-        """Estimated offset of the clock from the reference now (guest minus reference)."""
+    def _estimate(self, now: float) -> float | None:
+        """Estimated clock minus reference now (``error_bound(now_ns).estimate_s``)."""
         if self._sys is None:
             return None
-        now = self._t(now_ns)
         x, y = self._sys
         x_now = self._model.uncorrected(now)
         return y + self._slope * (x_now - x) + self._model.correction_at(now)
 
+    @property
+    def frequency_ppm(self) -> float:
+        """Estimated native rate error of the clock (positive: runs fast)."""
+        return self._slope / (1.0 - self._slope) * 1e6
+
+    def error_bound(self, now_ns: int) -> ErrorBound:
+        """The bound around the clock reading now (:mod:`guest_client.error_bound`)."""
+        now = self._t(now_ns)
+        return compute(self._basis, now, now_ns, self._estimate(now),
+                       self.config.max_clock_error_ppm, self._jumps.disagreement_s, self._verified)
+
     def status(self, now_ns: int) -> ControllerStatus:
-        """Current state; ``offset_s`` is the offset estimated at the last clock update (the
-        amount then corrected, like chrony's "last offset"); see :meth:`current_offset`."""
+        """Current state; ``offset_s`` is the offset estimated at the last update (chrony's
+        "last offset"); the offset now is ``error_bound(now_ns).estimate_s``."""
         now = self._t(now_ns)
         polls = [s.poll.poll for s in self._sources.values() if not s.disabled]
         for src in self._sources.values():
             src.status.samples = len(src.filter)
             src.status.reachable = src.reach != 0
+        bound = self.error_bound(now_ns)
+        last = self._last_update_t
+        since = self._sm.since if self.state == SyncState.HOLDOVER else None
         return ControllerStatus(
-            state=self.state,
-            offset_s=self._last_offset,
-            frequency_ppm=self._slope / (1.0 - self._slope) * 1e6,
-            root_distance_s=self._error_bound(now) if self._sys is not None else None,
+            state=self.state.value, offset_s=self._last_offset, frequency_ppm=self.frequency_ppm,
+            root_distance_s=root_distance(self._basis, now, self.config.holdover_drift_ppm),
             poll_s=float(2 ** min(polls)) if polls else float(2**self.config.minpoll),
-            last_update=(self._ns(self._last_update_t) / _NS
-                         if self._last_update_t is not None else None),
-            steps=self.steps,
-            refused_jumps=self.refused_jumps,
-            rejected=dict(self.rejected),
+            last_update=self._ns(last) / _NS if last is not None else None,
+            steps=self.steps, refused_jumps=self.refused_jumps, rejected=dict(self.rejected),
             sources=[s.status for s in self._sources.values()],
-            holdover_s=(now - self._last_update_t
-                        if self.state == "holdover" and self._last_update_t is not None
-                        else 0.0),
-        )
+            holdover_s=now - last if since is not None and last is not None else 0.0,
+            error_bound_s=bound.bound_s, error_bound_growth_ppm=bound.growth_ppm,
+            bound_verified=bound.verified, state_reason=self._sm.reason.value,
+            holdover_since=self._ns(since) / _NS if since is not None else None,
+            disagreement_s=self._jumps.disagreement_s)
 
     # --- internals: requests and rejections -------------------------------------------------
     def _request(self, src: Source, now_ns: int) -> SendRequest:
@@ -255,7 +302,7 @@ class GuestController:
         t_mid = self._t((sample.t1_ns + sample.t4_ns) // 2)
         last_rx = self._last_sample_rx_t
         if last_rx is not None and now - last_rx > self.config.outage_s:
-            self._discontinuity = True
+            self.on_discontinuity(now_ns, Discontinuity.OUTAGE)
         self._last_sample_rx_t = now
         corr = self._model.correction_at(t_mid)
         fs = FilteredSample(
@@ -270,167 +317,111 @@ class GuestController:
             x, y = self._sys
             jump = fs.y - (y + self._slope * (fs.x - x))
             if abs(jump) > self.config.step_threshold_s:
-                if self.updates >= self.config.step_limit:
-                    return self._refuse_or_confirm(src, fs, jump, now_ns)
-                now_ns = self._step(now_ns, -jump, actions)
-                self._clear_samples()
-            else:
-                for s in self._sources.values():
-                    s.jumps.clear()
-                self._discontinuity = False
+                return self._large_jump(src, fs, jump, now_ns)
+            self._jumps.settle(self._sources.values())
+            self._verified = True
         reason = src.filter.add(fs)
         if reason is not None:
             self._count(reason, src)
             return actions
-        src.last_sample = fs
-        src.last_sample_t = now
-        src.dirty = True
+        self._use(src, fs, now)
+        self._update(now_ns, actions)
+        return actions
+
+    def _use(self, src: Source, fs: FilteredSample, now: float) -> None:
+        src.last_sample, src.last_sample_t, src.dirty = fs, now, True
         if self._first_sample_t is None:
             self._first_sample_t = now
-        self._update(now_ns, actions)
-        return actions
 
-    def _refuse_or_confirm(self, src: Source, fs: FilteredSample, jump: float,
-                           now_ns: int) -> list[Action]:
-        """A large jump after the initial updates: refuse it unless it is confirmed."""
+    def _auth_names(self) -> frozenset[str]:
+        """Sources configured as authenticated, answering or not: the one notion the step
+        policy and the trust bound share."""
+        return frozenset(s.config.name for s in self._sources.values()
+                         if s.config.trust == "authenticated")
+
+    def _jump_tolerance(self) -> float:
+        return max(self.config.step_threshold_s / 10, 1e-3)
+
+    def _large_jump(self, src: Source, fs: FilteredSample, jump: float,
+                    now_ns: int) -> list[Action]:
+        """A jump past the step threshold: the step policy says step or refuse."""
+        cfg = self.config
+        del src.jumps[:-(MAX_JUMPS - 1)]
         src.jumps.append(jump)
-        if not jump_confirmed(self._sources.values(), self.config.jump_confirm_samples,
-                              max(self.config.step_threshold_s / 10, 1e-3),
-                              self._discontinuity):
-            self.refused_jumps += 1
-            src.status.note = f"refused jump of {jump:+.6f} s"
-            log.warning("refused clock jump of %+.6f s from %s", jump, src.config.name)
-            return []
+        auth = self._auth_names()
+        ev = evidence(self._sources.values(), auth, jump, src.config.name in auth,
+                      threshold_s=cfg.step_threshold_s, initial=self.updates < cfg.step_limit,
+                      confirm_samples=cfg.jump_confirm_samples,
+                      tolerance_s=self._jump_tolerance(), discontinuity=self._jumps.discontinuity,
+                      jump_before_discontinuity=self._jumps.jump_before)
+        decision = decide(ev)
         actions: list[Action] = []
-        size = confirmed_jump(self._sources.values())
+        now = self._t(now_ns)
+        if decision.action != StepAction.STEP:
+            self.refused_jumps += 1
+            src.status.note = f"refused jump of {jump:+.6f} s: {decision.reason}"
+            log.warning("refused clock jump of %+.6f s from %s: %s", jump, src.config.name,
+                        decision.reason)
+            if ev.agreeing >= cfg.jump_confirm_samples:  # every counted source keeps saying so
+                self._jumps.disagreement_s = ev.jump_s
+            self._evaluate(now, actions)
+            return actions
+        size = decision.size_s
         now_ns = self._step(now_ns, -size, actions)
         self._clear_samples()
-        self._discontinuity = False
-        src.status.note = f"stepped confirmed jump of {size:+.6f} s"
-        log.warning("stepped the clock by %+.6f s (confirmed jump)", -size)
+        self._jumps.settle(self._sources.values())
+        src.status.note = f"stepped {size:+.6f} s: {decision.reason}"
+        log.warning("stepped the clock by %+.6f s (%s)", -size, decision.reason)
         src.filter.add(fs)
-        src.last_sample = fs
-        src.dirty = True
-        src.last_sample_t = self._t(now_ns)
+        self._use(src, fs, self._t(now_ns))
         self._update(now_ns, actions)
         return actions
-
-    def _trust_bound(self, cands: list[Candidate], live: list[Source]
-                     ) -> tuple[list[Candidate], list[Source]]:
-        """With authenticated sources configured, host-trusted ones count only inside the
-        interval the authenticated ones allow (see :mod:`timesyncd.trust`)."""
-        auth = {s.config.name for s in self._sources.values()
-                if s.config.trust == "authenticated"}
-        if not auth:
-            return cands, live
-        bound = bound_by_authenticated(cands, auth)
-        for name, reason in bound.rejected.items():
-            src = self._sources[name]
-            self._count(reason, src)
-            src.status.selected = False
-            src.status.note = ("outside the bounds of the authenticated sources"
-                               if reason == OUTSIDE_AUTHENTICATED_BOUNDS
-                               else "unused: no authenticated source to bound it")
-        kept = {c.name for c in bound.kept}
-        return list(bound.kept), [s for s in live if s.config.name in kept]
-
-    def _ready(self, now: float) -> bool:
-        """Hold the first update until every armed source answered (or 2 s passed) so a
-        single falseticker cannot take the initial step."""
-        if self._sys is not None:
-            return True
-        pending = [s for s in self._sources.values()
-                   if not s.disabled and s.next_poll_ns is not None and s.last_sample is None]
-        assert self._first_sample_t is not None
-        return not pending or now - self._first_sample_t >= BURST_INTERVAL_S
 
     def _update(self, now_ns: int, actions: list[Action]) -> None:
         now = self._t(now_ns)
-        if not self._ready(now):
+        if self._sys is None and not first_update_ready(self._sources.values(), now,
+                                                         self._first_sample_t):
             return
         x_now = self._model.uncorrected(now)
-        cands: list[Candidate] = []
-        live: list[Source] = []
-        max_age = self._holdover_after()
-        for src in self._sources.values():
-            if src.disabled or src.last_sample is None or src.last_sample_t is None:
-                continue
-            age = now - src.last_sample_t
-            if age > max_age:
-                continue
-            est = self._refit(src, x_now)
-            if est is None:
-                continue
-            dist = src.filter.best_distance(x_now, PHI) + 2 * est.offset_sd
-            cands.append(Candidate(src.config.name, est.offset, est.slope, dist,
-                                   src.last_sample.leap))
-            live.append(src)
-        cands, live = self._trust_bound(cands, live)
+        cands, live = gather(self._sources.values(), now, x_now, self._slope, self.config)
+        cands, live = trust_bound(cands, live, self._sources, self._auth_names(), self._count)
         sel = select(cands)
         if sel is None:
             self._count("no_majority", None)
+            return
+        offset = sel.offset + self._model.correction_at(now)
+        step = abs(offset) > self.config.step_threshold_s and self.updates < self.config.step_limit
+        if step and decide(boot_evidence(
+                self._sources.values(), self._auth_names(), offset, sel.selected, live,
+                self.config.step_threshold_s, self.config.jump_confirm_samples,
+                self._jumps.discontinuity)).action != StepAction.STEP:
+            self._count("step_unconfirmed", None)  # authenticated mode: not one sample
             return
         for src in live:
             src.status.selected = src.config.name in sel.selected
             src.status.note = "" if src.status.selected else "falseticker"
         self._slope = sel.slope
-        self._slope_sd = min((s.estimate.slope_sd for s in live
-                              if s.estimate and s.config.name in sel.selected), default=math.inf)
+        self._slope_sd = min((freq_uncertainty(s, sel.slope) for s in live
+                              if s.config.name in sel.selected), default=math.inf)
         self._sys = (x_now, sel.offset)
-        offset = sel.offset + self._model.correction_at(now)
-        if abs(offset) > self.config.step_threshold_s and self.updates < self.config.step_limit:
+        if step:
             now_ns = self._step(now_ns, -offset, actions)
             now = self._t(now_ns)
             offset = sel.offset + self._model.correction_at(now)
-        self._error_s = sel.distance
+        guaranteed = min((sample_distance(s, sel.offset, sel.slope, x_now) for s in live
+                          if s.config.name in sel.selected), default=math.inf)
+        self._basis = BoundBasis(now, max(sel.distance, guaranteed), self._slope_sd)
         self._last_offset = offset
         self._est_error_s = min(sel.distance, max(
             (s.estimate.offset_sd for s in live if s.estimate), default=sel.distance))
         self._leap = sel.leap
         self.updates += 1
-        self._last_update_t = now
-        self.state = "synchronised"
-        freq, duration = slew_plan(offset * self._gain(offset, live), self._slope,
+        freq, duration = slew_plan(offset * gain(offset, self._est_error_s, live), self._slope,
                                    self.config.max_slew_ppm, self.config.slew_time_s)
         self._model.set_frequency(now, freq)
         actions.append(SetFrequency(freq * 1e6))
         self._slew_end_t = now + duration if duration > 0 else None
-        actions.append(SetKernelStatus(self._kernel_status(now)))
-
-    def _gain(self, offset: float, live: list[Source]) -> float:
-        """Share of ``offset`` to correct now: all of it when it is well above its uncertainty,
-        less when it may be noise (the rest, if real, is corrected by later updates).
-
-        Until a window has filled, the path floor itself is unknown: a sample's error may be
-        up to half its delay, shrinking as samples accumulate."""
-        sd = self._est_error_s
-        for src in live:
-            n = len(src.filter)
-            floor = src.filter.delay_floor()
-            if n < MIN_WINDOW and floor is not None:
-                sd = max(sd, floor / (2.0 * math.sqrt(n)))
-        var = offset * offset
-        return var / (var + sd * sd) if var > 0 else 1.0
-
-    def _refit(self, src: Source, x_now: float) -> Estimate | None:
-        """Fit the source's samples (pruning stale ones) and adapt its poll interval."""
-        if src.dirty or src.estimate is None:
-            src.dirty = False
-            n = len(src.filter)
-            # a filling window's floor is unknown: fit_early does not trust it
-            est = (fit_early(src.filter.samples, x_now, self._slope) if 2 <= n < MIN_WINDOW
-                   else fit_filter(src.filter, x_now, self._slope))
-            if est is None:
-                return None
-            src.filter.prune(est.used)
-            src.poll.update(est, self.config.minpoll, self.config.maxpoll)
-            src.estimate = est
-            src.status.jitter_s = est.offset_sd
-            return est
-        est = src.estimate
-        assert est is not None
-        return Estimate(x_now, est.offset + est.slope * (x_now - est.x), est.slope,
-                        est.offset_sd, est.slope_sd, est.used, est.total)
+        self._evaluate(now, actions, kernel=True)
 
     def _set_frequency(self, now: float, freq: float, actions: list[Action]) -> None:
         self._model.set_frequency(now, freq)
@@ -449,10 +440,13 @@ class GuestController:
         for src in self._sources.values():
             src.shift(delta_ns)
         shift = delta_ns / _NS
-        for attr in ("_last_update_t", "_last_sample_rx_t", "_first_sample_t", "_slew_end_t"):
+        for attr in ("_last_sample_rx_t", "_first_sample_t", "_slew_end_t", "_bound_deadline"):
             value = getattr(self, attr)
             if value is not None:
                 setattr(self, attr, value + shift)
+        if self._basis is not None:
+            self._basis = replace(self._basis, t=self._basis.t + shift)
+        self._sm.shift(shift)
         return now_ns + delta_ns
 
     def _clear_samples(self) -> None:
@@ -460,59 +454,45 @@ class GuestController:
             src.forget_samples()
         self._sys = None
 
-    # --- internals: holdover and kernel status --------------------------------------------------
-    def _holdover_after(self) -> float:
-        """Silence longer than this many (longest) poll intervals means holdover."""
-        poll = -99
-        for s in self._sources.values():
-            if not s.disabled:
-                poll = max(poll, s.effective_poll)
-        return self.config.holdover_polls * 2.0 ** (poll if poll > -99 else self.config.maxpoll)
+    # --- internals: state, holdover and kernel status -----------------------------------------
+    def _facts(self, now: float) -> Facts:
+        bound = self.error_bound(self._ns(now))
+        last = self._last_update_t
+        return Facts(
+            updated=last is not None, bound_s=bound.bound_s, max_error_s=self.config.max_error_s,
+            remaining_s=abs(bound.estimate_s or 0.0),
+            max_correction_s=self.config.sync_max_correction_s,
+            age_s=now - last + 1e-6 if last is not None else math.inf,  # timer rounding
+            holdover_after_s=holdover_after(self._sources.values(), self.config),
+            disagreeing=self._jumps.disagreement_s != 0.0)
 
-    def _error_bound(self, now: float) -> float:
-        if self._last_update_t is None:
-            return _MAX_KERNEL_ERROR_S
-        age = max(now - self._last_update_t, 0.0)
-        rate = self.config.holdover_drift_ppm * 1e-6 + min(self._slope_sd, 1e-3)
-        return min(self._error_s + rate * age, _MAX_KERNEL_ERROR_S)
+    def _evaluate(self, now: float, actions: list[Action], kernel: bool = False) -> None:
+        """Move to the state the bound calls for; one kernel status per call, when the state
+        changed or ``kernel`` asks for a fresh bound."""
+        facts = self._facts(now)
+        new, reason = target(facts)
+        growth = self.error_bound(self._ns(now)).growth
+        self._bound_deadline = (now + max((facts.max_error_s - facts.bound_s) / growth, 1.0)
+                                if growth > 0 and facts.updated else None)
+        event = self._sm.move(new, reason, now)
+        if event is not None:
+            del self.events[:-63]  # bounded for a driver that never drains them
+            self.events.append(event)
+            if new == SyncState.HOLDOVER:  # keep the learned frequency, stop slewing phase
+                self._set_frequency(now, -self._slope, actions)
+        if event is not None or kernel:
+            actions.append(SetKernelStatus(kernel_status(
+                self.state, self._leap, self.config.leap_mode,
+                self.error_bound(self._ns(now)).bound_s, self._est_error_s)))
 
     def _state_deadline(self) -> float | None:
-        if self._last_update_t is None:
+        """When the state may next change without a sample: entering holdover, or the bound
+        reaching ``max_error_s`` (re-planned at each evaluation, at least 1 s ahead)."""
+        last = self._last_update_t
+        if last is None or self.state == SyncState.UNSYNCHRONISED and self._sm.reason in (
+                "bound_exceeded", "sources_disagree"):
             return None
-        if self.state == "synchronised":
-            return self._last_update_t + self._holdover_after()
-        if self.state == "holdover":
-            rate = self.config.holdover_drift_ppm * 1e-6 + min(self._slope_sd, 1e-3)
-            if rate <= 0:
-                return None
-            return self._last_update_t + max(self.config.max_error_s - self._error_s, 0) / rate
-        return None
-
-    def _check_holdover(self, now: float, actions: list[Action]) -> None:
-        if self._last_update_t is None:
-            return
-        silent_until = self._last_update_t + self._holdover_after()
-        if self.state == "synchronised" and now >= silent_until - 1e-6:
-            self._enter_holdover(now, actions)
-        if self.state == "holdover":
-            deadline = self._state_deadline()
-            if deadline is None or now >= deadline - 1e-6:
-                self.state = "unsynchronised"
-                log.warning("holdover error bound passed %.3f s: unsynchronised",
-                            self.config.max_error_s)
-            actions.append(SetKernelStatus(self._kernel_status(now)))  # error bound grew
-
-    def _enter_holdover(self, now: float, actions: list[Action]) -> None:
-        """No fresh samples: keep the learned frequency, stop slewing the phase."""
-        self.state = "holdover"
-        log.warning("no usable samples: holdover on the learned frequency")
-        self._set_frequency(now, -self._slope, actions)
-        actions.append(SetKernelStatus(self._kernel_status(now)))
-
-    def _kernel_status(self, now: float) -> KernelStatus:
-        synced = self.state == "synchronised"
-        leap = Leap(self._leap) if (self.config.leap_mode == "kernel" and synced
-                                    and self._leap in (1, 2)) else Leap.NONE
-        bound = self._error_bound(now)
-        return KernelStatus(synchronised=synced, maxerror_s=bound,
-                            esterror_s=min(self._est_error_s, bound), leap=leap)
+        deadlines = [self._bound_deadline] if self._bound_deadline is not None else []
+        if self.state != SyncState.HOLDOVER:
+            deadlines.append(last + holdover_after(self._sources.values(), self.config))
+        return min(deadlines) if deadlines else None

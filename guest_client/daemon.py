@@ -22,6 +22,7 @@ from typing import Any
 
 from guest_client.actions import Action, SendRequest, SetFrequency, SetKernelStatus, StepClock
 from guest_client.clocks import SoftwareClock, SystemClock
+from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
 from guest_client.forward_ntp import NtpForwarder
 from guest_client.health import HealthReporter
@@ -109,6 +110,7 @@ class GuestDaemon:
         self._relay_prefix = ""
         self.link: RelayLink | None = None
         self.status_server: StatusServer | None = None
+        self.control_server: ControlServer | None = None
         self.forwarder: NtpForwarder | None = None
         self.health: HealthReporter | None = None  # reports to the relay (observability)
         self.counters: Counter[str] = Counter()
@@ -116,7 +118,6 @@ class GuestDaemon:
         self._timer_task: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()
         self.fatal: BaseException | None = None
-        self._last_state: str | None = None
         self._last_refused = 0
         self._running = False
 
@@ -147,6 +148,9 @@ class GuestDaemon:
                 mode = parse_file_mode("status_socket_mode", s.status_socket_mode)
                 self.status_server = StatusServer(s.status_socket, self.status, mode=mode)
                 await self.status_server.start()
+            if s.control_socket:
+                self.control_server = ControlServer(s.control_socket, self.makestep)
+                await self.control_server.start()
             if s.forward_ntp and self.link is not None:
                 self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending,
                                               s.forward_ntp_rate_limit)
@@ -189,6 +193,8 @@ class GuestDaemon:
             src.close()
         if self.status_server is not None:
             await self.status_server.stop()
+        if self.control_server is not None:
+            await self.control_server.stop()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Start, run until ``stop`` is set (or a fatal clock error), then stop."""
@@ -238,6 +244,17 @@ class GuestDaemon:
         if self.counters:
             st["daemon_errors"] = dict(self.counters)
         return st
+
+    def makestep(self) -> dict[str, Any]:
+        """Step now, as an operator accepted (the control socket's ``makestep``)."""
+        if not self._running:
+            return {"error": "not_running: the daemon is stopping"}
+        before = self.controller.steps
+        actions, decision = self.controller.make_step(self.clock.now_ns())
+        self._apply(actions)
+        stepped = self.controller.steps > before and self.fatal is None
+        return {"stepped": stepped, "offset_s": -decision.size_s if stepped else 0.0,
+                "reason": decision.reason}
 
     # --- controller events ---------------------------------------------------------------
 
@@ -410,15 +427,18 @@ class GuestDaemon:
         return self.fatal
 
     def _log_changes(self) -> None:
-        st = self.controller.status(self.clock.now_ns())
-        if st.state != self._last_state:
-            if self._last_state is not None:  # the start-up state is in "daemon started"
-                log.info("state %s -> %s (offset %s, frequency %+.3f ppm)", self._last_state,
-                         st.state, "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
-                         st.frequency_ppm)
-            self._last_state = st.state
-        if st.refused_jumps > self._last_refused:
+        events = self.controller.drain_events()
+        if events:
+            st = self.controller.status(self.clock.now_ns())
+            for ev in events:
+                log.log(logging.INFO if ev.new == "synchronised" else logging.WARNING,
+                        "state %s -> %s (%s; offset %s, error bound %s, frequency %+.3f ppm)",
+                        ev.old, ev.new, ev.reason,
+                        "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
+                        "-" if st.error_bound_s is None else f"{st.error_bound_s:.6f} s",
+                        st.frequency_ppm, extra={"event": ev.name})
+        refused = self.controller.refused_jumps
+        if refused > self._last_refused:
             log.warning("refused a time jump reported by the sources (%d refused so far); "
-                        "a source or the relay may be wrong or lying", st.refused_jumps)
-            self._last_refused = st.refused_jumps
-
+                        "a source or the relay may be wrong or lying", refused)
+            self._last_refused = refused

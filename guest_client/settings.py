@@ -52,6 +52,10 @@ class GuestSettings:
         "help": "Unix socket path answering `timesync status` (empty to disable)."})
     status_socket_mode: str = field(default="0660", metadata={
         "help": "Permissions of the status socket, octal (0666 lets any local user read it)."})
+    control_socket: str = field(default="", metadata={
+        "help": "Unix socket path for `timesync makestep` (an operator accepting a step), "
+                "created mode 0600, only root or the daemon's user may use it; every use is "
+                "logged. Empty (default): off."})
     forward_ntp: str | None = field(default=None, metadata={
         "help": "Serve plain NTP at udp:HOST:PORT inside the guest, forwarding each request "
                 "over the relay's first upstream (for unmodified NTP clients)."})
@@ -108,6 +112,8 @@ class GuestSettings:
     holdover_polls: int = _mirror("holdover_polls")
     holdover_drift_ppm: float = _mirror("holdover_drift_ppm")
     max_error_s: float = _mirror("max_error_s")
+    max_clock_error_ppm: float = _mirror("max_clock_error_ppm")
+    sync_max_correction_s: float = _mirror("sync_max_correction_s")
     leap_mode: str = _mirror("leap_mode")
     # --- daemon ---
     reconnect_min_s: float = field(default=0.5, metadata={

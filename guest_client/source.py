@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 from guest_client.actions import SourceStatus
-from timesyncd.discipline import Estimate, PollState
+from timesyncd.discipline import DisciplineConfig, Estimate, PollState
 from timesyncd.exchange import ClientExchange, Rejection
 from timesyncd.filter import FilteredSample, SampleFilter
 
@@ -49,6 +49,16 @@ class Source:
     last_sample_t: float | None = None
     jumps: list[float] = field(default_factory=list)  # consecutive refused jumps, seconds
     dirty: bool = False  # a sample arrived since the last fit
+
+    @classmethod
+    def new(cls, config: SourceConfig, cfg: DisciplineConfig) -> Source:
+        """A fresh source with the discipline's exchange, filter and poll settings."""
+        return cls(config=config,
+                   exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
+                   filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
+                   poll=PollState(cfg.minpoll),
+                   status=SourceStatus(name=config.name, trust=config.trust,
+                                       authenticated=config.trust == "authenticated"))
 
     @property
     def name(self) -> str:

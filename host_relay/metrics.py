@@ -259,6 +259,11 @@ class RelayCollector(Collector):
                       "node_timex_maxerror_seconds).")
         dist = gauge("timesync_guest_root_distance_seconds",
                      "Root distance of the guest's last update (chrony's meaning).")
+        disagree = gauge("timesync_guest_disagreement_seconds",
+                         "Jump every usable source keeps reporting and the guest refuses "
+                         "(0: none).")
+        why = gauge("timesync_guest_state_reason", "1 for why the guest is in its state.",
+                    lbl + ["reason"])
         last = gauge("timesync_guest_last_update_timestamp_seconds",
                      "Guest clock time of its last clock update.")
         poll = gauge("timesync_guest_poll_interval_seconds", "The guest's poll interval.")
@@ -292,16 +297,19 @@ class RelayCollector(Collector):
             ratio = r.frequency_ppm / 1e6 if r.frequency_ppm is not None else None
             for fam, value in ((offset, r.offset_s), (freq, ratio),
                                (bound, guest_error_bound_s(r)), (dist, r.root_distance_s),
-                               (last, r.last_update), (poll, r.poll_s)):
+                               (last, r.last_update), (poll, r.poll_s),
+                               (disagree, r.disagreement_s)):
                 if value is not None:
                     fam.add_metric(key, value)
+            if r.state_reason is not None:
+                why.add_metric([*key, r.state_reason], 1.0)
             hold.add_metric(key, r.holdover_s)
             steps.add_metric(key, r.steps)
             jumps.add_metric(key, r.refused_jumps)
             for reason, n in sorted(r.rejected.items()):
                 rej.add_metric([*key, reason], n)
-        yield from (up, seen, info, conn_age, age, state, offset, freq, bound, dist, last, poll,
-                    hold, steps, jumps, rej, reports)
+        yield from (up, seen, info, conn_age, age, state, why, offset, freq, bound, dist,
+                    disagree, last, poll, hold, steps, jumps, rej, reports)
 
 
 def guest_error_bound_s(report: HealthReport) -> float | None:

@@ -89,6 +89,7 @@ class Engine:
         self._timer_gen = 0
         self._started = False
         self.packets_sent = 0
+        self.round_trips_s: list[float] = []  # true round trip of every answered request
         self.events = 0  # heap events processed (benchmarks normalise by this)
 
     # --- hooks -------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class Engine:
         if back is None:
             return
         arrive_s, r_out = back
+        self.round_trips_s.append(arrive_s - self.now_s)
         self._push(arrive_s, "reply",
                    (self._link_gen, req.source, reply, round(r_in * _NS), round(r_out * _NS)))
 

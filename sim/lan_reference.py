@@ -38,6 +38,11 @@ class LanResult:
     rms_freq_error_ppm: float
     converged_after_s: float | None
     steps: int
+    bound_coverage: float = 1.0  # share of samples (whole run) with |offset| <= error bound
+    max_true_over_bound: float = 0.0
+    median_bound_s: float = 0.0
+    max_freq_error_ppm: float = 0.0  # after stats_from_s
+    median_rtt_s: float = 0.0
 
 
 def run(seed: int, *, duration_s: float = 20_000.0, stats_from_s: float = 2_000.0,
@@ -51,13 +56,18 @@ def run(seed: int, *, duration_s: float = 20_000.0, stats_from_s: float = 2_000.
     controller = GuestController(config, random.Random(rng.getrandbits(64)))
     offsets: list[tuple[float, float]] = []
     freq_err: list[float] = []
+    ratios: list[float] = []
+    bounds: list[float] = []
 
     def sample(engine: Engine) -> None:
         t = engine.now_s
         offsets.append((t, clock.offset_s()))
+        bound = controller.error_bound(clock.now_ns())
+        ratios.append(abs(clock.offset_s()) / bound.bound_s)
+        if bound.estimate_s is not None:
+            bounds.append(bound.bound_s)
         if t >= stats_from_s:
-            est = controller.status(clock.now_ns()).frequency_ppm
-            freq_err.append(est - osc.ppm_at(t))
+            freq_err.append(controller.frequency_ppm - osc.ppm_at(t))
 
     engine = Engine(controller, clock, [upstream], random.Random(rng.getrandbits(64)),
                     sample_every_s=1.0, on_sample=sample)
@@ -75,6 +85,11 @@ def run(seed: int, *, duration_s: float = 20_000.0, stats_from_s: float = 2_000.
         rms_freq_error_ppm=math.sqrt(sum(f * f for f in freq_err) / len(freq_err)),
         converged_after_s=converged,
         steps=len(clock.steps),
+        bound_coverage=sum(1 for r in ratios if r <= 1.0) / len(ratios),
+        max_true_over_bound=max(ratios),
+        median_bound_s=statistics.median(bounds),
+        max_freq_error_ppm=max(abs(f) for f in freq_err),
+        median_rtt_s=statistics.median(engine.round_trips_s),
     )
 
 

@@ -83,4 +83,11 @@ def run_lan_reference(seed: int) -> dict[str, object]:
             "strategies": {"discipline": {
                 "rms_offset_s": r.rms_offset_s, "max_abs_offset_s": r.max_abs_offset_s,
                 "rms_freq_error_ppm": r.rms_freq_error_ppm,
-                "converged_after_s": r.converged_after_s, "steps": r.steps}}}
+                "converged_after_s": r.converged_after_s, "steps": r.steps,
+                "bound_coverage": round(r.bound_coverage, 6),
+                "max_true_over_bound": round(r.max_true_over_bound, 4),
+                "median_bound_s": r.median_bound_s, "median_rtt_s": r.median_rtt_s,
+                "bound_over_target": round(
+                    r.median_bound_s / (r.median_rtt_s / 2 + 2.0 ** lan_reference.CONFIG.maxpoll
+                                        * 1e-6), 3),
+                "max_freq_error_ppm": round(r.max_freq_error_ppm, 4)}}}

@@ -13,6 +13,7 @@ instants, plus the clock jumps it made.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -149,6 +150,9 @@ def run_discipline(inputs: SimInputs, times_s: FloatArray,
     reports the fraction of virtual time done after each."""
     engine = build_engine(inputs)
     clock = engine.clock
+    coverage = BoundCoverage(inputs.rate.oscillator.ppm_at, inputs.scenario.upstream_error_s)
+    engine.sample_every_s = COVERAGE_EVERY_S
+    engine.on_sample = coverage.sample
     end = max(inputs.scenario.duration_s, float(times_s[-1]) if len(times_s) else 0.0)
     if progress is None:
         engine.run(end)
@@ -165,9 +169,55 @@ def run_discipline(inputs: SimInputs, times_s: FloatArray,
     st = engine.controller.status(clock.now_ns())
     extra = {"controller_steps": st.steps, "refused_jumps": st.refused_jumps,
              "final_state": st.state, "frequency_ppm": round(st.frequency_ppm, 4),
-             "packets_sent": engine.packets_sent}
+             "packets_sent": engine.packets_sent,
+             **coverage.summary(engine.round_trips_s, 2.0 ** inputs.scenario.maxpoll)}
     return Trajectory(offsets, jumps, jump_t, before, extra=extra, engine=engine,
                       breakpoint_offsets_s=np.concatenate([bp_offsets, before]))
+
+
+#: The error bound is checked against the true offset this often (true seconds).
+COVERAGE_EVERY_S = 10.0
+#: Frequency errors count from here on (the first minutes are the estimate converging,
+#: covered by the estimate's own uncertainty rather than the allowance).
+FREQ_WARMUP_S = 600.0
+
+
+class BoundCoverage:
+    """Samples |true offset| against the controller's error bound, and the frequency error
+    of its estimate (which the bound's allowance must cover), during a run."""
+
+    def __init__(self, true_ppm: Callable[[float], float], reference_error_s: float = 0.0
+                 ) -> None:
+        self.true_ppm = true_ppm
+        self.reference_error_s = reference_error_s
+        self.ratios: list[float] = []
+        self.bounds: list[float] = []
+        self.max_freq_error_ppm = 0.0
+
+    def sample(self, engine: Engine) -> None:
+        now_ns = engine.clock.now_ns()
+        bound = engine.controller.error_bound(now_ns)
+        true = abs(engine.clock.offset_s() - self.reference_error_s)
+        self.ratios.append(true / bound.bound_s if bound.bound_s > 0 else math.inf)
+        if bound.estimate_s is not None:
+            self.bounds.append(bound.bound_s)
+        if engine.now_s >= FREQ_WARMUP_S:
+            err = abs(engine.controller.frequency_ppm - self.true_ppm(engine.now_s))
+            self.max_freq_error_ppm = max(self.max_freq_error_ppm, err)
+
+    def summary(self, round_trips_s: list[float], poll_s: float) -> dict[str, Any]:
+        """Coverage figures; ``bound_over_target`` is the median bound over (median round
+        trip / 2 + poll x 1 ppm), the usefulness target being <= 2."""
+        r = np.array(self.ratios)
+        median = float(np.median(self.bounds)) if self.bounds else None
+        rtt = float(np.median(round_trips_s)) if round_trips_s else None
+        ref = None if rtt is None else rtt / 2 + poll_s * 1e-6
+        return {"bound_coverage": round(float(np.mean(r <= 1.0)), 6) if len(r) else 1.0,
+                "max_true_over_bound": round(float(r.max()), 4) if len(r) else 0.0,
+                "median_bound_s": median, "median_rtt_s": rtt,
+                "bound_over_target": (round(median / ref, 3)
+                                      if median is not None and ref else None),
+                "max_freq_error_ppm": round(self.max_freq_error_ppm, 4)}
 
 
 STRATEGY_FUNCS: dict[str, Callable[[SimInputs, FloatArray, Fraction | None], Trajectory]] = {

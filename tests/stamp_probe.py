@@ -64,6 +64,7 @@ class ProbeController:
         self.interval_ns = round(interval_s * _NS)
         self.state = "unsynchronised"
         self.updates = 0
+        self.refused_jumps = 0
         self.result = ProbeResult()
         self.received = 0
         self.done = asyncio.Event()
@@ -91,6 +92,9 @@ class ProbeController:
 
     def next_timer_ns(self) -> int | None:
         return min(self._next.values()) if self._next and not self.done.is_set() else None
+
+    def drain_events(self) -> list[Any]:  # no state transitions: it only samples
+        return []
 
     def on_timer(self, now_ns: int) -> list[Action]:
         actions: list[Action] = []

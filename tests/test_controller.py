@@ -120,8 +120,14 @@ def test_losing_one_link_stops_only_its_sources() -> None:
     assert abs(clock.offset_s()) < 2e-4
     engine.call_at(1800.0, lambda e: e._apply(ctl.on_connection_lost(clock.now_ns())))
     engine.run(1801.0)
-    assert ctl.state == "holdover" and ctl.next_timer_ns() is not None  # state deadline only
-    assert not any(s.reachable for s in ctl.status(clock.now_ns()).sources)
+    # the state follows the bound's age, not the link: kept, but the bound is unverified
+    st = ctl.status(clock.now_ns())
+    assert st.state == "synchronised" and not st.bound_verified
+    assert ctl.next_timer_ns() is not None  # state deadline only
+    assert not any(s.reachable for s in st.sources)
+    engine.run(1800.0 + 4 * st.poll_s + 1)
+    st = ctl.status(clock.now_ns())
+    assert st.state == "holdover" and st.state_reason == "no_recent_update"
 
 
 def test_kod_rate_backs_off_and_deny_disables() -> None:
@@ -147,7 +153,8 @@ def test_kod_rate_backs_off_and_deny_disables() -> None:
 
 
 def test_holdover_keeps_frequency_then_unsynchronises() -> None:
-    engine, clock, ctl = make(ppm=50.0, max_error_s=0.01, holdover_drift_ppm=1.0)
+    engine, clock, ctl = make(ppm=50.0, max_error_s=0.01, holdover_drift_ppm=1.0,
+                              max_clock_error_ppm=1.0)
     engine.run(1800.0)
     assert ctl.status(clock.now_ns()).state == "synchronised"
     engine.disconnect(1800.0, 100_000.0)
@@ -157,6 +164,10 @@ def test_holdover_keeps_frequency_then_unsynchronises() -> None:
     assert not clock.kernel_status.synchronised
     assert abs(clock.offset_s()) < 1e-3  # learned 50 ppm kept (free-running would be 90 ms)
     assert st.root_distance_s is not None and st.root_distance_s > 1.5e-3  # 1 ppm x 1700 s
+    assert st.error_bound_s is not None and st.error_bound_s >= abs(clock.offset_s())
+    # holdover_since: when holdover began (the last update plus 4 polls), not the last update
+    assert st.holdover_since is not None and st.last_update is not None
+    assert st.holdover_since - st.last_update >= 4 * st.poll_s - 1
     engine.run(15_000.0)
     assert ctl.status(clock.now_ns()).state == "unsynchronised"
 

@@ -15,6 +15,7 @@ from sim.runner import build_inputs
 from sim.scenario import DAY_S, Scenario
 from sim.strategies import run_discipline
 from timesyncd.cli.drift_sim import drift_sim
+from timesyncd.discipline import DisciplineConfig
 
 SIM_DIR = Path(__file__).resolve().parent.parent / "sim"
 
@@ -62,6 +63,23 @@ def test_discipline_keeps_offset_under_a_millisecond(
     assert d["max_abs_offset_s"] < 1e-3
     assert sum(d["rejected"].values()) == 0 and sum(d["accepted_expired"].values()) == 0
     assert d["forward_jumps"] == d["backward_jumps"] == 0
+
+
+def test_discipline_reports_error_bound_coverage(
+        default_run: tuple[dict[str, Any], Path]) -> None:
+    """Issue 9: coverage is a measured figure. The default scenario's seed 1 meets the
+    targets (docs/BENCHMARKS.md has seeds 1-10 of four scenarios): the bound contains the
+    true offset at every 10 s sample, and its median is at most twice half the median round
+    trip plus the poll interval times 1 ppm."""
+    d = default_run[0]["strategies"]["discipline"]
+    assert d["bound_coverage"] >= 0.999 and d["max_true_over_bound"] <= 1.0
+    assert 0 < d["median_bound_s"] and d["bound_over_target"] <= 2.0
+    assert 0 < d["max_freq_error_ppm"] < DisciplineConfig().max_clock_error_ppm
+
+
+def test_table_shows_coverage_for_a_relay_outage() -> None:
+    r = invoke("--days", "1", "--strategies", "discipline", "--outage", "6h:1h")
+    assert "bound_coverage: 1.0" in r.output and "median_bound_s:" in r.output
 
 
 def test_csv_and_plot_files(default_run: tuple[dict[str, Any], Path]) -> None:

@@ -192,6 +192,7 @@ class ScriptedController:
         self.sources: list[str] = []
         self.next_due: int | None = None
         self.on_reply_actions: list[Action] = []
+        self.refused_jumps = 0
 
     def add_source(self, source: SourceConfig, now_ns: int) -> list[Action]:
         self.events.append(("add", source.name))
@@ -235,6 +236,9 @@ class ScriptedController:
 
     def next_timer_ns(self) -> int | None:
         return self.next_due
+
+    def drain_events(self) -> list[Any]:  # state transitions: this double makes none
+        return []
 
     def status(self, now_ns: int) -> ControllerStatus:
         return ControllerStatus(state="unsynchronised", offset_s=None, frequency_ppm=0.0,

@@ -163,3 +163,29 @@ def test_reporter_cancel_right_after_link_up_is_not_swallowed(spins: int) -> Non
         assert again._task is None
 
     asyncio.run(main())
+
+
+def test_error_bound_fields_round_trip_and_old_reports_still_parse() -> None:
+    """The bound and state reason ride in version 1 reports as optional fields: a report
+    from an older guest (without them) still parses, with None; an unknown reason is folded
+    into "other" (it becomes a label value on the host); unknown keys are ignored, which is
+    what lets an older relay read a newer guest's report."""
+    status = {**STATUS, "error_bound_s": 1.5e-3, "state_reason": "tracking",
+              "bound_verified": False, "holdover_since": None, "disagreement_s": 0.0}
+    report = HealthReport.from_status(status)
+    parsed = parse_health(report.frame().payload)
+    assert parsed == report and parsed.error_bound_s == 1.5e-3
+    assert parsed.state_reason == "tracking" and parsed.bound_verified is False
+    old = parse_health(json.dumps({"version": 1, "state": "holdover", "holdover_s": 5.0,
+                                   "some_future_field": [1, 2]}).encode())
+    assert old.error_bound_s is None and old.state_reason is None
+    odd = parse_health(json.dumps({"version": 1, "state": "holdover",
+                                   "state_reason": "x\nINJECTED"}).encode())
+    assert odd.state_reason == "other"
+    with pytest.raises(HealthError) as err:
+        parse_health(json.dumps({"version": 1, "state": "holdover",
+                                 "bound_verified": "yes"}).encode())
+    assert err.value.reason == "bad_field"
+    with pytest.raises(HealthError):
+        parse_health(json.dumps({"version": 1, "state": "holdover",
+                                 "error_bound_s": "NaN"}).encode())

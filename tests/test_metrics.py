@@ -116,7 +116,9 @@ async def test_two_guests_one_scrape_shows_each_guest_and_upstream_counters(rela
     alpha = await Guest.connect(relay.test_address, name="alpha")
     beta = await Guest.connect(relay.test_address, name="beta")
     alpha.send(_report("synchronised", 12e-6, 3.25, rejected={"bad_delay": 4, "kod_rate": 1}))
-    beta.send(_report("holdover", -0.0015, -41.5, holdover_s=120.0, steps=1))
+    beta.send(_report("holdover", -0.0015, -41.5, holdover_s=120.0, steps=1,
+                      error_bound_s=0.25, state_reason="sources_disagree",
+                      disagreement_s=-2.0))
     alpha.request(1, 0, client_packet())
     beta.request(2, 0, client_packet())
     beta.request(3, 1, client_packet())  # the silent upstream: times out after 0.2 s
@@ -145,8 +147,9 @@ async def test_two_guests_one_scrape_shows_each_guest_and_upstream_counters(rela
     assert value(m, "timesync_guest_holdover_seconds", **b) == 120.0
     assert value(m, "timesync_guest_steps_total", **b) == 1
     assert value(m, "timesync_guest_root_distance_seconds", **b) == pytest.approx(2e-4)
-    # no error_bound_s in the report: the bound falls back to the root distance
-    assert value(m, "timesync_guest_error_bound_seconds", **b) == pytest.approx(2e-4)
+    assert value(m, "timesync_guest_error_bound_seconds", **b) == 0.25
+    assert value(m, "timesync_guest_disagreement_seconds", **b) == -2.0
+    assert value(m, "timesync_guest_state_reason", **b, reason="sources_disagree") == 1
     assert value(m, "timesync_guest_poll_interval_seconds", **b) == 16.0
     assert 0 <= value(m, "timesync_guest_report_age_seconds", **b) < 5
 

@@ -25,3 +25,15 @@ def test_single_source_and_leap_majority() -> None:
     assert sel is not None and sel.leap == 1
     sel = select([Candidate("a", 0.0, 0.0, 0.01, 1), Candidate("b", 0.0, 0.0, 0.01, 0)])
     assert sel is not None and sel.leap == 0
+
+
+def test_combined_distance_covers_the_majority_intersection() -> None:
+    """The weighted mean moves away from the tightest truechimer; its distance must still
+    reach both ends of where the truechimers meet (the minimum distance did not)."""
+    a = Candidate("a", 0.0, 0.0, 1.0)
+    b = Candidate("b", 5.0, 0.0, 10.0)
+    sel = select([a, b])
+    assert sel is not None and sel.selected == ("a", "b")
+    lo, hi = -1.0, 1.0  # a's interval lies inside b's
+    assert sel.offset - sel.distance <= lo and sel.offset + sel.distance >= hi
+    assert sel.distance > 1.0

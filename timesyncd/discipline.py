@@ -84,7 +84,14 @@ class DisciplineConfig:
     holdover_drift_ppm: float = field(default=1.0, metadata={
         "help": "assumed frequency uncertainty in holdover; grows the error bound", "min": 0.0})
     max_error_s: float = field(default=1.0, metadata={
-        "help": "error bound beyond which holdover becomes unsynchronised", "min": 0.0})
+        "help": "error bound at or beyond which the guest is unsynchronised", "min": 0.0})
+    max_clock_error_ppm: float = field(default=10.0, metadata={
+        "help": "frequency-error allowance that grows the error bound between updates, ppm "
+        "(like chrony's maxclockerror); the default covers the largest frequency error "
+        "measured across the simulator's scenarios (docs/BENCHMARKS.md)", "min": 0.0})
+    sync_max_correction_s: float = field(default=0.01, metadata={
+        "help": "synchronised only while the correction still to apply (the rest of a slew) "
+        "is below this, seconds", "min": 0.0})
     leap_mode: str = field(default="kernel", metadata={
         "help": "pass the sources' leap warning to the kernel, or ignore it (smearing "
         "upstreams)", "choices": ("kernel", "ignore")})

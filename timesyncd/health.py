@@ -19,8 +19,14 @@ from typing import Any
 from timesyncd import framing
 from timesyncd.framing import Frame, FrameType
 
+#: Version 1 reports may carry the optional fields added later (error_bound_s and friends):
+#: old relays ignore unknown keys, new relays treat missing ones as unknown (None), so the
+#: version stays 1 and old and new guests and relays keep working together.
 SCHEMA_VERSION = 1
 STATES = ("unsynchronised", "synchronised", "holdover")
+#: guest_client.sync_state.Reason values; anything else is reported as "other".
+REASONS = ("starting", "tracking", "correcting_offset", "no_recent_update", "bound_exceeded",
+           "sources_disagree")
 #: Distinct rejection reasons kept per report; the rest are summed under ``other``.
 MAX_REASONS = 24
 #: Reason keys are label values on the host: short, printable, no surprises.
@@ -29,7 +35,7 @@ _REASON_RE = re.compile(r"^[A-Za-z0-9_:.\-]{1,48}$")
 #: counts that far.
 MAX_COUNT = 2**53 - 1
 _NUMERIC = ("offset_s", "frequency_ppm", "root_distance_s", "last_update", "poll_s",
-            "holdover_s")
+            "holdover_s", "error_bound_s", "holdover_since", "disagreement_s")
 
 
 class HealthError(ValueError):
@@ -47,7 +53,7 @@ class HealthReport:
     state: str
     offset_s: float | None = None
     frequency_ppm: float | None = None
-    #: error bound of the clock: root delay/2 + root dispersion + its own jitter terms
+    #: chrony's root distance: around the estimate (root delay/2 + dispersions, growing)
     root_distance_s: float | None = None
     #: guest clock, Unix seconds, of the last clock update (None: never updated)
     last_update: float | None = None
@@ -56,6 +62,12 @@ class HealthReport:
     steps: int = 0
     refused_jumps: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    #: |clock reading - reference| bound (guest_client.error_bound); None from older guests
+    error_bound_s: float | None = None
+    state_reason: str | None = None
+    bound_verified: bool | None = None
+    holdover_since: float | None = None
+    disagreement_s: float | None = None
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> HealthReport:
@@ -71,6 +83,11 @@ class HealthReport:
             steps=int(status.get("steps") or 0),
             refused_jumps=int(status.get("refused_jumps") or 0),
             rejected=bound_reasons(status.get("rejected") or {}),
+            error_bound_s=status.get("error_bound_s"),
+            state_reason=status.get("state_reason"),
+            bound_verified=status.get("bound_verified"),
+            holdover_since=status.get("holdover_since"),
+            disagreement_s=status.get("disagreement_s"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -144,6 +161,14 @@ def parse_health(payload: bytes) -> HealthReport:
     if not isinstance(rejected, dict):
         raise HealthError("bad_field", "rejected is not an object")
     values["rejected"] = bound_reasons(rejected)
+    reason = obj.get("state_reason")
+    if reason is not None:
+        values["state_reason"] = reason if reason in REASONS else "other"
+    verified = obj.get("bound_verified")
+    if verified is not None:
+        if not isinstance(verified, bool):
+            raise HealthError("bad_field", "bound_verified is not a boolean")
+        values["bound_verified"] = verified
     return HealthReport(**values)
 
 

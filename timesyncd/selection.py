@@ -27,7 +27,7 @@ class Selection:
     falsetickers: tuple[str, ...]
     offset: float
     slope: float
-    distance: float
+    distance: float  # half-width around ``offset`` that covers the majority's intersection
     leap: int
 
 
@@ -61,7 +61,10 @@ def select(candidates: Sequence[Candidate]) -> Selection | None:
     total = sum(weights)
     offset = sum(w * c.offset for w, c in zip(weights, chosen, strict=True)) / total
     slope = sum(w * c.slope for w, c in zip(weights, chosen, strict=True)) / total
-    distance = min(c.distance for c in chosen)
+    # the truth lies where the majority's intervals meet, [lo, hi]: the combined offset's
+    # distance must reach both ends (the minimum over truechimers did not, once the
+    # weighted mean moved away from the tightest one)
+    distance = max(offset - lo, hi - offset, 0.0)
     leaps = [c.leap for c in chosen]
     top = max(set(leaps), key=leaps.count)
     leap = top if leaps.count(top) * 2 > len(leaps) else 0

@@ -194,4 +194,6 @@ def _lan_reference(seed_list: list[int], multi: bool, as_json: bool) -> None:
         click.echo(f"lan-reference seed {s}: rms {m['rms_offset_s'] * 1e6:.1f} us, max "
                    f"{m['max_abs_offset_s'] * 1e6:.1f} us, rms freq error "
                    f"{m['rms_freq_error_ppm']:.4f} ppm, converged after "
-                   f"{m['converged_after_s']} s")
+                   f"{m['converged_after_s']} s, bound coverage {m['bound_coverage']:.6f} "
+                   f"(max true/bound {m['max_true_over_bound']:.3f}), median bound "
+                   f"{m['median_bound_s'] * 1e6:.1f} us")

@@ -22,7 +22,10 @@ def format_status(st: dict[str, Any]) -> str:
     last = st.get("last_update")
     age = f"{time.time() - last:.1f} s ago" if last else "never"
     lines = [
-        f"State           : {st.get('state')}",
+        f"State           : {st.get('state')}"
+        + (f" ({st['state_reason']})" if st.get("state_reason") else ""),
+        f"Error bound     : {_fmt(st.get('error_bound_s'))}"
+        + ("" if st.get("bound_verified", True) else " (unverified since a link loss)"),
         f"Offset          : {_fmt(st.get('offset_s'))} (guest minus reference)",
         f"Frequency       : {_fmt(st.get('frequency_ppm'), 'ppm', digits=3)} (native rate error)",
         f"Root distance   : {_fmt(st.get('root_distance_s'))}",
@@ -104,26 +107,53 @@ def _relay_status(address: str, as_json: bool, timeout: float) -> None:
 @click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
               help="The guest daemon's status socket.")
 @click.option("--max-offset", default=0.01, show_default=True, type=float,
-              help="Seconds: synchronised within this |offset| counts as done.")
+              help="Seconds: synchronised with an error bound (or, from an older daemon, an "
+                   "|offset|) within this counts as done.")
 @click.option("--timeout", default=60.0, show_default=True, type=float,
               help="Seconds to wait before giving up (exit 1).")
 @click.option("--interval", default=0.5, show_default=True, type=float, help="Polling interval.")
 def wait_sync(socket_path: str, max_offset: float, timeout: float, interval: float) -> None:
-    """Exit 0 once synchronised within --max-offset, 1 on timeout (for units and entrypoints)."""
+    """Exit 0 once synchronised with an error bound within --max-offset, 1 on timeout (for
+    units and entrypoints)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:
         try:
             st = query_status(socket_path, min(2.0, max(0.1, deadline - time.monotonic())))
             offset = st.get("offset_s")
+            bound = st.get("error_bound_s")  # around the clock reading; older daemons lack it
+            error = bound if bound is not None else None if offset is None else abs(offset)
             synced = st.get("state") == "synchronised"
-            if synced and offset is not None and abs(offset) <= max_offset:
-                click.echo(f"synchronised: offset {offset:+.6f} s")
+            if synced and error is not None and error <= max_offset:
+                click.echo(f"synchronised: offset {offset:+.6f} s, error bound {error:.6f} s")
                 return
-            last = f"state {st.get('state')}, offset {offset}"
+            last = (f"state {st.get('state')} ({st.get('state_reason', '-')}), offset "
+                    f"{offset}, error bound {bound}")
         except OSError as exc:
             last = f"status socket: {exc}"
         if time.monotonic() >= deadline:
             click.echo(f"not synchronised within {timeout} s ({last})", err=True)
             raise SystemExit(1)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+@click.command("makestep")
+@click.option("--socket", "socket_path", required=True,
+              help="The guest daemon's control socket (its --control-socket).")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+def makestep(socket_path: str, timeout: float) -> None:
+    """Step the guest's clock now, to what its sources say (with NTS: the authenticated ones).
+
+    For an operator who checked that a refused jump is real. Exit 1 if refused."""
+    from guest_client.control_server import request_makestep
+
+    try:
+        answer = request_makestep(socket_path, timeout)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot reach the control socket {socket_path}: {exc}; is `timesync guest` "
+            f"running with --control-socket {socket_path}?") from exc
+    if answer.get("error") or not answer.get("stepped"):
+        click.echo(f"not stepped: {answer.get('error') or answer.get('reason')}", err=True)
+        raise SystemExit(1)
+    click.echo(f"stepped the clock by {answer['offset_s']:+.9f} s ({answer['reason']})")

@@ -1,0 +1,153 @@
+"""Per-update source estimates: refit each source, build selection candidates, confine host
+sources to the authenticated bound, and size the phase correction. Sans-IO helpers of
+:class:`guest_client.controller.GuestController` (kept apart so it stays one job per module).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Collection, Iterable
+
+from guest_client.source import BURST_INTERVAL_S, Source
+from timesyncd.discipline import MIN_WINDOW, DisciplineConfig, Estimate, fit_early, fit_filter
+from timesyncd.exchange import PHI
+from timesyncd.filter import ERROR_FLOOR_S
+from timesyncd.selection import Candidate
+from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
+
+
+def refit(src: Source, x_now: float, prior_slope: float, cfg: DisciplineConfig
+          ) -> Estimate | None:
+    """Fit the source's samples (pruning stale ones) and adapt its poll interval; an unchanged
+    source's last fit is carried forward to ``x_now``."""
+    if src.dirty or src.estimate is None:
+        src.dirty = False
+        n = len(src.filter)
+        # a filling window's floor is unknown: fit_early does not trust it
+        est = (fit_early(src.filter.samples, x_now, prior_slope) if 2 <= n < MIN_WINDOW
+               else fit_filter(src.filter, x_now, prior_slope))
+        if est is None:
+            return None
+        src.filter.prune(est.used)
+        src.poll.update(est, cfg.minpoll, cfg.maxpoll)
+        src.estimate = est
+        src.status.jitter_s = est.offset_sd
+        return est
+    est = src.estimate
+    return Estimate(x_now, est.offset + est.slope * (x_now - est.x), est.slope,
+                    est.offset_sd, est.slope_sd, est.used, est.total)
+
+
+def first_update_ready(sources: Iterable[Source], now: float, first_sample_t: float | None
+                       ) -> bool:
+    """Hold the first update until every armed source answered (or a burst interval passed)
+    so a single falseticker cannot take the initial step."""
+    pending = [s for s in sources
+               if not s.disabled and s.next_poll_ns is not None and s.last_sample is None]
+    return not pending or (first_sample_t is not None
+                           and now - first_sample_t >= BURST_INTERVAL_S)
+
+
+def holdover_after(sources: Iterable[Source], cfg: DisciplineConfig) -> float:
+    """Silence longer than this many (longest) poll intervals means holdover."""
+    polls = [s.effective_poll for s in sources if not s.disabled]
+    return cfg.holdover_polls * 2.0 ** (max(polls) if polls else cfg.maxpoll)
+
+
+def gather(sources: Collection[Source], now: float, x_now: float, prior_slope: float,
+           cfg: DisciplineConfig) -> tuple[list[Candidate], list[Source]]:
+    """Candidates (offset +- distance at ``x_now``) of the sources with a sample younger
+    than the holdover limit."""
+    max_age = holdover_after(sources, cfg)
+    cands: list[Candidate] = []
+    live: list[Source] = []
+    for src in sources:
+        if src.disabled or src.last_sample is None or src.last_sample_t is None:
+            continue
+        if now - src.last_sample_t > max_age:
+            continue
+        est = refit(src, x_now, prior_slope, cfg)
+        if est is None:
+            continue
+        dist = src.filter.best_distance(x_now, PHI) + 2 * est.offset_sd
+        cands.append(Candidate(src.config.name, est.offset, est.slope, dist,
+                               src.last_sample.leap))
+        live.append(src)
+    return cands, live
+
+
+def trust_bound(cands: list[Candidate], live: list[Source], sources: dict[str, Source],
+                auth: Collection[str], count: Callable[[str, Source], None]
+                ) -> tuple[list[Candidate], list[Source]]:
+    """With authenticated sources configured, host-trusted ones count only inside the
+    interval the authenticated ones allow (see :mod:`timesyncd.trust`)."""
+    if not auth:
+        return cands, live
+    bound = bound_by_authenticated(cands, auth)
+    for name, reason in bound.rejected.items():
+        src = sources[name]
+        count(reason, src)
+        src.status.selected = False
+        src.status.note = ("outside the bounds of the authenticated sources"
+                           if reason == OUTSIDE_AUTHENTICATED_BOUNDS
+                           else "unused: no authenticated source to bound it")
+    kept = {c.name for c in bound.kept}
+    return list(bound.kept), [s for s in live if s.config.name in kept]
+
+
+def sample_distance(src: Source, offset: float, slope: float, x_now: float,
+                    last: int = 8) -> float:
+    """Distance from ``offset`` (uncorrected, at ``x_now``) that the source's own recent
+    samples guarantee: each sample's truth lies within its root distance, carried to
+    ``x_now`` along ``slope`` and widened at PHI for its age; the tightest such bound wins.
+
+    The regression's interval alone can miss the truth right after the rate changed (a fit
+    over samples from before the change lags the newest ones): this one cannot."""
+    best = math.inf
+    for s in itertools.islice(reversed(src.filter.samples), last):
+        age = max(x_now - s.x, 0.0)
+        best = min(best, abs(offset - (s.y + slope * (x_now - s.x))) + s.root_distance_s
+                   + PHI * age)
+    return best
+
+
+def freq_uncertainty(src: Source, slope: float) -> float:
+    """Standard error of ``slope`` as this source's frequency, for the error bound's growth.
+
+    A full window's regression states it (``slope_sd``). A filling window's fit is pulled
+    toward the previous frequency (``fit_early``'s ridge), so its own sd understates the
+    error: a software clock 100 ppm off was estimated at 4 ppm with an sd of 29 ppm, and the
+    bound fell behind the truth within a second. There, the distance to the samples' plain
+    weighted line plus twice that line's sd is used instead."""
+    est = src.estimate
+    if est is None:
+        return math.inf
+    if len(src.filter) >= MIN_WINDOW:
+        return est.slope_sd
+    rows = [(s.x, s.y, 1.0 / (ERROR_FLOOR_S**2 + s.dispersion_s**2 + s.delay_s**2 / 12.0))
+            for s in src.filter]
+    sw = math.fsum(w for _, _, w in rows)
+    xm = math.fsum(w * x for x, _, w in rows) / sw
+    ym = math.fsum(w * y for _, y, w in rows) / sw
+    sxx = math.fsum(w * (x - xm) ** 2 for x, _, w in rows)
+    if sxx <= 0:
+        return math.inf
+    plain = math.fsum(w * (x - xm) * (y - ym) for x, y, w in rows) / sxx
+    return abs(plain - slope) + 2.0 / math.sqrt(sxx)
+
+
+def gain(offset: float, est_error_s: float, live: Iterable[Source]) -> float:
+    """Share of ``offset`` to correct now: all of it when it is well above its uncertainty,
+    less when it may be noise (the rest, if real, is corrected by later updates).
+
+    Until a window has filled, the path floor itself is unknown: a sample's error may be
+    up to half its delay, shrinking as samples accumulate."""
+    sd = est_error_s
+    for src in live:
+        n = len(src.filter)
+        floor = src.filter.delay_floor()
+        if n < MIN_WINDOW and floor is not None:
+            sd = max(sd, floor / (2.0 * math.sqrt(n)))
+    var = offset * offset
+    return var / (var + sd * sd) if var > 0 else 1.0

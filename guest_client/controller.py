@@ -31,6 +31,7 @@ from guest_client.source import BURST_INTERVAL_S, Source, SourceConfig
 from timesyncd.clock import KernelStatus
 from timesyncd.discipline import (
     MIN_WINDOW,
+    PRIOR_SLOPE_SD,
     CorrectionModel,
     DisciplineConfig,
     Estimate,
@@ -58,20 +59,30 @@ class GuestController:
     """Disciplines one clock from one or more NTP sources by slewing; see the module doc."""
 
     def __init__(self, config: DisciplineConfig, rng: random.Random,
-                 sources: Iterable[SourceConfig] = ()) -> None:
+                 sources: Iterable[SourceConfig] = (), *, initial_frequency_ppm: float = 0.0,
+                 initial_frequency_sd_ppm: float | None = None) -> None:
+        """``initial_frequency_ppm`` is the correction the clock already holds when the
+        controller starts (from a frequency file, or kept from the kernel): the model must
+        know it, or samples taken before the first update are read at the wrong rate."""
         self.config = config
         self._rng = rng
         self._sources: dict[str, Source] = {}
         self._epoch_ns: int | None = None
-        self._model = CorrectionModel()
+        self._model = CorrectionModel(0.0, initial_frequency_ppm * 1e-6)
         self._started = False
         self.state = "unsynchronised"
         self.updates = 0
         self.steps = 0
         self.refused_jumps = 0
         self.rejected: dict[str, int] = {}
-        self._slope = 0.0  # native rate error of the uncorrected clock (fraction)
-        self._slope_sd = math.inf
+        # native rate error of the uncorrected clock (fraction): the base correction is -slope
+        self._slope = -initial_frequency_ppm * 1e-6
+        self._slope_sd = (math.inf if initial_frequency_sd_ppm is None
+                          else initial_frequency_sd_ppm * 1e-6)
+        # early fits lean on a known starting frequency (its uncertainty plus the drift
+        # allowance), not only on the few samples they have: a warm restart stays warm
+        self._prior_sd = (PRIOR_SLOPE_SD if initial_frequency_sd_ppm is None else math.hypot(
+            initial_frequency_sd_ppm, config.holdover_drift_ppm) * 1e-6)
         self._sys: tuple[float, float] | None = None  # (x, uncorrected offset) of last update
         self._error_s = _MAX_KERNEL_ERROR_S  # error bound at the last update
         self._est_error_s = _MAX_KERNEL_ERROR_S
@@ -200,6 +211,13 @@ class GuestController:
         return min(times) if times else None
 
     # --- status ---------------------------------------------------------------------------
+    def base_frequency_ppm(self) -> tuple[float, float | None]:
+        """The frequency correction that stops drift, without any slew, and its uncertainty
+        (None while unknown), both ppm: what a clean stop leaves on the clock and what the
+        frequency file keeps."""
+        sd = self._slope_sd * 1e6 if math.isfinite(self._slope_sd) else None
+        return -self._slope * 1e6, sd
+
     def current_offset(self, now_ns: int) -> float | None:
         """Estimated offset of the clock from the reference now (guest minus reference)."""
         if self._sys is None:
@@ -418,7 +436,8 @@ class GuestController:
             src.dirty = False
             n = len(src.filter)
             # a filling window's floor is unknown: fit_early does not trust it
-            est = (fit_early(src.filter.samples, x_now, self._slope) if 2 <= n < MIN_WINDOW
+            est = (fit_early(src.filter.samples, x_now, self._slope, self._prior_sd)
+                   if 2 <= n < MIN_WINDOW
                    else fit_filter(src.filter, x_now, self._slope))
             if est is None:
                 return None

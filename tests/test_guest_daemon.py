@@ -236,6 +236,9 @@ class ScriptedController:
     def next_timer_ns(self) -> int | None:
         return self.next_due
 
+    def base_frequency_ppm(self) -> tuple[float, float | None]:
+        return 0.0, None
+
     def status(self, now_ns: int) -> ControllerStatus:
         return ControllerStatus(state="unsynchronised", offset_s=None, frequency_ppm=0.0,
                                 root_distance_s=None, poll_s=1.0, last_update=None, steps=0,

@@ -92,6 +92,9 @@ class ProbeController:
     def next_timer_ns(self) -> int | None:
         return min(self._next.values()) if self._next and not self.done.is_set() else None
 
+    def base_frequency_ppm(self) -> tuple[float, float | None]:
+        return 0.0, None  # never corrects the clock: a stop puts back nothing
+
     def on_timer(self, now_ns: int) -> list[Action]:
         actions: list[Action] = []
         for name, due in list(self._next.items()):

@@ -10,22 +10,30 @@ import math
 from collections.abc import Callable, Collection, Iterable
 
 from guest_client.source import BURST_INTERVAL_S, Source
-from timesyncd.discipline import MIN_WINDOW, DisciplineConfig, Estimate, fit_early, fit_filter
+from timesyncd.discipline import (
+    MIN_WINDOW,
+    PRIOR_SLOPE_SD,
+    DisciplineConfig,
+    Estimate,
+    fit_early,
+    fit_filter,
+)
 from timesyncd.exchange import PHI
 from timesyncd.filter import ERROR_FLOOR_S
 from timesyncd.selection import Candidate
 from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
 
 
-def refit(src: Source, x_now: float, prior_slope: float, cfg: DisciplineConfig
-          ) -> Estimate | None:
+def refit(src: Source, x_now: float, prior_slope: float, cfg: DisciplineConfig,
+          prior_sd: float = PRIOR_SLOPE_SD) -> Estimate | None:
     """Fit the source's samples (pruning stale ones) and adapt its poll interval; an unchanged
     source's last fit is carried forward to ``x_now``."""
     if src.dirty or src.estimate is None:
         src.dirty = False
         n = len(src.filter)
         # a filling window's floor is unknown: fit_early does not trust it
-        est = (fit_early(src.filter.samples, x_now, prior_slope) if 2 <= n < MIN_WINDOW
+        est = (fit_early(src.filter.samples, x_now, prior_slope, prior_sd)
+               if 2 <= n < MIN_WINDOW
                else fit_filter(src.filter, x_now, prior_slope))
         if est is None:
             return None
@@ -56,7 +64,8 @@ def holdover_after(sources: Iterable[Source], cfg: DisciplineConfig) -> float:
 
 
 def gather(sources: Collection[Source], now: float, x_now: float, prior_slope: float,
-           cfg: DisciplineConfig) -> tuple[list[Candidate], list[Source]]:
+           cfg: DisciplineConfig, prior_sd: float = PRIOR_SLOPE_SD
+           ) -> tuple[list[Candidate], list[Source]]:
     """Candidates (offset +- distance at ``x_now``) of the sources with a sample younger
     than the holdover limit."""
     max_age = holdover_after(sources, cfg)
@@ -67,7 +76,7 @@ def gather(sources: Collection[Source], now: float, x_now: float, prior_slope: f
             continue
         if now - src.last_sample_t > max_age:
             continue
-        est = refit(src, x_now, prior_slope, cfg)
+        est = refit(src, x_now, prior_slope, cfg, prior_sd)
         if est is None:
             continue
         dist = src.filter.best_distance(x_now, PHI) + 2 * est.offset_sd

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from timesyncd.clock import Clock, KernelStatus
+from timesyncd.clock import Clock, ClockFrequency, KernelStatus
 from timesyncd.packet import Leap
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,10 @@ class SystemClock(Clock):
     def now_ns(self) -> int:
         return time.time_ns()
 
+    def read_frequency(self) -> ClockFrequency:
+        state = self.read()
+        return ClockFrequency(state.frequency_ppm, state.tick_us == self.nominal_tick_us)
+
     def set_frequency(self, ppm: float) -> None:
         limit = self.max_frequency_ppm
         ppm = min(max(ppm, -limit), limit)
@@ -224,6 +228,8 @@ class SoftwareClock(Clock):
         self._real = real_ns
         self._anchor_mono = mono_ns()
         self._anchor_reading = real_ns() + round(offset_s * _NS)
+        #: Like a kernel at USER_HZ=100: corrections of 50 ppm or more would move the tick.
+        self.nominal_tick_us = 10_000
 
     @property
     def rate(self) -> float:
@@ -253,6 +259,10 @@ class SoftwareClock(Clock):
 
     def set_kernel_status(self, status: KernelStatus) -> None:
         self.kernel_status = status
+
+    def read_frequency(self) -> ClockFrequency:
+        tick, _ = split_frequency(self.correction_ppm, self.nominal_tick_us)
+        return ClockFrequency(self.correction_ppm, tick == self.nominal_tick_us)
 
     def true_offset_ns(self) -> int:
         """This clock minus ``CLOCK_REALTIME``, read back to back."""

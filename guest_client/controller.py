@@ -60,7 +60,7 @@ from guest_client.sync_state import (
     target,
 )
 from timesyncd.clock import KernelStatus
-from timesyncd.discipline import CorrectionModel, DisciplineConfig, slew_plan
+from timesyncd.discipline import PRIOR_SLOPE_SD, CorrectionModel, DisciplineConfig, slew_plan
 from timesyncd.exchange import Rejection, Sample
 from timesyncd.filter import FilteredSample
 from timesyncd.selection import select
@@ -76,12 +76,16 @@ class GuestController:
     """Disciplines one clock from one or more NTP sources by slewing; see the module doc."""
 
     def __init__(self, config: DisciplineConfig, rng: random.Random,
-                 sources: Iterable[SourceConfig] = ()) -> None:
+                 sources: Iterable[SourceConfig] = (), *, initial_frequency_ppm: float = 0.0,
+                 initial_frequency_sd_ppm: float | None = None) -> None:
+        """``initial_frequency_ppm`` is the correction the clock already holds when the
+        controller starts (from a frequency file, or kept from the kernel): the model must
+        know it, or samples taken before the first update are read at the wrong rate."""
         self.config = config
         self._rng = rng
         self._sources: dict[str, Source] = {}
         self._epoch_ns: int | None = None
-        self._model = CorrectionModel()
+        self._model = CorrectionModel(0.0, initial_frequency_ppm * 1e-6)
         self._started = False
         self._sm = StateMachine()
         self.events: list[StateEvent] = []  # state transitions since the driver last drained
@@ -89,8 +93,14 @@ class GuestController:
         self.steps = 0
         self.refused_jumps = 0
         self.rejected: dict[str, int] = {}
-        self._slope = 0.0  # native rate error of the uncorrected clock (fraction)
-        self._slope_sd = math.inf
+        # native rate error of the uncorrected clock (fraction): the base correction is -slope
+        self._slope = -initial_frequency_ppm * 1e-6
+        self._slope_sd = (math.inf if initial_frequency_sd_ppm is None
+                          else initial_frequency_sd_ppm * 1e-6)
+        # early fits lean on a known starting frequency (its uncertainty plus the drift
+        # allowance), not only on the few samples they have: a warm restart stays warm
+        self._prior_sd = (PRIOR_SLOPE_SD if initial_frequency_sd_ppm is None else math.hypot(
+            initial_frequency_sd_ppm, config.holdover_drift_ppm) * 1e-6)
         self._sys: tuple[float, float] | None = None  # (x, uncorrected offset) of last update
         self._basis: BoundBasis | None = None  # what the last update left for the bound
         self._est_error_s = MAX_BOUND_S
@@ -238,6 +248,13 @@ class GuestController:
         return events
 
     # --- status ---------------------------------------------------------------------------
+    def base_frequency_ppm(self) -> tuple[float, float | None]:
+        """The frequency correction that stops drift, without any slew, and its uncertainty
+        (None while unknown), both ppm: what a clean stop leaves on the clock and what the
+        frequency file keeps."""
+        sd = self._slope_sd * 1e6 if math.isfinite(self._slope_sd) else None
+        return -self._slope * 1e6, sd
+
     def _estimate(self, now: float) -> float | None:
         """Estimated clock minus reference now (``error_bound(now_ns).estimate_s``)."""
         if self._sys is None:
@@ -383,7 +400,8 @@ class GuestController:
                                                          self._first_sample_t):
             return
         x_now = self._model.uncorrected(now)
-        cands, live = gather(self._sources.values(), now, x_now, self._slope, self.config)
+        cands, live = gather(self._sources.values(), now, x_now, self._slope, self.config,
+                             self._prior_sd)
         cands, live = trust_bound(cands, live, self._sources, self._auth_names(), self._count)
         sel = select(cands)
         if sel is None:

@@ -25,6 +25,7 @@ from guest_client.clocks import SoftwareClock, SystemClock
 from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
 from guest_client.forward_ntp import NtpForwarder
+from guest_client.freq_file import FreqRecord, StartFrequency, load, save, start_frequency
 from guest_client.health import HealthReporter
 from guest_client.nts_manager import NtsManager
 from guest_client.nts_source import parse_nts_server
@@ -91,10 +92,15 @@ class GuestDaemon:
         udp_names = [str(parse_address(s)) for s in settings.servers]
         self._trust = settings.trust_overrides()
         self.floor = settings.floor()
-        self.controller = controller if controller is not None else GuestController(
-            settings.discipline_config(), self._rng,
-            [SourceConfig(n, self._trust.get(n, "host")) for n in udp_names]
-        )
+        #: the frequency correction the clock starts from (None with an injected controller)
+        self.start_frequency: StartFrequency | None = None
+        if controller is None:
+            self.start_frequency = sf = self._decide_start_frequency()
+            controller = GuestController(
+                settings.discipline_config(), self._rng,
+                [SourceConfig(n, self._trust.get(n, "host")) for n in udp_names],
+                initial_frequency_ppm=sf.ppm, initial_frequency_sd_ppm=sf.sd_ppm)
+        self.controller = controller
         self.nts = NtsManager(
             [parse_nts_server(spec) for spec in settings.nts_servers],
             cafile=settings.nts_ca_file, clock=clock,
@@ -120,6 +126,8 @@ class GuestDaemon:
         self.fatal: BaseException | None = None
         self._last_refused = 0
         self._running = False
+        self._clock_touched = False  # start() wrote the clock: stop() must restore it
+        self._freq_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -159,7 +167,14 @@ class GuestDaemon:
             await self.stop()
             raise
         self._running = True
-        self._apply(self.controller.start(self.clock.now_ns()))
+        self._clock_touched = True
+        first: list[Action] = []
+        sf = self.start_frequency
+        if sf is not None:
+            log.info("starting from a frequency correction of %+.3f ppm: %s", sf.ppm, sf.reason)
+            if sf.set_kernel:
+                first.append(SetFrequency(sf.ppm))
+        self._apply([*first, *self.controller.start(self.clock.now_ns())])
         if self.fatal is not None:
             await self.stop()
             raise self.fatal
@@ -173,15 +188,26 @@ class GuestDaemon:
                     s.health_interval_s)
                 await self.health.start()
         self._timer_task = asyncio.create_task(self._timer_loop(), name="guest-timer")
+        if s.freq_file:
+            self._freq_task = asyncio.create_task(self._freq_file_loop(s.freq_file),
+                                                  name="guest-freq-file")
         log.info("guest daemon started: clock %s, sources %s%s", s.clock,
                  ", ".join(self._udp) or "none",
                  f", relay {s.relay}" if s.relay else "")
 
     async def stop(self) -> None:
+        """Stop polling, put the clock back on its base frequency (no slew left behind), keep
+        the frequency file, and close every socket. Safe to call more than once."""
         self._running = False
         if self._timer_task is not None:
             await cancel_task(self._timer_task)
             self._timer_task = None
+        if self._freq_task is not None:
+            await cancel_task(self._freq_task)
+            self._freq_task = None
+        if self._clock_touched:
+            self._clock_touched = False
+            self._restore_clock()
         if self.forwarder is not None:
             self.forwarder.close()
         if self.health is not None:
@@ -213,6 +239,52 @@ class GuestDaemon:
         if self.fatal is not None:
             raise self.fatal
 
+    # --- frequency: start, clean stop, frequency file -------------------------------------
+
+    def _decide_start_frequency(self) -> StartFrequency:
+        path = self.settings.freq_file
+        record = None
+        if path:
+            record = load(path, self.clock.now_ns() / _NS, self.settings.freq_file_max_age_s)
+        try:
+            kernel = self.clock.read_frequency()
+        except OSError as exc:
+            log.warning("cannot read the clock's frequency (%s): resetting it", exc)
+            kernel = None
+        return start_frequency(record, kernel)
+
+    def _restore_clock(self) -> None:
+        """Leave the base frequency on the clock: a slew left behind would keep moving it
+        (issue 9: SIGTERM mid-slew left -76,923 ppm, -0.77 s in the next 10 s)."""
+        ppm, sd = self.controller.base_frequency_ppm()
+        try:
+            self.clock.set_frequency(ppm)
+            log.info("stopped: clock left at its base frequency %+.3f ppm, no slew", ppm)
+        except OSError as exc:
+            self.counters["restore_failed"] += 1
+            log.error("stopping: cannot put the clock back on its base frequency %+.3f ppm (%s); "
+                      "it keeps its last correction", ppm, exc)
+        if self.settings.freq_file and sd is not None:
+            self._write_freq_file(self.settings.freq_file, FreqRecord(
+                ppm, sd, self.clock.now_ns() / _NS))
+
+    def _write_freq_file(self, path: str, record: FreqRecord) -> None:
+        try:
+            save(path, record)
+        except OSError as exc:
+            self.counters["freq_file_write_failed"] += 1
+            log.warning("cannot write the frequency file %s: %s", path, exc)
+
+    async def _freq_file_loop(self, path: str) -> None:
+        """Every ``freq_file_interval_s``, keep the current estimate while it is fresh."""
+        while True:
+            await asyncio.sleep(self.settings.freq_file_interval_s)
+            ppm, sd = self.controller.base_frequency_ppm()
+            if self.controller.state != "synchronised" or sd is None:
+                continue
+            record = FreqRecord(ppm, sd, self.clock.now_ns() / _NS)
+            await asyncio.to_thread(self._write_freq_file, path, record)
+
     # --- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -241,6 +313,9 @@ class GuestDaemon:
                 src["nts"] = info
                 if info["note"] and not src.get("note"):
                     src["note"] = info["note"]
+        if self.start_frequency is not None:
+            st["start_frequency"] = {"ppm": self.start_frequency.ppm,
+                                     "reason": self.start_frequency.reason}
         if self.counters:
             st["daemon_errors"] = dict(self.counters)
         return st

@@ -96,6 +96,19 @@ class GuestSettings:
         "help": "Per-source trust overrides, SOURCE=authenticated or SOURCE=host, SOURCE a name "
                 "as `timesync status` shows it (udp:HOST:PORT, nts:SPEC, relay:ADDR#UPSTREAM). "
                 "Default: NTS sources 'authenticated', all others 'host'."})
+    # --- frequency file (see docs/DEPLOYMENT.md: only where the guest has persistent storage) ---
+    freq_file: str | None = field(default=None, metadata={
+        "help": "Keep the learned frequency in this file (like chrony's driftfile) so a restart "
+                "starts from it; written atomically every freq_file_interval_s and at stop. "
+                "Missing, corrupt or stale files are logged and ignored. Useful only on "
+                "persistent storage (Firecracker root disk; not a Nitro enclave). Default off."})
+    freq_file_interval_s: float = field(default=3600.0, metadata={
+        "min": 1.0, "max": 604_800.0,
+        "help": "Write the frequency file this often while synchronised (and at stop)."})
+    freq_file_max_age_s: float = field(default=604_800.0, metadata={
+        "min": 60.0, "max": 31_536_000.0,
+        "help": "Ignore a frequency file older than this (the oscillator may have changed, "
+                "e.g. the VM moved to another host)."})
     # --- discipline: mirrored from DisciplineConfig (same names, defaults, help, ranges) ---
     minpoll: int = _mirror("minpoll")
     maxpoll: int = _mirror("maxpoll")
@@ -164,6 +177,9 @@ class GuestSettings:
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ValueError("reconnect_min_s: above reconnect_max_s; swap or fix them")
         parse_file_mode("status_socket_mode", self.status_socket_mode)
+        if self.freq_file is not None and os.path.isdir(self.freq_file):
+            raise ValueError(f"freq_file: {self.freq_file!r} is a directory; give a file path "
+                             "on persistent storage, e.g. /var/lib/timesync/freq")
         self.discipline_config()  # its own cross-field checks, e.g. minpoll <= maxpoll
 
     def _validate_nts(self) -> None:

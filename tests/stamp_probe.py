@@ -96,6 +96,9 @@ class ProbeController:
     def drain_events(self) -> list[Any]:  # no state transitions: it only samples
         return []
 
+    def base_frequency_ppm(self) -> tuple[float, float | None]:
+        return 0.0, None  # never corrects the clock: a stop puts back nothing
+
     def on_timer(self, now_ns: int) -> list[Action]:
         actions: list[Action] = []
         for name, due in list(self._next.items()):

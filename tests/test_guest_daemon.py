@@ -240,6 +240,9 @@ class ScriptedController:
     def drain_events(self) -> list[Any]:  # state transitions: this double makes none
         return []
 
+    def base_frequency_ppm(self) -> tuple[float, float | None]:
+        return 0.0, None
+
     def status(self, now_ns: int) -> ControllerStatus:
         return ControllerStatus(state="unsynchronised", offset_s=None, frequency_ppm=0.0,
                                 root_distance_s=None, poll_s=1.0, last_update=None, steps=0,

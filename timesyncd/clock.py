@@ -24,6 +24,16 @@ class KernelStatus:
     leap: Leap = Leap.NONE
 
 
+@dataclass(frozen=True, slots=True)
+class ClockFrequency:
+    """The frequency correction a clock holds now (ppm, positive runs faster), and whether its
+    tick is nominal (the whole correction in the fine ``freq`` part, as a plain NTP daemon
+    leaves it; a tick off nominal with a large correction is a slew left behind)."""
+
+    ppm: float
+    tick_nominal: bool
+
+
 class Clock(ABC):
     """A clock that can be read, slewed through its frequency, and stepped.
 
@@ -49,6 +59,10 @@ class Clock(ABC):
     @abstractmethod
     def set_kernel_status(self, status: KernelStatus) -> None:
         """Publish synchronisation state, error bounds and leap warnings."""
+
+    def read_frequency(self) -> ClockFrequency | None:
+        """The correction the clock holds now, where the driver can read it (read only)."""
+        return None
 
     def true_offset_ns(self) -> int | None:
         """This clock minus true time, where the driver knows it (software and sim clocks)."""

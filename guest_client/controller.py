@@ -28,6 +28,7 @@ from guest_client.actions import (
 )
 from guest_client.jump_guard import confirmed_jump, jump_confirmed
 from guest_client.source import BURST_INTERVAL_S, Source, SourceConfig
+from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from timesyncd.clock import KernelStatus
 from timesyncd.discipline import (
     MIN_WINDOW,
@@ -83,6 +84,7 @@ class GuestController:
         self._discontinuity = False
         self._leap = 0
         self._last_offset: float | None = None
+        self._offset_rms = OffsetRms()
         for source in sources:
             self._add(source)
 
@@ -234,6 +236,14 @@ class GuestController:
                         else 0.0),
         )
 
+    def tracking(self, now_ns: int) -> Tracking:
+        """The ``chronyc tracking``/``sources`` figures; fills the sources' reach/poll columns."""
+        return build_tracking(
+            self._sources.values(), lambda t: self._ns(t) / _NS,
+            synced=self.state != "unsynchronised" and self._sys is not None, slope=self._slope,
+            slope_sd=self._slope_sd, leap=self._leap, leap_mode=self.config.leap_mode,
+            rms_offset_s=self._offset_rms.rms_s, remaining_s=self.current_offset(now_ns))
+
     # --- internals: requests and rejections -------------------------------------------------
     def _request(self, src: Source, now_ns: int) -> SendRequest:
         cookie = self._rng.getrandbits(64) or 1
@@ -384,6 +394,7 @@ class GuestController:
             offset = sel.offset + self._model.correction_at(now)
         self._error_s = sel.distance
         self._last_offset = offset
+        self._offset_rms.add(offset)
         self._est_error_s = min(sel.distance, max(
             (s.estimate.offset_sd for s in live if s.estimate), default=sel.distance))
         self._leap = sel.leap

@@ -207,7 +207,10 @@ class GuestDaemon:
 
     def status(self) -> dict[str, Any]:
         """The ``timesync status --json`` object."""
-        st = self.controller.status(self.clock.now_ns()).to_json()
+        now_ns = self.clock.now_ns()
+        tracking = self.controller.tracking(now_ns)  # before status(): fills source columns
+        st = self.controller.status(now_ns).to_json()
+        st.update(tracking.to_json())
         true = self.clock.true_offset_ns()
         if true is not None:
             st["true_offset_s"] = true / _NS

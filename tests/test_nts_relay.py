@@ -204,8 +204,8 @@ def test_guest_syncs_with_nts_through_relay(chrony: NtsServer, tmp_path: Path) -
         assert clock.steps and abs(clock.steps[0] / 1e9 + 5.0) < 0.01  # the initial step
         assert relay.ke_proxy.counters["opened"] == 1
         text = format_status(daemon.status())
-        line = next(x for x in text.splitlines() if x.startswith("nts:"))
-        assert " yes " in line  # the auth column
+        line = next(x for x in text.splitlines() if x[4:].startswith("nts:"))
+        assert line.startswith("* A ")  # the reference, authenticated
         # before NTS-KE finished, polls were refused locally; nothing was rejected since
         early = dict(src["rejected"])
         assert set(early) <= {"nts_not_ready", "no_reply"}
@@ -438,8 +438,8 @@ def test_cli_guest_with_nts_source_syncs_and_status_shows_it_authenticated(
         assert src["name"].startswith("nts:") and src["authenticated"] and src["nts"]["ready"]
         text = subprocess.run(cli + ["status", "--socket", str(status_sock)],
                               capture_output=True, text=True, timeout=10).stdout
-        line = next(x for x in text.splitlines() if x.startswith("nts:"))
-        assert " yes " in line and "*" in line  # authenticated and selected
+        line = next(x for x in text.splitlines() if x[4:].startswith("nts:"))
+        assert line.startswith("* A "), text  # the reference, authenticated
     finally:
         for p in reversed(procs):
             p.terminate()

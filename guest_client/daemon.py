@@ -165,9 +165,13 @@ class GuestDaemon:
                     s.health_interval_s)
                 await self.health.start()
         self._timer_task = asyncio.create_task(self._timer_loop(), name="guest-timer")
-        log.info("guest daemon started: clock %s, sources %s%s", s.clock,
-                 ", ".join(self._udp) or "none",
-                 f", relay {s.relay}" if s.relay else "")
+        sources = list(self._udp)
+        if s.relay and s.relay_plain_sources:
+            sources.append(f"every upstream of relay {s.relay}")
+        sources += [f"nts:{spec}" for spec in s.nts_servers]
+        log.info("guest daemon started: clock %s; sources: %s; status socket %s", s.clock,
+                 ", ".join(sources), s.status_socket or "off",
+                 extra={"event": "guest_started", "state": self.controller.state})
 
     async def stop(self) -> None:
         self._running = False
@@ -396,7 +400,10 @@ class GuestDaemon:
             if self._last_state is not None:  # the start-up state is in "daemon started"
                 log.info("state %s -> %s (offset %s, frequency %+.3f ppm)", self._last_state,
                          st.state, "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
-                         st.frequency_ppm)
+                         st.frequency_ppm,
+                         extra={"event": "state_change", "from_state": self._last_state,
+                                "to_state": st.state, "offset_s": st.offset_s,
+                                "frequency_ppm": st.frequency_ppm})
             self._last_state = st.state
         if st.refused_jumps > self._last_refused:
             log.warning("refused a time jump reported by the sources (%d refused so far); "

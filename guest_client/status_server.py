@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -50,10 +49,8 @@ class StatusServer:
         self.served = 0
 
     async def start(self) -> None:
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-        # the transport replaces a stale socket, refuses a live one or a regular file, and
+        # the transport refuses a missing folder (one rule for every socket file), replaces
+        # a stale socket, refuses a live one or a regular file, and
         # on close unlinks the socket only if it is still ours
         self._listener = await listen_stream(
             Address("unix", path=self.path), self._handle, backlog=16, limit=MAX_REQUEST,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import click
@@ -10,8 +9,6 @@ import click
 from host_relay.settings import RelaySettings
 from timesyncd.cli.options import build_settings, settings_options
 from timesyncd.cli.runtime import serve_until_signal
-
-log = logging.getLogger("timesync.relay")
 
 
 @click.command()
@@ -23,9 +20,4 @@ def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
     from host_relay.service import RelayService
 
     settings = build_settings(RelaySettings, config, "relay", flags)
-    serve_until_signal(
-        lambda: RelayService(settings), (ctx.obj or {}).get("loop", "auto"),
-        on_started=lambda: log.info(
-            "relay listening on %s; upstreams: %s", ", ".join(settings.listen),
-            ", ".join(settings.upstreams) or "host clock (local stratum)"),
-    )
+    serve_until_signal(lambda: RelayService(settings), (ctx.obj or {}).get("loop", "auto"))

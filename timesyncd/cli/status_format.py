@@ -17,14 +17,15 @@ STATES = {
 }
 
 LEGEND = """\
-  .-- Source state: * reference, + combined, - not combined, x falseticker, ? unusable
-  | .- Auth: A authenticated (NTS), H host-trusted
-  | |                                     .- Reach: octal register of the last 8 polls
-  | |                                     |  (377: all answered)  .- LastRx: age of the
-  | |        Stratum, Poll (log2 s) --.   |    .------------------'   last good sample
-  | |                                 |   |    |  .- Offset: guest minus source,
-  | |                                 |   |    |  |  +/- its error (root distance)
-  | |                                 |   |    |  |"""
+  .-- Source state: * reference (selected, smallest error), + combined with it,
+  |   - usable but not combined, x falseticker, ? unreachable or no usable sample yet
+  | .- Trust: A authenticated (NTS), H host-trusted (kept within authenticated bounds)
+  | |
+  | |  Stratum: the source's.  Poll: log2 of the poll interval, seconds.
+  | |  Reach: octal register of the last 8 polls (377: all answered).
+  | |  LastRx: age of the last good sample.  Offset: guest minus source (last sample),
+  | |  +/- its error (root distance).  Delay: the round trip.
+  | |"""
 
 NAME_WIDTH = 30
 
@@ -124,7 +125,7 @@ def format_sources(st: dict[str, Any], now: float, wide: bool = False,
                 f"{'-' if src.get('poll') is None else src['poll']:>4} "
                 f"{'-' if reach is None else format(reach, 'o'):>5} "
                 f"{age(None if last_rx is None else now - last_rx):>6} "
-                f"{human(off):>10} {'+/- ' + human(err, signed=False):>12} "
+                f"{human(off):>10} {'-' if err is None else '+/- ' + human(err, signed=False):>12} "
                 f"{human(src.get('delay_s'), signed=False):>10}")
         mark = f"{state_char(src, st.get('reference'))} {'A' if src.get('authenticated') else 'H'}"
         if len(name) <= width:

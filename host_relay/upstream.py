@@ -31,6 +31,7 @@ from host_relay.stats import RelayStats
 from timesyncd.addresses import Address
 from timesyncd.packet import MAX_PACKET_LEN
 from timesyncd.transport import TransportError
+from timesyncd.transport.errors import os_error_reason
 from timesyncd.transport.udp import size_buffers
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ class Upstream:
             except BlockingIOError:
                 return
             except OSError as exc:  # ICMP error on the connected socket, e.g. refused
-                self._on_error(type(exc).__name__)
+                self._on_error(os_error_reason(exc))
                 return
             on_datagram(data, time.monotonic_ns())
             if not self._pending or self._sock is None:  # nothing expected, or closed

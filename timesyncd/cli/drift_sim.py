@@ -83,7 +83,7 @@ def _strategies(text: str) -> tuple[str, ...]:
               help="Guest traffic profile (CSV format: docs/SIMULATOR.md).")
 @click.option("--seed", type=Int(0, 2**32 - 1), default=1, show_default=True,
               help="Random seed: the same seed gives the same run.")
-@click.option("--seeds", default=None, metavar="A-B",
+@click.option("--seeds", default=None, metavar="A-B", show_default="--seed only",
               help="Run several seeds instead of --seed, e.g. 1-10 or 1,3,5.")
 @click.option("--leeway", type=Float(0, DAY_S), default=_TOK_DEFAULTS.jwt_leeway_s,
               show_default=True, help="JWT leeway, seconds.")
@@ -121,13 +121,16 @@ def _strategies(text: str) -> tuple[str, ...]:
 @click.option("--loss", type=Float(0, 1, max_open=True), default=0.0,
               show_default=True, help="Packet loss probability per message.")
 @click.option("--outage", "outages", multiple=True, metavar="START:DURATION",
+              show_default="none",
               help="Relay down, e.g. 2d:6h (units s/m/h/d). Repeatable.")
 @click.option("--scenario", "scenario_name", type=click.Choice(["default", "lan-reference"]),
               default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Write results as JSON to stdout.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              show_default="none",
               help="Write the offset time series to this CSV file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              show_default="none",
               help="Plot offsets (PNG; needs matplotlib).")
 def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway: float,
               transit: float, backdate: int, token_rate: float, load_coupling: float,

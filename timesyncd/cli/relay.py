@@ -12,7 +12,8 @@ from timesyncd.cli.runtime import serve_until_signal
 
 
 @click.command()
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([relay] table).")
+@click.option("--config", type=click.Path(dir_okay=False), show_default="none",
+              help="TOML file ([relay] table).")
 @settings_options(RelaySettings)
 @click.pass_context
 def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:

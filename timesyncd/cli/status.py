@@ -56,6 +56,7 @@ def _read(path: str, timeout: float) -> dict[str, Any]:
 @click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
               help="The guest daemon's status socket.")
 @click.option("--relay", "relay_metrics", default=None, metavar="tcp:HOST:PORT",
+              show_default="off: read the guest's status socket",
               help="Instead, ask a relay's metrics address (its --metrics) for every "
                    "connected guest's state, as a table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
@@ -83,8 +84,17 @@ def status(socket_path: str, relay_metrics: str | None, as_json: bool, verbose: 
 
 
 def _relay_status(address: str, as_json: bool, timeout: float) -> None:
-    from host_relay.relay_query import RelayQueryError, format_relay_status, query_relay
+    from host_relay.relay_query import (
+        RelayQueryError,
+        format_relay_status,
+        metrics_host_port,
+        query_relay,
+    )
 
+    try:
+        metrics_host_port(address)
+    except RelayQueryError as exc:  # a malformed address: a usage error, not a relay problem
+        raise click.BadParameter(str(exc).partition(": ")[2], param_hint="--relay") from None
     try:
         doc = query_relay(address, timeout)
     except RelayQueryError as exc:
@@ -122,10 +132,10 @@ def _verdict(st: dict[str, Any], max_offset: float, max_error: float | None,
               show_default="0.01 s", help="Seconds: synchronised with |offset| at most this.")
 @click.option("--max-error", type=Float(0, 3600, min_open=True), default=None,
               help="Seconds: also wait until the error bound (error_bound_s, else "
-                   "root_distance_s) is at most this.  [default: not checked]")
+                   "root_distance_s) is at most this.", show_default="not checked")
 @click.option("--max-correction", type=Float(0, 3600, min_open=True), default=None,
               help="Seconds: also wait until the correction still being slewed out is at most "
-                   "this (chronyc waitsync's max-correction).  [default: not checked]")
+                   "this (chronyc waitsync's max-correction).", show_default="not checked")
 @click.option("--timeout", type=Float(0, 86400 * 7), default=60.0, show_default="60 s",
               help="Seconds to wait before giving up (exit 1); 0: one try.")
 @click.option("--interval", type=Float(0.01, 3600), default=0.5, show_default="0.5 s",

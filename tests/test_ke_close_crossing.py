@@ -6,6 +6,7 @@ guest). A loopback TCP server that answers once and closes stands in for ntpsec.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from pathlib import Path
 
@@ -25,6 +26,12 @@ async def _closing_first(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.write(b"response")
     await writer.drain()
     writer.close()  # the server ends the stream, before the client does
+
+
+def _close_on_data(link: RelayLink, got: list[Frame], sid: int, frame: Frame) -> None:
+    got.append(frame)
+    if frame.type == FrameType.STREAM_DATA:
+        link.close_stream(sid)
 
 
 @pytest.mark.parametrize("guest_closes_after_data", [True, False])
@@ -47,18 +54,12 @@ def test_server_closing_first_is_not_an_error_on_either_side(
                     await asyncio.sleep(0.01)
             for _ in range(3):  # several KE exchanges, as after restarts
                 got.clear()
-                sid: int | None = None
-
-                def on_frame(frame: Frame) -> None:
-                    got.append(frame)
-                    if guest_closes_after_data and frame.type == FrameType.STREAM_DATA:
-                        # as nts_ke_via_relay does once the response is complete: close at
-                        # once, while the relay's close for the server's EOF is on its way
-                        assert sid is not None
-                        link.close_stream(sid)
-
-                sid = link.open_stream(on_frame)
+                sid = link.open_stream(got.append)
                 assert sid is not None
+                if guest_closes_after_data:
+                    # as nts_ke_via_relay does once the response is complete: close at once,
+                    # while the relay's close for the server's EOF is on its way
+                    link._streams[sid] = functools.partial(_close_on_data, link, got, sid)
                 link.send_frame(framing.stream_open(sid, 0))
                 for f in framing.stream_data(sid, b"client hello"):
                     link.send_frame(f)

@@ -120,6 +120,13 @@ class GuestController:
             src.arm(self.config.burst, now_ns)
         return []
 
+    def park(self, name: str) -> None:
+        """Stop polling ``name`` until :meth:`add_source` re-arms it (an NTS source waiting
+        for its keys: a poll that cannot be sent is not a missed reply)."""
+        src = self._sources.get(name)
+        if src is not None:
+            src.next_poll_ns, src.burst_left = None, 0
+
     def remove_source(self, name: str) -> None:
         self._sources.pop(name, None)
 

@@ -97,6 +97,7 @@ class GuestDaemon:
             is_synchronised=lambda: self.controller.state == "synchronised",
             on_reply=self._on_nts_reply, on_error=self._source_error,
             on_sent=self.controller.on_sent, ke_timeout_s=settings.nts_ke_timeout_s,
+            on_ready=self._nts_ready,
         )
         for nts_name in self.nts.sources:
             self.controller.add_source(self._nts_config(nts_name), clock.now_ns())
@@ -152,6 +153,8 @@ class GuestDaemon:
             raise
         self._running = True
         self._apply(self.controller.start(self.clock.now_ns()))
+        for name in self.nts.sources:  # polled once NTS-KE gave keys (_nts_ready)
+            self.controller.park(name)
         if self.fatal is not None:
             await self.stop()
             raise self.fatal
@@ -171,7 +174,7 @@ class GuestDaemon:
         sources += [f"nts:{spec}" for spec in s.nts_servers]
         log.info("guest daemon started: clock %s; sources: %s; status socket %s", s.clock,
                  ", ".join(sources), s.status_socket or "off",
-                 extra={"event": "guest_started", "state": self.controller.state})
+                 extra={"event": "guest_started"})
 
     async def stop(self) -> None:
         self._running = False
@@ -285,9 +288,15 @@ class GuestDaemon:
             # for a known source this re-arms it (a burst after reconnecting), keeping samples
             self._apply(self.controller.add_source(
                 SourceConfig(name, self._trust.get(name, "host")), now))
-        for nts_name in self.nts.sources:  # re-arm (a burst) after the reconnect
-            self._apply(self.controller.add_source(self._nts_config(nts_name), now))
+        for nts_name, nts_src in self.nts.sources.items():  # re-arm (a burst) after reconnect
+            if nts_src.ready:  # the others are armed by _nts_ready once NTS-KE is done
+                self._apply(self.controller.add_source(self._nts_config(nts_name), now))
         self.nts.on_relay_up()
+
+    def _nts_ready(self, name: str) -> None:
+        """NTS-KE gave keys: poll now (a burst), not before, so a clean start counts nothing."""
+        if self._running:
+            self._apply(self.controller.add_source(self._nts_config(name), self.clock.now_ns()))
 
     def _nts_config(self, name: str) -> SourceConfig:
         return SourceConfig(name, self._trust.get(name, "authenticated"))

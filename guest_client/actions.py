@@ -55,6 +55,12 @@ class SourceStatus:
     samples: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     note: str = ""  # e.g. why a source is unusable
+    # chronyc-sources columns, filled in by GuestController.status()
+    reach: int = 0  # 8-bit register: bit 0 the last request answered
+    poll: int | None = None  # log2 seconds of the poll interval in use
+    last_rx: float | None = None  # Unix seconds (disciplined clock) of the last sample
+    error_s: float | None = None  # the last sample's root distance (the "+/-" column)
+    freq_ppm: float | None = None  # this source's frequency estimate of the clock
 
 
 @dataclass(slots=True)

@@ -39,6 +39,7 @@ from guest_client.candidates import (
 )
 from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
 from guest_client.source import Source, SourceConfig
+from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from guest_client.step_policy import (
     MAX_JUMPS,
     Decision,
@@ -113,6 +114,7 @@ class GuestController:
         self._verified = True  # False from a link loss until a sample after it agrees
         self._leap = 0
         self._last_offset: float | None = None
+        self._offset_rms = OffsetRms()
         for source in sources:
             self._add(source)
 
@@ -138,6 +140,13 @@ class GuestController:
         if self._started:
             src.arm(self.config.burst, now_ns)
         return []
+
+    def park(self, name: str) -> None:
+        """Stop polling ``name`` until :meth:`add_source` re-arms it (an NTS source waiting
+        for its keys: a poll that cannot be sent is not a missed reply)."""
+        src = self._sources.get(name)
+        if src is not None:
+            src.next_poll_ns, src.burst_left = None, 0
 
     def remove_source(self, name: str) -> None:
         self._sources.pop(name, None)
@@ -298,6 +307,14 @@ class GuestController:
             holdover_since=self._ns(since) / _NS if since is not None else None,
             disagreement_s=self._jumps.disagreement_s)
 
+    def tracking(self, now_ns: int) -> Tracking:
+        """The ``chronyc tracking``/``sources`` figures; fills the sources' reach/poll columns."""
+        return build_tracking(
+            self._sources.values(), lambda t: self._ns(t) / _NS,
+            synced=self.state != "unsynchronised" and self._sys is not None, slope=self._slope,
+            slope_sd=self._slope_sd, leap=self._leap, leap_mode=self.config.leap_mode,
+            rms_offset_s=self._offset_rms.rms_s, remaining_s=self._estimate(self._t(now_ns)))
+
     # --- internals: requests and rejections -------------------------------------------------
     def _request(self, src: Source, now_ns: int) -> SendRequest:
         cookie = self._rng.getrandbits(64) or 1
@@ -430,6 +447,7 @@ class GuestController:
                           if s.config.name in sel.selected), default=math.inf)
         self._basis = BoundBasis(now, max(sel.distance, guaranteed), self._slope_sd)
         self._last_offset = offset
+        self._offset_rms.add(offset)
         self._est_error_s = min(sel.distance, max(
             (s.estimate.offset_sd for s in live if s.estimate), default=sel.distance))
         self._leap = sel.leap

@@ -108,6 +108,7 @@ class GuestDaemon:
             on_reply=self._on_nts_reply, on_error=self._source_error,
             on_sent=self.controller.on_sent, ke_timeout_s=settings.nts_ke_timeout_s,
             floor=self.floor,
+            on_ready=self._nts_ready,
         )
         for nts_name in self.nts.sources:
             self.controller.add_source(self._nts_config(nts_name), clock.now_ns())
@@ -175,6 +176,8 @@ class GuestDaemon:
             if sf.set_kernel:
                 first.append(SetFrequency(sf.ppm))
         self._apply([*first, *self.controller.start(self.clock.now_ns())])
+        for name in self.nts.sources:  # polled once NTS-KE gave keys (_nts_ready)
+            self.controller.park(name)
         if self.fatal is not None:
             await self.stop()
             raise self.fatal
@@ -191,9 +194,13 @@ class GuestDaemon:
         if s.freq_file:
             self._freq_task = asyncio.create_task(self._freq_file_loop(s.freq_file),
                                                   name="guest-freq-file")
-        log.info("guest daemon started: clock %s, sources %s%s", s.clock,
-                 ", ".join(self._udp) or "none",
-                 f", relay {s.relay}" if s.relay else "")
+        sources = list(self._udp)
+        if s.relay and s.relay_plain_sources:
+            sources.append(f"every upstream of relay {s.relay}")
+        sources += [f"nts:{spec}" for spec in s.nts_servers]
+        log.info("guest daemon started: clock %s; sources: %s; status socket %s", s.clock,
+                 ", ".join(sources), s.status_socket or "off",
+                 extra={"event": "guest_started"})
 
     async def stop(self) -> None:
         """Stop polling, put the clock back on its base frequency (no slew left behind), keep
@@ -289,7 +296,10 @@ class GuestDaemon:
 
     def status(self) -> dict[str, Any]:
         """The ``timesync status --json`` object."""
-        st = self.controller.status(self.clock.now_ns()).to_json()
+        now_ns = self.clock.now_ns()
+        tracking = self.controller.tracking(now_ns)  # before status(): fills source columns
+        st = self.controller.status(now_ns).to_json()
+        st.update(tracking.to_json())
         true = self.clock.true_offset_ns()
         if true is not None:
             st["true_offset_s"] = true / _NS
@@ -375,9 +385,15 @@ class GuestDaemon:
             # for a known source this re-arms it (a burst after reconnecting), keeping samples
             self._apply(self.controller.add_source(
                 SourceConfig(name, self._trust.get(name, "host")), now))
-        for nts_name in self.nts.sources:  # re-arm (a burst) after the reconnect
-            self._apply(self.controller.add_source(self._nts_config(nts_name), now))
+        for nts_name, nts_src in self.nts.sources.items():  # re-arm (a burst) after reconnect
+            if nts_src.ready:  # the others are armed by _nts_ready once NTS-KE is done
+                self._apply(self.controller.add_source(self._nts_config(nts_name), now))
         self.nts.on_relay_up()
+
+    def _nts_ready(self, name: str) -> None:
+        """NTS-KE gave keys: poll now (a burst), not before, so a clean start counts nothing."""
+        if self._running:
+            self._apply(self.controller.add_source(self._nts_config(name), self.clock.now_ns()))
 
     def _nts_config(self, name: str) -> SourceConfig:
         return SourceConfig(name, self._trust.get(name, "authenticated"))
@@ -511,7 +527,12 @@ class GuestDaemon:
                         ev.old, ev.new, ev.reason,
                         "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
                         "-" if st.error_bound_s is None else f"{st.error_bound_s:.6f} s",
-                        st.frequency_ppm, extra={"event": ev.name})
+                        st.frequency_ppm,
+                        extra={"event": "state_change", "transition": ev.name,
+                               "from_state": str(ev.old), "to_state": str(ev.new),
+                               "reason": str(ev.reason), "offset_s": st.offset_s,
+                               "error_bound_s": st.error_bound_s,
+                               "frequency_ppm": st.frequency_ppm})
         refused = self.controller.refused_jumps
         if refused > self._last_refused:
             log.warning("refused a time jump reported by the sources (%d refused so far); "

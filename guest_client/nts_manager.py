@@ -127,6 +127,7 @@ class NtsManager:
         on_sent: OnSent, ke_timeout_s: float = 10.0, retry_min_s: float = 2.0,
         retry_max_s: float = 600.0, random_bytes: RandomBytes = os.urandom,
         floor: TimeFloor | None = None,
+        on_ready: Callable[[str], None] | None = None,
     ) -> None:
         self.sources = {s.source_name: NtsSource(s, random_bytes) for s in specs}
         self.cafile = cafile
@@ -150,6 +151,8 @@ class NtsManager:
         #: authenticated requests in a row that got no verified reply
         self._unanswered: dict[str, int] = dict.fromkeys(self.sources, 0)
         self._outstanding: set[str] = set()  # sent, not yet answered, timed out or superseded
+        self._on_ready = on_ready  # a source got keys: the daemon starts polling it
+        self._retries: dict[str, asyncio.TimerHandle] = {}
 
     def owns(self, name: str) -> bool:
         return name in self.sources
@@ -158,6 +161,9 @@ class NtsManager:
         self.link = link
 
     async def stop(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
         tasks = list(self._tasks.values())
         self._tasks.clear()
         # bounded, re-cancelling a swallowed cancel (a bare await could hang stop())
@@ -326,15 +332,36 @@ class NtsManager:
             return
         finally:
             self._tasks.pop(name, None)
+            if not src.ready:
+                self._retry_later(src)  # after the backoff; cancelled below if this succeeds
         upstreams = {u.name: u.index for u in link.upstreams}
         self._unanswered[name] = 0
         if src.on_ke_result(result, upstreams):
+            retry = self._retries.pop(name, None)
+            if retry is not None:
+                retry.cancel()
+            if self._on_ready is not None:
+                self._on_ready(name)
             log.info("NTS-KE for %s done: %d cookies, NTP via relay upstream %d (%s)%s", name,
                      len(result.cookies), src.upstream, src.ntp_server,
                      "; certificate dates unchecked" if result.validity_unchecked else "")
         else:
             self._on_error(name, "ntp_server_not_allowlisted")
             log.error("NTS source %s: %s", name, src.note)
+
+    def _retry_later(self, src: NtsSource) -> None:
+        """Retry a failed KE after its backoff even if nothing polls the source (it is parked
+        until it has keys)."""
+        if src.name in self._disabled or src.name in self._retries:
+            return
+        loop = asyncio.get_running_loop()
+
+        def retry() -> None:
+            self._retries.pop(src.name, None)
+            self._maybe_ke(src)
+
+        delay = max(self._not_before[src.name] - loop.time(), 0.0) + 0.01
+        self._retries[src.name] = loop.call_later(delay, retry)
 
     def _ke_index(self, src: NtsSource, link: RelayLink) -> int | None:
         entries = link.hello_info.get("nts_ke")

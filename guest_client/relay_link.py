@@ -45,6 +45,8 @@ MAX_WRITE_BUFFER = 256 * 1024
 STABLE_SESSION_S = 10.0
 _STREAM_FRAMES = (FrameType.STREAM_OPEN, FrameType.STREAM_DATA, FrameType.STREAM_CLOSE,
                   FrameType.ERROR)
+#: stream ids remembered after we close them, for the peer's crossing close
+_CLOSED_STREAMS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,9 @@ class RelayLink:
         self.hello_info: dict[str, object] = {}
         #: open byte streams (NTS-KE): stream id -> handler of STREAM_*/ERROR frames for it
         self._streams: dict[int, Callable[[Frame], None]] = {}
+        #: streams we closed whose peer may still be closing too (the relay's close crossing
+        #: ours, e.g. an ntpsec KE server that closes first): their late frames are expected
+        self._closed_streams: dict[int, None] = {}
         self.counters: Counter[str] = Counter()
         self.connects = 0
         #: the latest problem, for status; cleared by each successful HELLO
@@ -274,6 +279,9 @@ class RelayLink:
     def close_stream(self, sid: int, reason: str = "") -> None:
         """Forget a stream, telling the relay unless it already ended it."""
         if self._streams.pop(sid, None) is not None:
+            self._closed_streams[sid] = None
+            while len(self._closed_streams) > _CLOSED_STREAMS_KEPT:
+                del self._closed_streams[next(iter(self._closed_streams))]
             self.send_frame(framing.stream_close(sid, reason))
 
     def send_frame(self, frame: Frame) -> bool:
@@ -407,6 +415,11 @@ class RelayLink:
             if frame.type == FrameType.STREAM_CLOSE or frame.type == FrameType.ERROR:
                 del self._streams[frame.request_id]
             stream(frame)
+            return
+        if frame.request_id in self._closed_streams and frame.type in _STREAM_FRAMES:
+            # the relay's close (or last bytes) crossing ours: the normal end, not an error
+            if frame.type != FrameType.STREAM_DATA:
+                del self._closed_streams[frame.request_id]
             return
         if frame.type == FrameType.NTP_REPLY:
             p = self._pending.pop(frame.request_id, None)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import time
 from collections import Counter
@@ -60,10 +59,8 @@ class StatusServer:
         self.served = 0
 
     async def start(self) -> None:
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-        # the transport replaces a stale socket, refuses a live one or a regular file, and
+        # the transport refuses a missing folder (one rule for every socket file), replaces
+        # a stale socket, refuses a live one or a regular file, and
         # on close unlinks the socket only if it is still ours
         self._listener = await listen_stream(
             Address("unix", path=self.path), self._handle, backlog=MAX_CLIENTS * 2,

@@ -70,6 +70,8 @@ class KeProxy:
         self.endpoints = tuple(endpoints)
         self.limits = limits or KeProxyLimits()
         self._streams: dict[tuple[int, int], _Stream] = {}
+        #: streams whose end we told the guest: its close (or last bytes) may cross ours
+        self._told_closed: dict[tuple[int, int], None] = {}
         self._by_owner: dict[int, set[_Stream]] = {}
         self.counters: Counter[str] = Counter()
         self._failing: Counter[str] = Counter()  # connect failures in a row, per endpoint
@@ -90,8 +92,14 @@ class KeProxy:
             self._open(owner, frame, send)
             return
         stream = self._streams.get(key)
+        if stream is None and key in self._told_closed:
+            # the guest's close (or TLS close_notify) crossing ours, as when the KE server
+            # closes first (ntpsec does): the normal end of a stream, not an error
+            if frame.type == framing.FrameType.STREAM_CLOSE:
+                del self._told_closed[key]
+            return
         if stream is None:
-            # a close crossing ours, or a guest bug: answer data, ignore a close
+            # a guest bug: answer data, ignore a close
             self.counters["unknown_stream"] += 1
             if frame.type == framing.FrameType.STREAM_DATA:
                 send(framing.stream_close(frame.request_id, "no such stream"))
@@ -245,6 +253,10 @@ class KeProxy:
             if not owned:
                 del self._by_owner[id(stream.owner)]
         if reason is not None:
+            key = (id(stream.owner), stream.stream_id)
+            self._told_closed[key] = None
+            while len(self._told_closed) > self.limits.max_streams * 4 + 64:
+                del self._told_closed[next(iter(self._told_closed))]
             stream.send(framing.stream_close(stream.stream_id, reason))
         if stream.writer is not None:
             stream.writer.close()

@@ -19,10 +19,14 @@ class RelayQueryError(OSError):
     """No usable ``/status`` answer from the relay's metrics address."""
 
 
-def _host_port(address: str) -> tuple[str, int]:
+def metrics_host_port(address: str) -> tuple[str, int]:
     spec = address.removeprefix("http://").rstrip("/")
-    if not spec.startswith("tcp:"):
-        spec = "tcp:" + spec
+    kind = spec.partition(":")[0]
+    if kind in ("unix", "vsock", "fc", "udp"):
+        raise RelayQueryError(f"relay metrics address {address!r}: the relay serves metrics "
+                              "over TCP only; give its --metrics address, tcp:HOST:PORT")
+    if kind != "tcp":
+        spec = "tcp:" + spec  # HOST:PORT
     try:
         addr = parse_address(spec)
     except AddressError as exc:
@@ -34,14 +38,15 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def query_relay(address: str, timeout: float = 2.0) -> dict[str, Any]:
     """GET ``/status`` from a relay started with ``--metrics``; :class:`RelayQueryError`."""
-    host, port = _host_port(address)
+    host, port = metrics_host_port(address)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", "/status")
         resp = conn.getresponse()
         body = resp.read(MAX_RESPONSE + 1)
     except (OSError, http.client.HTTPException) as exc:
-        raise RelayQueryError(f"relay metrics at {host}:{port}: {exc}") from exc
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise RelayQueryError(f"relay metrics at {host}:{port}: {reason}") from exc
     finally:
         conn.close()
     if resp.status != 200:

@@ -139,7 +139,9 @@ class RelayService:
         except BaseException:
             await self.stop()
             raise
-        log.info("relay listening on %s", ", ".join(str(a) for a in self.addresses))
+        log.info("relay listening on %s; upstreams: %s", ", ".join(str(a) for a in self.addresses),
+                 ", ".join(self.settings.upstreams) or "host clock (local stratum)",
+                 extra={"event": "relay_listening"})
 
     async def stop(self) -> None:
         """Stop listening, drop every connection and its pending requests, close upstreams."""

@@ -43,6 +43,7 @@ from timesyncd.addresses import Address
 from timesyncd.logs import decade
 from timesyncd.packet import MAX_PACKET_LEN
 from timesyncd.transport import TransportError
+from timesyncd.transport.errors import os_error_reason
 from timesyncd.transport.udp import size_buffers
 
 log = logging.getLogger(__name__)
@@ -335,8 +336,9 @@ class Upstream:
             except BlockingIOError:
                 return
             except OSError as exc:  # ICMP error on the connected socket, e.g. refused
-                self._on_error(type(exc).__name__)
-                self._reopen(type(exc).__name__)
+                reason = os_error_reason(exc)
+                self._on_error(reason)
+                self._reopen(reason)
                 return
             on_datagram(data, time.monotonic_ns())
             if not self._pending or self._sock is None:  # nothing expected, or closed

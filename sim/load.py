@@ -239,9 +239,13 @@ class TraceLoad(StepLoad):
             if len(row) < 2:
                 raise ValueError(f"{path}: row {lineno}: expected time_s,requests_per_second")
             try:
-                rows.append((float(row[0]), float(row[1])))
+                t, rps = float(row[0]), _rate(row[1], f"{path}: row {lineno}")
             except ValueError:
-                raise ValueError(f"{path}: row {lineno}: not numbers: {row!r}") from None
+                raise ValueError(f"{path}: row {lineno}: not a time and a finite rate >= 0: "
+                                 f"{row!r}") from None
+            if not math.isfinite(t):
+                raise ValueError(f"{path}: row {lineno}: time {row[0]!r} is not finite")
+            rows.append((t, rps))
         return cls.from_rows(rows, repeat=repeat, full_scale_rps=full_scale_rps, source=str(path))
 
 
@@ -275,6 +279,17 @@ class BurstyLoad(StepLoad):
         return cls(_Steps.build(times, values, None), full_scale_rps)
 
 
+def _rate(text: str, where: str) -> float:
+    """A request rate: a finite number >= 0 (NaN would poison every mean it enters)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"load: {where}: rate {text!r} is not a finite number >= 0")
+    return value
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -287,7 +302,8 @@ def make_load(spec: str, *, seed: int, horizon_s: float) -> LoadProfile:
     """``constant`` (idle), ``constant:RPS``, ``diurnal``, ``bursty`` or a path to a CSV trace."""
     name, _, arg = spec.partition(":")
     if name == "constant":
-        return ConstantLoad(float(arg) if arg else 0.0)
+        rps = _rate(arg, spec) if arg else 0.0
+        return ConstantLoad(rps)
     if name == "diurnal":
         return DiurnalLoad()
     if name == "bursty":

@@ -9,6 +9,7 @@ rejected as "not yet valid" between day 2.5 and 3.5.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -122,9 +123,12 @@ def parse_duration(text: str) -> float:
         value = float(t[:-1]) * mult if mult is not None else float(t)
     except ValueError:
         raise ValueError(f"duration: {text!r} is not a number with optional s/m/h/d") from None
-    if value < 0:
-        raise ValueError(f"duration: {text!r} must be >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"duration: {text!r} must be a finite number >= 0")
     return value
+
+
+MAX_SEEDS = 1000
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -133,11 +137,16 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.split(","):
         a, sep, b = part.partition("-")
         try:
-            seeds.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+            first, last = int(a), int(b) if sep else int(a)
         except ValueError:
             raise ValueError(f"seeds: {text!r}; use N, A-B or a comma list") from None
+        if last - first >= MAX_SEEDS:  # checked before the range is built
+            raise ValueError(f"seeds: {text!r}; at most {MAX_SEEDS} seeds")
+        seeds.extend(range(first, last + 1))
     if not seeds:
-        raise ValueError("seeds: empty")
+        raise ValueError(f"seeds: {text!r} is empty; use N, A-B or a comma list")
+    if len(seeds) > MAX_SEEDS or min(seeds) < 0 or max(seeds) >= 2**32:
+        raise ValueError(f"seeds: {text!r}; at most {MAX_SEEDS} seeds, each 0..{2**32 - 1}")
     return seeds
 
 

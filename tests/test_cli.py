@@ -102,6 +102,12 @@ def test_relay_guest_status_and_wait_sync(relay_and_guest: dict[str, Path]) -> N
     human = _cli("status", "--socket", sock)
     assert human.returncode == 0 and "State           : synchronised" in human.stdout
     assert "Relay link      : unix:" in human.stdout and " connected, 1 connects" in human.stdout
+    # chronyc-tracking fields from the controller: the relay answers at local stratum 10
+    assert st["stratum"] == 11 and st["leap_status"] == "normal", st
+    assert st["reference"] == st["sources"][0]["name"] and st["rms_offset_s"] is not None
+    assert st["sources"][0]["reach"] > 0 and st["sources"][0]["last_rx"] is not None
+    assert "Stratum         : 11" in human.stdout and "Leap status     : normal" in human.stdout
+    assert any(ln.startswith("* H relay:unix:") for ln in human.stdout.splitlines()), human.stdout
 
 
 #: `timesync guest` with a clock that refuses frequency writes (as without CAP_SYS_TIME, or

@@ -29,6 +29,7 @@ from guest_client.daemon import GuestDaemon, make_clock
 from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream
 from guest_client.settings import GuestSettings
 from guest_client.status_server import query_status
+from guest_client.tracking import Tracking
 from timesyncd.clock import KernelStatus
 from timesyncd.config import ConfigError, load_settings
 from timesyncd.discipline import DisciplineConfig
@@ -247,6 +248,12 @@ class ScriptedController:
         return ControllerStatus(state="unsynchronised", offset_s=None, frequency_ppm=0.0,
                                 root_distance_s=None, poll_s=1.0, last_update=None, steps=0,
                                 refused_jumps=0, rejected={}, sources=[])
+
+    def tracking(self, now_ns: int) -> Tracking:
+        return Tracking(None, None, "not synchronised", None, None, None, None)
+
+    def park(self, name: str) -> None:
+        self.events.append(("park", name))
 
     def kinds(self, kind: str) -> list[tuple[Any, ...]]:
         return [e for e in self.events if e[0] == kind]

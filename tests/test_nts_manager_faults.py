@@ -170,3 +170,27 @@ def test_nts_send_reports_the_links_real_refusal() -> None:
 
     asyncio.run(main())
     assert errors == ["send_busy", "send_oversized"]
+
+
+def test_failed_ke_is_retried_on_its_own_timer_until_stopped(tmp_path: Path) -> None:
+    """NTS sources are not polled before they have keys, so no poll drives a KE retry: the
+    manager retries after the backoff by itself, and stop() cancels what is scheduled."""
+    spec, cafile = parse_nts_server("localhost@127.0.0.1"), tmp_path / "empty.pem"
+    cafile.write_bytes(b"")  # every KE fails at once (cannot load the CA bundle)
+    errors: list[str] = []
+
+    async def main() -> None:
+        m, _ = make_manager(spec, str(cafile), errors)
+        src = m.sources[spec.source_name]
+        m.on_relay_up()  # the only trigger: nothing calls send()
+        for _ in range(200):
+            if src.counters["ke_error"] >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert src.counters["ke_error"] >= 3, src.counters  # 0.05 s, 0.1 s, 0.2 s backoff
+        await m.stop()
+        seen = src.counters["ke_error"]
+        await asyncio.sleep(0.5)
+        assert src.counters["ke_error"] == seen, "no retry after stop()"
+
+    asyncio.run(asyncio.wait_for(main(), 10))

@@ -19,6 +19,7 @@ from guest_client.status_server import StatusError, StatusServer, query_status
 @pytest.fixture
 def sock_path() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="ts-status-")
+    os.mkdir(os.path.join(d, "sub"))
     yield os.path.join(d, "sub", "guest.sock")
     for root, dirs, files in os.walk(d, topdown=False):
         for f in files:
@@ -120,7 +121,7 @@ def test_provider_exception_is_contained(sock_path: str) -> None:
 
 
 def test_stale_socket_replaced_live_socket_refused(sock_path: str) -> None:
-    Path(sock_path).parent.mkdir(parents=True)
+    Path(sock_path).parent.mkdir(parents=True, exist_ok=True)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(sock_path)
     stale.close()  # file left behind, nobody listening
@@ -140,7 +141,7 @@ def test_stale_socket_replaced_live_socket_refused(sock_path: str) -> None:
 
 
 def test_regular_file_not_clobbered(sock_path: str) -> None:
-    Path(sock_path).parent.mkdir(parents=True)
+    Path(sock_path).parent.mkdir(parents=True, exist_ok=True)
     Path(sock_path).write_text("precious")
 
     async def main() -> None:
@@ -155,7 +156,7 @@ def test_regular_file_not_clobbered(sock_path: str) -> None:
 def test_query_status_errors(sock_path: str) -> None:
     with pytest.raises(OSError):
         query_status(sock_path, 0.5)  # nothing there
-    Path(sock_path).parent.mkdir(parents=True)
+    Path(sock_path).parent.mkdir(parents=True, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(1)

@@ -9,6 +9,7 @@ the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -21,6 +22,28 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A refused setting; the message names the key and how to fix it."""
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def number_problem(value: float, minimum: float | None = None, maximum: float | None = None,
+                   *, min_open: bool = False, max_open: bool = False) -> str | None:
+    """Why ``value`` is refused (None: accepted): the one numeric check for flags and TOML.
+
+    NaN compares false with everything, so a plain ``value < minimum`` lets it through; it and
+    the infinities are refused first, whatever the bounds.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{_num(value)} is not a finite number"
+    if minimum is not None and (value < minimum or (min_open and value == minimum)):
+        return (f"{_num(value)} is not above {_num(minimum)}" if min_open
+                else f"{_num(value)} is below the minimum {_num(minimum)}")
+    if maximum is not None and (value > maximum or (max_open and value == maximum)):
+        return (f"{_num(value)} is not below {_num(maximum)}" if max_open
+                else f"{_num(value)} is above the maximum {_num(maximum)}")
+    return None
 
 
 def parse_file_mode(key: str, text: str) -> int:
@@ -45,6 +68,7 @@ class Option:
     choices: tuple[Any, ...] | None
     minimum: float | None
     maximum: float | None
+    min_open: bool
     flag: str
     is_list: bool
     base: type
@@ -86,6 +110,7 @@ def options(cls: type) -> list[Option]:
                 key=f.name, type_name=type_name, default=default, help=md.get("help", ""),
                 choices=tuple(md["choices"]) if "choices" in md else None,
                 minimum=md.get("min"), maximum=md.get("max"),
+                min_open=bool(md.get("min_open", False)),
                 flag=md.get("flag", "--" + f.name.replace("_", "-")),
                 is_list=is_list, base=base,
             )
@@ -119,10 +144,10 @@ def _coerce_scalar(opt: Option, value: Any, where: str) -> Any:
     if opt.choices is not None and value not in opt.choices:
         accepted = ", ".join(repr(c) for c in opt.choices)
         raise ConfigError(f"{where}: {value!r} is not accepted; use one of {accepted}")
-    if opt.minimum is not None and value < opt.minimum:
-        raise ConfigError(f"{where}: {value!r} is below the minimum {opt.minimum}")
-    if opt.maximum is not None and value > opt.maximum:
-        raise ConfigError(f"{where}: {value!r} is above the maximum {opt.maximum}")
+    if base in (int, float):
+        problem = number_problem(value, opt.minimum, opt.maximum, min_open=opt.min_open)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
     return value
 
 
@@ -188,7 +213,8 @@ def reference_markdown(title: str, cls: type, section: str) -> str:
             meaning += " One of: " + ", ".join(f"`{c}`" for c in o.choices) + "."
         if o.minimum is not None or o.maximum is not None:
             meaning += f" Range: {o.minimum if o.minimum is not None else ''}.." \
-                       f"{o.maximum if o.maximum is not None else ''}."
+                       f"{o.maximum if o.maximum is not None else ''}" \
+                       f"{' (minimum excluded)' if o.min_open else ''}."
         default = "unset" if o.default is None else f"`{o.default!r}`"
         lines.append(f"| `{o.key}` | `{o.flag}` | {o.type_name} | {default} | {meaning} |")
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from guest_client.daemon import GuestDaemon
 from guest_client.settings import GuestSettings
 from host_relay.service import RelayService
 from host_relay.settings import RelaySettings
+from timesyncd.cli.options import Float
 from timesyncd.cli.runtime import run_until_signal
 
 
@@ -87,10 +88,11 @@ async def run_demo(duration: float, freq_ppm: float, offset_s: float,
 
 
 @click.command()
-@click.option("--duration", default=60.0, show_default=True, help="Seconds to run.")
-@click.option("--freq-ppm", default=200.0, show_default=True,
-              help="Software clock's rate error (positive: runs fast).")
-@click.option("--offset", default=0.5, show_default=True,
+@click.option("--duration", type=Float(0, 86400.0, min_open=True), default=60.0,
+              show_default="60 s", help="Seconds to run.")
+@click.option("--freq-ppm", type=Float(-50_000.0, 50_000.0), default=200.0,
+              show_default="200 ppm", help="Software clock's rate error (positive: runs fast).")
+@click.option("--offset", type=Float(-1e6, 1e6), default=0.5, show_default="0.5 s",
               help="Software clock's initial offset, seconds (positive: ahead).")
 @click.pass_context
 def demo(ctx: click.Context, duration: float, freq_ppm: float, offset: float) -> None:

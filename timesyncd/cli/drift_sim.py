@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import click
 
+from sim.load import make_load
 from sim.report import StrategyResult, write_csv, write_plot, write_tables
 from sim.runner import run_scenario
 from sim.scenario import (
@@ -21,7 +22,17 @@ from sim.scenario import (
     parse_seeds,
 )
 from sim.tokens import TokenConfig
+from timesyncd.cli.options import Float, Int
 
+DAY_S = 86400.0
+MAX_DAYS = 3660.0  # ten years of virtual time; longer runs are a typo, not a study
+MAX_TOKEN_RATE = 100.0
+#: options only the default scenario uses: given with another scenario they are an error
+#: (--minpoll/--maxpoll are accepted with lan-reference: it is to honour them)
+DEFAULT_SCENARIO_ONLY = ("days", "load_spec", "leeway", "transit", "backdate", "token_rate",
+                         "load_coupling", "strategies", "vsock_delay", "vsock_jitter",
+                         "vsock_queue", "upstream_delay", "upstream_jitter", "asymmetry", "loss",
+                         "outages", "csv_path", "plot_path")
 _NET_DEFAULTS = NetworkParams()
 _TOK_DEFAULTS = TokenConfig()
 _SC_DEFAULTS = Scenario()
@@ -59,59 +70,67 @@ def _strategies(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [n for n in names if n not in STRATEGIES]
     if bad or not names:
-        raise click.BadParameter(f"{','.join(bad) or text!r}; choose from {','.join(STRATEGIES)}")
+        raise click.BadParameter(f"{','.join(bad) or text!r}; choose from {','.join(STRATEGIES)}",
+                                 param_hint="--strategies")
     return names
 
 
 @click.command("drift-sim")
-@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=_SC_DEFAULTS.days,
-              show_default=True, help="Simulated days.")
+@click.option("--days", type=Float(0, MAX_DAYS, min_open=True), default=_SC_DEFAULTS.days,
+              show_default=True, help="Simulated days (default scenario only).")
 @click.option("--load", "load_spec", default="diurnal", show_default=True,
               metavar="constant[:RPS]|diurnal|bursty|PATH.csv",
               help="Guest traffic profile (CSV format: docs/SIMULATOR.md).")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--seeds", default=None, metavar="A-B", help="Run several seeds, e.g. 1-10.")
-@click.option("--leeway", type=click.FloatRange(min=0), default=_TOK_DEFAULTS.jwt_leeway_s,
+@click.option("--seed", type=Int(0, 2**32 - 1), default=1, show_default=True,
+              help="Random seed: the same seed gives the same run.")
+@click.option("--seeds", default=None, metavar="A-B", show_default="--seed only",
+              help="Run several seeds instead of --seed, e.g. 1-10 or 1,3,5.")
+@click.option("--leeway", type=Float(0, DAY_S), default=_TOK_DEFAULTS.jwt_leeway_s,
               show_default=True, help="JWT leeway, seconds.")
-@click.option("--transit", type=click.FloatRange(min=0), default=_TOK_DEFAULTS.transit_s,
+@click.option("--transit", type=Float(0, DAY_S), default=_TOK_DEFAULTS.transit_s,
               show_default=True, help="Token issue-to-validation delay, seconds.")
-@click.option("--backdate", type=click.IntRange(min=0), default=_TOK_DEFAULTS.x509_backdate_s,
+@click.option("--backdate", type=Int(0, 366 * 86400), default=_TOK_DEFAULTS.x509_backdate_s,
               show_default=True, help="X.509 notBefore backdate, seconds.")
-@click.option("--token-rate", type=click.FloatRange(min=0), default=_TOK_DEFAULTS.rate_per_s,
-              show_default=True, help="Tokens issued per second, per kind.")
-@click.option("--load-coupling", type=float, default=_SC_DEFAULTS.load_coupling_ppm,
+@click.option("--token-rate", type=Float(0, MAX_TOKEN_RATE), default=_TOK_DEFAULTS.rate_per_s,
+              show_default=f"{_TOK_DEFAULTS.rate_per_s:.4g} /s (one a minute)",
+              help="Tokens issued per second, per kind.")
+@click.option("--load-coupling", type=Float(-10_000, 10_000),
+              default=_SC_DEFAULTS.load_coupling_ppm,
               show_default=True, help="Extra rate error at full load, ppm.")
 @click.option("--strategies", "strategies", default=",".join(STRATEGIES), show_default=True,
               help="Comma list of none,step,discipline.")
-@click.option("--minpoll", type=click.IntRange(-2, 17), default=_SC_DEFAULTS.minpoll,
+@click.option("--minpoll", type=Int(-2, 17), default=_SC_DEFAULTS.minpoll,
               show_default=True, help="discipline: minimum poll, log2 seconds.")
-@click.option("--maxpoll", type=click.IntRange(-2, 17), default=_SC_DEFAULTS.maxpoll,
+@click.option("--maxpoll", type=Int(-2, 17), default=_SC_DEFAULTS.maxpoll,
               show_default=True, help="discipline: maximum poll, log2 seconds.")
-@click.option("--vsock-delay", type=click.FloatRange(min=0), default=_NET_DEFAULTS.vsock_delay_s,
+@click.option("--vsock-delay", type=Float(0, 60), default=_NET_DEFAULTS.vsock_delay_s,
               show_default=True, help="vsock one-way base delay, s.")
-@click.option("--vsock-jitter", type=click.FloatRange(min=0),
+@click.option("--vsock-jitter", type=Float(0, 60),
               default=_NET_DEFAULTS.vsock_jitter_s, show_default=True,
               help="vsock exponential jitter mean, s.")
-@click.option("--vsock-queue", type=click.FloatRange(min=0), default=_NET_DEFAULTS.vsock_queue_s,
+@click.option("--vsock-queue", type=Float(0, 60), default=_NET_DEFAULTS.vsock_queue_s,
               show_default=True, help="vsock queueing mean at full load, s.")
-@click.option("--upstream-delay", type=click.FloatRange(min=0),
+@click.option("--upstream-delay", type=Float(0, 60),
               default=_NET_DEFAULTS.upstream_delay_s, show_default=True,
               help="relay-upstream one-way delay, s.")
-@click.option("--upstream-jitter", type=click.FloatRange(min=0),
+@click.option("--upstream-jitter", type=Float(0, 60),
               default=_NET_DEFAULTS.upstream_jitter_s, show_default=True,
               help="relay-upstream jitter mean, s.")
-@click.option("--asymmetry", type=float, default=0.0, show_default=True,
+@click.option("--asymmetry", type=Float(-60, 60), default=0.0, show_default=True,
               help="Extra outbound minus return delay, s.")
-@click.option("--loss", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+@click.option("--loss", type=Float(0, 1, max_open=True), default=0.0,
               show_default=True, help="Packet loss probability per message.")
 @click.option("--outage", "outages", multiple=True, metavar="START:DURATION",
+              show_default="none",
               help="Relay down, e.g. 2d:6h (units s/m/h/d). Repeatable.")
 @click.option("--scenario", "scenario_name", type=click.Choice(["default", "lan-reference"]),
               default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Write results as JSON to stdout.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              show_default="none",
               help="Write the offset time series to this CSV file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              show_default="none",
               help="Plot offsets (PNG; needs matplotlib).")
 def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway: float,
               transit: float, backdate: int, token_rate: float, load_coupling: float,
@@ -124,14 +143,27 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
 
     Defaults: 7 days, diurnal traffic, all strategies, JWT/X.509/TOTP tokens (docs/SIMULATOR.md).
     """
+    given = _given(click.get_current_context())
+    if "seed" in given and "seeds" in given:
+        raise click.UsageError("--seed and --seeds: give one (--seeds runs several seeds)")
+    unused = [f"--{n.removesuffix('_spec').removesuffix('_path').replace('_', '-')}"
+              for n in DEFAULT_SCENARIO_ONLY if n in given and scenario_name != "default"]
+    unused = [u if u != "--outages" else "--outage" for u in unused]
+    if unused:
+        raise click.UsageError(f"--scenario {scenario_name}: {', '.join(unused)} not used by "
+                               "this scenario (it has its own fixed model); drop them")
     try:
         seed_list = parse_seeds(seeds) if seeds else [seed]
-        if scenario_name == "lan-reference":
-            _lan_reference(seed_list, seeds is not None, as_json)
-            return
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("seeds: "), param_hint="--seeds") from None
+    if scenario_name == "lan-reference":
+        _lan_reference(seed_list, seeds is not None, as_json)
+        return
+    spans = tuple(_outage(text, days) for text in outages)
+    _check_load(load_spec, seed_list[0], days)
+    try:
         net = NetworkParams(vsock_delay, vsock_jitter, vsock_queue, upstream_delay,
-                            upstream_jitter, asymmetry, loss,
-                            tuple(parse_outage(o) for o in outages))
+                            upstream_jitter, asymmetry, loss, spans)
         tokens = replace(_TOK_DEFAULTS, jwt_leeway_s=leeway, transit_s=transit,
                          x509_backdate_s=backdate, rate_per_s=token_rate)
         base = Scenario(days=days, seed=seed_list[0], load=load_spec,
@@ -150,6 +182,36 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
     finally:
         progress.close()
     _emit(runs, seeds is not None, as_json, csv_path, plot_path)
+
+
+def _check_load(spec: str, seed: int, days: float) -> None:
+    """Build the profile once now, so a bad ``--load`` is a usage error before any run."""
+    try:
+        make_load(spec, seed=seed, horizon_s=days * DAY_S)
+    except OSError as exc:
+        raise click.BadParameter(f"{spec}: {exc.strerror or exc}", param_hint="--load") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("load: "), param_hint="--load") from None
+
+
+def _outage(text: str, days: float) -> tuple[float, float]:
+    """One ``--outage START:DURATION``, refused unless it falls inside the run."""
+    try:
+        start, length = parse_outage(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: {exc}", param_hint="--outage") from None
+    if length <= 0:
+        raise click.BadParameter(f"{text!r} has no duration", param_hint="--outage")
+    if start >= days * DAY_S:
+        raise click.BadParameter(f"{text!r} starts after the end of the run ({days:g} days)",
+                                 param_hint="--outage")
+    return start, length
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Parameters the user typed (not defaults): combinations are judged on these."""
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
 
 
 def _doc(sc: Scenario, results: dict[str, StrategyResult]) -> dict[str, Any]:

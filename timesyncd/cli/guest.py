@@ -12,7 +12,8 @@ from timesyncd.cli.runtime import serve_until_signal
 
 
 @click.command()
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([guest] table).")
+@click.option("--config", type=click.Path(dir_okay=False), show_default="none",
+              help="TOML file ([guest] table).")
 @settings_options(GuestSettings)
 @click.pass_context
 def guest(ctx: click.Context, config: str | None, **flags: Any) -> None:

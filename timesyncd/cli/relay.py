@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import click
@@ -11,11 +10,10 @@ from host_relay.settings import RelaySettings
 from timesyncd.cli.options import build_settings, settings_options
 from timesyncd.cli.runtime import serve_until_signal
 
-log = logging.getLogger("timesync.relay")
-
 
 @click.command()
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file ([relay] table).")
+@click.option("--config", type=click.Path(dir_okay=False), show_default="none",
+              help="TOML file ([relay] table).")
 @settings_options(RelaySettings)
 @click.pass_context
 def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
@@ -23,9 +21,4 @@ def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
     from host_relay.service import RelayService
 
     settings = build_settings(RelaySettings, config, "relay", flags)
-    serve_until_signal(
-        lambda: RelayService(settings), (ctx.obj or {}).get("loop", "auto"),
-        on_started=lambda: log.info(
-            "relay listening on %s; upstreams: %s", ", ".join(settings.listen),
-            ", ".join(settings.upstreams) or "host clock (local stratum)"),
-    )
+    serve_until_signal(lambda: RelayService(settings), (ctx.obj or {}).get("loop", "auto"))

@@ -1,13 +1,35 @@
-"""Run a service on the best event loop until SIGINT/SIGTERM, or until it fails on its own."""
+"""Run a service on the best event loop until SIGINT/SIGTERM/SIGHUP, or until it fails on its
+own. SIGHUP stops cleanly, as chronyd treats it: there is no runtime reload, since reloading
+trust or NTS settings would widen what a signal can change. Every stop logs one line naming
+its cause."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 import click
+
+log = logging.getLogger("timesync")
+
+#: signals that stop a service cleanly (sockets removed, state logged)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopEvent(asyncio.Event):
+    """Set by a stop signal; ``cause`` names it (``SIGTERM``...) for the stop log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause: str | None = None
+
+    def trigger(self, cause: str) -> None:
+        if self.cause is None:
+            self.cause = cause
+        self.set()
 
 
 class Service(Protocol):
@@ -44,17 +66,18 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 def run_until_signal(
     main: Callable[[asyncio.Event], Awaitable[Any]], loop: str = "auto"
 ) -> Any:
-    """Run ``main(stop_event)``; the event is set on SIGINT/SIGTERM so ``main`` can shut down."""
+    """Run ``main(stop_event)``; the event (a :class:`StopEvent`) is set on SIGINT, SIGTERM
+    or SIGHUP so ``main`` can shut down."""
 
     async def wrapper() -> Any:
-        stop = asyncio.Event()
+        stop = StopEvent()
         running = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            running.add_signal_handler(sig, stop.set)
+        for sig in STOP_SIGNALS:
+            running.add_signal_handler(sig, stop.trigger, sig.name)
         try:
             return await main(stop)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 running.remove_signal_handler(sig)
 
     with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
@@ -96,9 +119,14 @@ def serve_until_signal(make: Callable[[], Service], loop: str = "auto",
             raise ServiceFailed(f"cannot start: {exc}") from exc
         if on_started is not None:
             on_started()
+        fatal: BaseException | None = None
         try:
             fatal = await _until_stopped_or_failed(service, stop)
         finally:
+            cause = (f"a fatal error: {fatal}" if fatal is not None
+                     else f"{getattr(stop, 'cause', None) or 'a stop request'} received"
+                     if stop.is_set() else "an interruption")
+            log.log(logging.ERROR if fatal is not None else logging.INFO, "stopping on %s", cause)
             await service.stop()
         if fatal is not None:
             raise ServiceFailed(f"stopped after a fatal error: {fatal}") from fatal

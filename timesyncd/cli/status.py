@@ -2,99 +2,99 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import time
 from typing import Any
 
 import click
 
-from guest_client.status_server import DEFAULT_STATUS_SOCKET, query_status
+from guest_client.status_server import DEFAULT_STATUS_SOCKET, StatusError, query_status
+from timesyncd.cli.options import Float
+from timesyncd.cli.status_format import format_status, human
+
+__all__ = ["format_status", "status", "wait_sync"]
+
+#: errors waiting cannot fix: wait-sync reports them at once (exit 3) instead of retrying
+PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTSOCK, errno.ENOTDIR, errno.ELOOP,
+                    errno.ENAMETOOLONG, errno.EPROTOTYPE}
+EXIT_TIMEOUT, EXIT_PERMANENT = 1, 3
 
 
-def _fmt(value: Any, unit: str = "s", scale: float = 1.0, digits: int = 9) -> str:
-    if value is None:
-        return "-"
-    return f"{value * scale:+.{digits}f} {unit}"
+class Permanent(click.ClickException):
+    """Waiting cannot fix this (exit 3, like a missing permission)."""
+
+    exit_code = EXIT_PERMANENT
 
 
-def format_status(st: dict[str, Any]) -> str:
-    """Human view, like ``chronyc tracking`` followed by ``chronyc sources``."""
-    last = st.get("last_update")
-    age = f"{time.time() - last:.1f} s ago" if last else "never"
-    lines = [
-        f"State           : {st.get('state')}"
-        + (f" ({st['state_reason']})" if st.get("state_reason") else ""),
-        f"Error bound     : {_fmt(st.get('error_bound_s'))}"
-        + ("" if st.get("bound_verified", True) else " (unverified since a link loss)"),
-        f"Offset          : {_fmt(st.get('offset_s'))} (guest minus reference)",
-        f"Frequency       : {_fmt(st.get('frequency_ppm'), 'ppm', digits=3)} (native rate error)",
-        f"Root distance   : {_fmt(st.get('root_distance_s'))}",
-        f"Poll interval   : {st.get('poll_s')} s",
-        f"Last update     : {age}",
-        f"Steps           : {st.get('steps')}",
-        f"Refused jumps   : {st.get('refused_jumps')}",
-    ]
-    if st.get("true_offset_s") is not None:
-        lines.append(f"True offset     : {_fmt(st['true_offset_s'])} (software clock vs machine)")
-    if st.get("holdover_s"):
-        lines.append(f"Holdover        : {st['holdover_s']:.0f} s")
-    relay = st.get("relay")
-    if relay:
-        errors = relay.get("errors") or {}
-        lines.append(
-            f"Relay link      : {relay.get('address')} "
-            f"{'connected' if relay.get('connected') else 'DOWN'}, {relay.get('connects')} "
-            f"connects; " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items()))
-                             or "no errors"))
-        if relay.get("last_error"):
-            lines.append(f"    last error: {relay['last_error']}")
-    rejected = st.get("rejected") or {}
-    lines.append("Rejected        : " + (
-        ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none"))
-    lines.append("")
-    lines.append(f"{'source':44} {'sel':3} {'auth':4} {'offset':>13} {'delay':>11} {'samples':>7}")
-    for src in st.get("sources", []):
-        off = src.get("offset_s")
-        delay = src.get("delay_s")
-        lines.append(
-            f"{src.get('name', '?')[:44]:44} {'*' if src.get('selected') else ' ':3} "
-            f"{'yes' if src.get('authenticated') else 'no':4} "
-            f"{'-' if off is None else f'{off * 1e6:+.1f}us':>13} "
-            f"{'-' if delay is None else f'{delay * 1e6:.1f}us':>11} {src.get('samples', 0):>7}"
-        )
-        if src.get("note"):
-            lines.append(f"    note: {src['note']}")
-        if src.get("rejected"):
-            lines.append("    rejected: " + ", ".join(
-                f"{k}={v}" for k, v in sorted(src["rejected"].items())))
-    return "\n".join(lines)
+def _read(path: str, timeout: float) -> dict[str, Any]:
+    """One status answer; :class:`Permanent` for what retrying cannot fix, else ``OSError``."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise Permanent(f"{path} is not a socket; give the guest's --status-socket")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno in PERMANENT_ERRNOS:
+            raise Permanent(f"cannot read status from {path}: {exc.strerror}") from exc
+        raise
+    try:
+        return query_status(path, timeout)
+    except StatusError as exc:
+        if "busy" in str(exc):
+            raise
+        raise Permanent(f"{exc}; is {path} the status socket of `timesync guest`?") from exc
+    except OSError as exc:
+        if exc.errno in PERMANENT_ERRNOS:
+            raise Permanent(f"cannot read status from {path}: {exc.strerror}") from exc
+        raise
 
 
 @click.command("status")
 @click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
               help="The guest daemon's status socket.")
 @click.option("--relay", "relay_metrics", default=None, metavar="tcp:HOST:PORT",
+              show_default="off: read the guest's status socket",
               help="Instead, ask a relay's metrics address (its --metrics) for every "
                    "connected guest's state, as a table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
-@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for an answer.")
-def status(socket_path: str, relay_metrics: str | None, as_json: bool, timeout: float) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Explain the sources table's columns.")
+@click.option("--wide", is_flag=True, help="Source names on one line, however long "
+              "(default: long names wrap).")
+@click.option("--timeout", type=Float(0, 3600, min_open=True), default=2.0, show_default="2 s",
+              help="Seconds to wait for an answer.")
+def status(socket_path: str, relay_metrics: str | None, as_json: bool, verbose: bool,
+           wide: bool, timeout: float) -> None:
     """Show the guest daemon's synchronisation state (or, with --relay, every guest's)."""
     if relay_metrics is not None:
         _relay_status(relay_metrics, as_json, timeout)
         return
     try:
-        st = query_status(socket_path, timeout)
+        st = _read(socket_path, timeout)
+    except Permanent as exc:  # no hint to start the daemon: that is not the problem
+        raise click.ClickException(exc.message) from exc
     except OSError as exc:
         raise click.ClickException(
-            f"cannot read status from {socket_path}: {exc}; is `timesync guest` running with "
-            f"--status-socket {socket_path}?") from exc
-    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+            f"cannot read status from {socket_path}: {exc.strerror or exc}; is `timesync "
+            f"guest` running with --status-socket {socket_path}?") from exc
+    click.echo(json.dumps(st, indent=2) if as_json
+               else format_status(st, wide=wide, verbose=verbose))
 
 
 def _relay_status(address: str, as_json: bool, timeout: float) -> None:
-    from host_relay.relay_query import RelayQueryError, format_relay_status, query_relay
+    from host_relay.relay_query import (
+        RelayQueryError,
+        format_relay_status,
+        metrics_host_port,
+        query_relay,
+    )
 
+    try:
+        metrics_host_port(address)
+    except RelayQueryError as exc:  # a malformed address: a usage error, not a relay problem
+        raise click.BadParameter(str(exc).partition(": ")[2], param_hint="--relay") from None
     try:
         doc = query_relay(address, timeout)
     except RelayQueryError as exc:
@@ -103,37 +103,71 @@ def _relay_status(address: str, as_json: bool, timeout: float) -> None:
     click.echo(json.dumps(doc, indent=2) if as_json else format_relay_status(doc))
 
 
+def _bound(st: dict[str, Any]) -> float | None:
+    """The error bound: ``error_bound_s`` where the daemon reports it, else root distance."""
+    value = st.get("error_bound_s", st.get("root_distance_s"))
+    return value if isinstance(value, int | float) else None
+
+
+def _verdict(st: dict[str, Any], max_offset: float, max_error: float | None,
+             max_correction: float | None) -> tuple[bool, str]:
+    """(synchronised within every threshold, a one-line summary of this try)."""
+    offset, bound = st.get("offset_s"), _bound(st)
+    correction = st.get("remaining_correction_s")
+    checks = [st.get("state") == "synchronised",
+              offset is not None and abs(offset) <= max_offset]
+    if max_error is not None:
+        checks.append(bound is not None and bound <= max_error)
+    if max_correction is not None:
+        checks.append(correction is not None and abs(correction) <= max_correction)
+    line = (f"state {st.get('state')}, offset {human(offset, digits=3)}, error bound "
+            f"{human(bound, signed=False, digits=3)}, correction {human(correction, digits=3)}")
+    return all(checks), line
+
+
 @click.command("wait-sync")
 @click.option("--socket", "socket_path", default=DEFAULT_STATUS_SOCKET, show_default=True,
               help="The guest daemon's status socket.")
-@click.option("--max-offset", default=0.01, show_default=True, type=float,
-              help="Seconds: synchronised with an error bound (or, from an older daemon, an "
-                   "|offset|) within this counts as done.")
-@click.option("--timeout", default=60.0, show_default=True, type=float,
-              help="Seconds to wait before giving up (exit 1).")
-@click.option("--interval", default=0.5, show_default=True, type=float, help="Polling interval.")
-def wait_sync(socket_path: str, max_offset: float, timeout: float, interval: float) -> None:
-    """Exit 0 once synchronised with an error bound within --max-offset, 1 on timeout (for
-    units and entrypoints)."""
+@click.option("--max-offset", type=Float(0, 3600, min_open=True), default=0.01,
+              show_default="0.01 s", help="Seconds: synchronised with |offset| at most this.")
+@click.option("--max-error", type=Float(0, 3600, min_open=True), default=None,
+              help="Seconds: also wait until the error bound (error_bound_s, else "
+                   "root_distance_s) is at most this.", show_default="not checked")
+@click.option("--max-correction", type=Float(0, 3600, min_open=True), default=None,
+              help="Seconds: also wait until the correction still being slewed out is at most "
+                   "this (chronyc waitsync's max-correction).", show_default="not checked")
+@click.option("--timeout", type=Float(0, 86400 * 7), default=60.0, show_default="60 s",
+              help="Seconds to wait before giving up (exit 1); 0: one try.")
+@click.option("--interval", type=Float(0.01, 3600), default=0.5, show_default="0.5 s",
+              help="Seconds between tries.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line per try.")
+def wait_sync(socket_path: str, max_offset: float, max_error: float | None,
+              max_correction: float | None, timeout: float, interval: float,
+              quiet: bool) -> None:
+    """Wait until synchronised, like `chronyc waitsync` (for units and entrypoints).
+
+    Exit status: 0 synchronised within the thresholds, 1 timed out, 2 usage error, 3 an error
+    waiting cannot fix (permission denied, not a status socket), reported at once.
+    """
     deadline = time.monotonic() + timeout
     last = "no answer yet"
+    tries = 0
     while True:
+        tries += 1
         try:
-            st = query_status(socket_path, min(2.0, max(0.1, deadline - time.monotonic())))
-            offset = st.get("offset_s")
-            bound = st.get("error_bound_s")  # around the clock reading; older daemons lack it
-            error = bound if bound is not None else None if offset is None else abs(offset)
-            synced = st.get("state") == "synchronised"
-            if synced and error is not None and error <= max_offset:
-                click.echo(f"synchronised: offset {offset:+.6f} s, error bound {error:.6f} s")
+            st = _read(socket_path, min(2.0, max(0.1, deadline - time.monotonic())))
+            done, last = _verdict(st, max_offset, max_error, max_correction)
+            if done:
+                if not quiet:
+                    click.echo(f"synchronised: {last}")
                 return
-            last = (f"state {st.get('state')} ({st.get('state_reason', '-')}), offset "
-                    f"{offset}, error bound {bound}")
         except OSError as exc:
-            last = f"status socket: {exc}"
+            last = f"no status from {socket_path}: {exc.strerror or exc}"
+        if not quiet:
+            click.echo(f"try {tries}: {last}")
         if time.monotonic() >= deadline:
-            click.echo(f"not synchronised within {timeout} s ({last})", err=True)
-            raise SystemExit(1)
+            click.echo(f"not synchronised within {timeout:g} s ({last})", err=True)
+            raise SystemExit(EXIT_TIMEOUT)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 

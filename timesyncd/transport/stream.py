@@ -223,6 +223,13 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def _bind_unix(path: str, backlog: int, mode: int | None) -> tuple[socket.socket, int, int]:
+    # one rule for every socket file (relay listen, guest status): the folder must exist.
+    # Creating it would pick its owner and mode for the admin; systemd's RuntimeDirectory=
+    # or the deploy scripts' mkdir do that on purpose (docs/DEPLOYMENT.md).
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise TransportError("no_folder", f"listen on unix:{path}: folder {parent} does not "
+                             "exist; create it first (systemd: RuntimeDirectory=timesync)")
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

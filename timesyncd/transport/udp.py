@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from timesyncd.addresses import Address, parse_address
-from timesyncd.transport.errors import TransportError
+from timesyncd.transport.errors import TransportError, os_error_reason
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         if self._on_error is not None:
-            self._on_error(type(exc).__name__)
+            self._on_error(os_error_reason(exc) if isinstance(exc, OSError) else "error")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

@@ -39,7 +39,6 @@ from guest_client.candidates import (
 )
 from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
 from guest_client.source import Source, SourceConfig
-from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from guest_client.step_policy import (
     MAX_JUMPS,
     Decision,
@@ -60,6 +59,7 @@ from guest_client.sync_state import (
     kernel_status,
     target,
 )
+from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from timesyncd.clock import KernelStatus
 from timesyncd.discipline import PRIOR_SLOPE_SD, CorrectionModel, DisciplineConfig, slew_plan
 from timesyncd.exchange import Rejection, Sample

@@ -131,7 +131,8 @@ def test_lan_reference_still_accepts_the_poll_options(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sim.runner, "run_lan_reference", lambda seed: seen.append(seed) or {
         "scenario": {}, "strategies": {"discipline": {
             "rms_offset_s": 0.0, "max_abs_offset_s": 0.0, "rms_freq_error_ppm": 0.0,
-            "converged_after_s": 1.0, "steps": 0}}})
+            "converged_after_s": 1.0, "steps": 0, "bound_coverage": 1.0,
+            "max_true_over_bound": 0.5, "median_bound_s": 1e-4}}})
     res = CliRunner().invoke(main, ["drift-sim", "--scenario", "lan-reference", "--minpoll", "4",
                                     "--maxpoll", "4", "--seed", "5"])
     assert res.exit_code == 0, res.output

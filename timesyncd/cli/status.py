@@ -174,7 +174,8 @@ def wait_sync(socket_path: str, max_offset: float, max_error: float | None,
 @click.command("makestep")
 @click.option("--socket", "socket_path", required=True,
               help="The guest daemon's control socket (its --control-socket).")
-@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--timeout", type=Float(0, 3600, min_open=True), default=5.0, show_default="5 s",
+              help="Seconds to wait for an answer.")
 def makestep(socket_path: str, timeout: float) -> None:
     """Step the guest's clock now, to what its sources say (with NTS: the authenticated ones).
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "guest": "timesyncd.cli.guest:guest",
     "status": "timesyncd.cli.status:status",
     "wait-sync": "timesyncd.cli.status:wait_sync",
+    "now": "timesyncd.cli.now:now",
     "demo": "timesyncd.cli.demo:demo",
     "drift-sim": "timesyncd.cli.drift_sim:drift_sim",
 }

@@ -101,6 +101,7 @@ class ClockBoundWriter:
         self.void_after_ns = round(void_after_s * _NS)
         self.counters: Counter[str] = Counter()
         self._fence = fence or Fence()
+        self.fence_kind = self._fence.kind
         self._fd = open_segment_file(path, SEGMENT_SIZE)
         try:
             self._map = mmap.mmap(self._fd, SEGMENT_SIZE, mmap.MAP_SHARED,

@@ -242,6 +242,10 @@ class GuestDaemon:
             }
         if self.forwarder is not None:
             st["forward_ntp"] = self.forwarder.stats()
+        if self.clockbound is not None:
+            w = self.clockbound.writer
+            st["clockbound"] = {"path": w.path, "fence": w.fence_kind,
+                                "errors": self.clockbound.errors, **dict(w.counters)}
         nts = self.nts.status()
         for src in st.get("sources", []):
             # authenticated: replies are cryptographically verified before use (NTS only)

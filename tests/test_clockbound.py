@@ -365,3 +365,19 @@ def test_truncation_under_the_writer_is_refused_not_a_crash(tmp_path: Path) -> N
         w.write(PublishedBound(coarse_ns(), 1, 1, ClockStatus.SYNCHRONIZED))
     assert w.counters["file_truncated"] == 1
     w.close()  # logs, does not crash
+
+
+def test_a_writer_appearing_later_is_counted(tmp_path: Path) -> None:
+    path = str(tmp_path / "shm0")
+    w = ClockBoundWriter(path, 3.0, fence=Fence(membarrier=False))
+    try:
+        w.write(PublishedBound(coarse_ns(), 1, 1, ClockStatus.SYNCHRONIZED))
+        with open(path, "r+b") as fh:  # another writer bumps the generation
+            fh.seek(14)
+            fh.write(struct.pack("=H", spec_read(path)["generation"] + 2))
+        w.write(PublishedBound(coarse_ns(), 1, 1, ClockStatus.SYNCHRONIZED))
+        assert w.counters["foreign_writer"] == 1
+        w.write(PublishedBound(coarse_ns(), 1, 1, ClockStatus.SYNCHRONIZED))
+        assert w.counters["foreign_writer"] == 1 and w.counters["writes"] == 4
+    finally:
+        w.close()

@@ -167,6 +167,7 @@ def test_real_guest_bound_holds_mid_slew_and_everything_agrees(
             assert nw["bound_s"] >= nw["published_bound_s"]
             assert 0 <= nw["segment_age_s"] < 1.5 and nw["void_in_s"] > 1.4
             assert nw["max_drift_ppb"] >= 1000  # the 1 ppm holdover allowance at least
+            assert st["clockbound"]["path"] == path and st["clockbound"]["writes"] > 5
         finally:
             await daemon.stop()
             await relay.stop()

@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from guest_client.clockbound_writer import PublishedBound
+from guest_client.clockbound_writer import UNKNOWN_BOUND_NS, PublishedBound
 from guest_client.controller import GuestController
 from timesyncd.clockbound import ClockStatus
 
 _NS = 1_000_000_000
 #: Bound published while nothing is known (status UNKNOWN): the kernel's maxerror ceiling.
-UNKNOWN_BOUND_S = 16.0
+UNKNOWN_BOUND_S = UNKNOWN_BOUND_NS / _NS
 _STATUS = {"synchronised": ClockStatus.SYNCHRONIZED, "holdover": ClockStatus.FREE_RUNNING}
 
 

@@ -32,12 +32,14 @@ import os
 import platform
 import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
 from guest_client.shm_file import describe, mapped_writable_by, open_segment_file
 from timesyncd.clockbound import (
     BODY,
+    CLOCK_MONOTONIC_COARSE,
     GENERATION_OFFSET,
     HEADER,
     MAGIC,
@@ -53,6 +55,9 @@ MEMBARRIER_CMD_QUERY = 0
 MEMBARRIER_CMD_GLOBAL = 1
 _SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
 _TSO = {"x86_64", "amd64", "i686", "i386"}
+#: Bound published with status UNKNOWN (the kernel's maxerror ceiling), so that a client that
+#: ignores the status still gets a wide interval rather than a zero one.
+UNKNOWN_BOUND_NS = 16 * _NS
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,7 @@ class ClockBoundWriter:
             raise
         self._gen = ctypes.c_uint16.from_buffer(self._map, GENERATION_OFFSET)
         self._last_gen = self._init_header()
-        self.write(PublishedBound(0, 0, 0, ClockStatus.UNKNOWN))
+        self.write(self._unknown())
 
     def _init_header(self) -> int:
         """Keep a valid segment's generation (readers caching a copy see a change); an
@@ -121,6 +126,11 @@ class ClockBoundWriter:
             return int(gen) & ~1
         self._map[:HEADER.size] = HEADER.pack(*MAGIC, SEGMENT_SIZE, 0, 0)
         return 0
+
+    @staticmethod
+    def _unknown() -> PublishedBound:
+        as_of = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+        return PublishedBound(as_of, UNKNOWN_BOUND_NS, 0, ClockStatus.UNKNOWN)
 
     def write(self, b: PublishedBound) -> None:
         """Publish ``b`` by the generation protocol (see the module doc for the ordering)."""
@@ -158,7 +168,7 @@ class ClockBoundWriter:
         if self._fd < 0:
             return
         try:
-            self.write(PublishedBound(0, 0, 0, ClockStatus.UNKNOWN))
+            self.write(self._unknown())
         except OSError as exc:
             log.error("clockbound_shm: could not write UNKNOWN on stop: %s", exc)
         del self._gen

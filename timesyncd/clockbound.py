@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_PATH", "BoundedClock", "ClockStatus", "Now", "SegmentError", "Snapshot",
-    "WindowCheck", "check_header", "check_window", "decode", "encode", "widen",
+    "WindowCheck", "check_header", "check_window", "widen",
 ]
 
 #: ClockBound's default segment path (protocol version 2).
@@ -121,23 +121,6 @@ class WindowCheck:
         return self.verdict == "valid"
 
 
-def encode(snap: Snapshot) -> bytes:
-    """The whole segment for ``snap`` (writers and tests; the daemon writes it in parts)."""
-    return SEGMENT.pack(
-        MAGIC[0], MAGIC[1], SEGMENT_SIZE, VERSION, snap.generation,
-        *divmod(snap.as_of_ns, _NS), *divmod(snap.void_after_ns, _NS), snap.bound_ns,
-        snap.disruption_marker, snap.max_drift_ppb, int(snap.status),
-        int(snap.disruption_support))
-
-
-def decode(buf: bytes | bytearray | memoryview) -> Snapshot:
-    """Check the header and decode one segment image (no generation protocol: a copy)."""
-    if len(buf) < SEGMENT_SIZE:
-        raise SegmentError(f"segment is {len(buf)} bytes, needs {SEGMENT_SIZE}")
-    gen = check_header(buf)
-    return _body(gen, BODY.unpack_from(buf, HEADER.size))
-
-
 def check_header(buf: bytes | bytearray | memoryview) -> int:
     """Validate magic, version and segment size; returns the generation."""
     if len(buf) < HEADER.size:
@@ -158,6 +141,8 @@ def _body(gen: int, f: tuple[int, ...]) -> Snapshot:
         status = ClockStatus(f[7])
     except ValueError:
         raise SegmentError(f"unknown clock status {f[7]}") from None
+    if f[6] >= _BILLION:
+        raise SegmentError(f"max drift {f[6]} ppb is not below 1e9: malformed")
     return Snapshot(gen, f[0] * _NS + f[1], f[2] * _NS + f[3], f[4], f[6], status, f[5],
                     bool(f[8]))
 

@@ -16,11 +16,14 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from guest_client.actions import Action, SendRequest, SetFrequency, SetKernelStatus, StepClock
+from guest_client.clockbound_feed import guest_bound, published_bound
+from guest_client.clockbound_writer import ClockBoundWriter, SegmentPublisher
 from guest_client.clocks import SoftwareClock, SystemClock
 from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
@@ -35,6 +38,7 @@ from guest_client.status_server import StatusServer
 from guest_client.udp_source import UdpSource
 from timesyncd.addresses import parse_address
 from timesyncd.clock import Clock
+from timesyncd.clockbound import CLOCK_MONOTONIC_COARSE
 from timesyncd.config import parse_file_mode
 from timesyncd.logs import decade
 from timesyncd.ntptime import ntp_to_unix_ns
@@ -45,6 +49,10 @@ _NS = 1_000_000_000
 #: Re-evaluate the controller's timer at least this often (seconds), whatever it asked for.
 MAX_SLEEP_S = 60.0
 CAP_SYS_TIME = 25
+#: The ClockBound segment is rewritten this often and at every clock update; it is void
+#: (readers see UNKNOWN) after CLOCKBOUND_VOID_AFTER refresh periods without one.
+CLOCKBOUND_REFRESH_S = 1.0
+CLOCKBOUND_VOID_AFTER = 3
 
 
 def make_clock(settings: GuestSettings) -> Clock:
@@ -120,6 +128,8 @@ class GuestDaemon:
         self.control_server: ControlServer | None = None
         self.forwarder: NtpForwarder | None = None
         self.health: HealthReporter | None = None  # reports to the relay (observability)
+        self.clockbound: SegmentPublisher | None = None  # --clockbound-shm
+        self._clockbound_task: asyncio.Task[None] | None = None
         self.counters: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
@@ -164,6 +174,9 @@ class GuestDaemon:
                 self.forwarder = NtpForwarder(s.forward_ntp, self.link, s.forward_ntp_max_pending,
                                               s.forward_ntp_rate_limit)
                 await self.forwarder.start()
+            if s.clockbound_shm:  # refuses an unsafe file or a second writer, naming it
+                self.clockbound = SegmentPublisher(ClockBoundWriter(
+                    s.clockbound_shm, CLOCKBOUND_VOID_AFTER * CLOCKBOUND_REFRESH_S))
         except BaseException:
             await self.stop()
             raise
@@ -194,6 +207,8 @@ class GuestDaemon:
         if s.freq_file:
             self._freq_task = asyncio.create_task(self._freq_file_loop(s.freq_file),
                                                   name="guest-freq-file")
+        if self.clockbound is not None:
+            self._clockbound_task = asyncio.create_task(self._refresh_bound(), name="clockbound")
         sources = list(self._udp)
         if s.relay and s.relay_plain_sources:
             sources.append(f"every upstream of relay {s.relay}")
@@ -228,6 +243,12 @@ class GuestDaemon:
             await self.status_server.stop()
         if self.control_server is not None:
             await self.control_server.stop()
+        if self._clockbound_task is not None:
+            await cancel_task(self._clockbound_task)
+            self._clockbound_task = None
+        if self.clockbound is not None:  # writes UNKNOWN: nobody keeps the bound true now
+            await asyncio.to_thread(self.clockbound.close)
+            self.clockbound = None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Start, run until ``stop`` is set (or a fatal clock error), then stop."""
@@ -314,6 +335,10 @@ class GuestDaemon:
             }
         if self.forwarder is not None:
             st["forward_ntp"] = self.forwarder.stats()
+        if self.clockbound is not None:
+            w = self.clockbound.writer
+            st["clockbound"] = {"path": w.path, "fence": w.fence_kind,
+                                "errors": self.clockbound.errors, **dict(w.counters)}
         nts = self.nts.status()
         for src in st.get("sources", []):
             # authenticated: replies are cryptographically verified before use (NTS only)
@@ -469,6 +494,8 @@ class GuestDaemon:
                 self._fail(exc)
                 return
         self._wake.set()
+        if len(actions) > sum(isinstance(a, SendRequest) for a in actions):
+            self._publish_bound()  # a clock update: the segment must say so now
         self._log_changes()
 
     def _send(self, action: SendRequest) -> None:
@@ -509,6 +536,25 @@ class GuestDaemon:
         self._running = False
         self._failed.set()
         self._wake.set()  # let the timer loop see it now, not after its sleep
+
+    # --- ClockBound segment ---------------------------------------------------------------
+
+    def _publish_bound(self) -> None:
+        if self.clockbound is None or self.fatal is not None:
+            return
+        as_of = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)  # before the clock reading
+        gb = guest_bound(self.controller, self.clock.now_ns())
+        res = time.clock_getres(CLOCK_MONOTONIC_COARSE)
+        self.clockbound.submit(published_bound(gb, as_of, round(res * _NS)))
+
+    async def _refresh_bound(self) -> None:
+        while True:
+            try:
+                self._publish_bound()
+            except Exception:
+                self.counters["clockbound_error"] += 1
+                log.exception("clockbound_shm: could not compute the bound")
+            await asyncio.sleep(CLOCKBOUND_REFRESH_S)
 
     async def wait_failed(self) -> BaseException:
         """Return the fatal error once the daemon stopped working on its own (a clock write

@@ -67,6 +67,10 @@ class GuestSettings:
         "help": "Forwarder: requests per second passed to the relay (burst twice that); more "
                 "are dropped and counted. Keep it under the relay's rate_limit (16 by default) "
                 "less this daemon's own polling: a guest far over it is disconnected."})
+    clockbound_shm: str = field(default="", metadata={
+        "help": "Publish the error bound as a ClockBound shared-memory segment (protocol 2) "
+                "at this path, e.g. /var/run/clockbound/shm0 (ClockBound's default, which its "
+                "clients read unchanged); empty: off. See docs/CLOCKBOUND.md."})
     name: str = field(default="", metadata={
         "help": "Guest name announced to the relay (default: the host name)."})
     # --- NTS (see docs/SECURITY.md) ---

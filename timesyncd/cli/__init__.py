@@ -22,6 +22,7 @@ COMMANDS = {
     "status": "timesyncd.cli.status:status",
     "wait-sync": "timesyncd.cli.status:wait_sync",
     "makestep": "timesyncd.cli.status:makestep",
+    "now": "timesyncd.cli.now:now",
     "demo": "timesyncd.cli.demo:demo",
     "drift-sim": "timesyncd.cli.drift_sim:drift_sim",
 }

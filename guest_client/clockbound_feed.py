@@ -5,8 +5,9 @@ reading; everything downstream (:func:`published_bound`, the writer) only sees i
 :class:`GuestBound`. The controller's :class:`~guest_client.error_bound.ErrorBound` already
 is that bound (remaining uncorrected offset, the slew in progress included, plus the
 selection distance, growing at the frequency-error allowance plus the frequency estimate's
-uncertainty), so the adapter only maps the state: a bound left unverified by a link loss is
-published as status Unknown until a sample after the reconnect agrees.
+uncertainty), so the adapter only maps the state. A link loss alone does not change the
+published status: the bound keeps growing at its rate, which is what makes it hold without
+samples (a restore detected as such is for the snapshot work to map to Unknown).
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ def guest_bound(controller: GuestController, now_ns: int) -> GuestBound:
     drift = max(allowance, eb.growth)
     if eb.estimate_s is None:
         return GuestBound(str(controller.state), None, drift)
-    state = str(controller.state) if eb.verified else "unverified"
-    return GuestBound(state, eb.at(now_ns), drift)
+    return GuestBound(str(controller.state), eb.at(now_ns), drift)
 
 
 def published_bound(gb: GuestBound, as_of_mono_ns: int, coarse_res_ns: int) -> PublishedBound:

@@ -20,6 +20,7 @@ from guest_fakes import FakeRelay
 from loops import LOOPS, run
 from test_clockbound import spec_read
 
+from guest_client.clockbound_writer import UNKNOWN_BOUND_NS
 from guest_client.clocks import SoftwareClock
 from guest_client.daemon import GuestDaemon
 from guest_client.settings import GuestSettings
@@ -49,7 +50,9 @@ class Checker:
         r0 = time.time_ns()
         t = self.api.now()
         r1 = time.time_ns()
-        if t.status in (ClockStatus.SYNCHRONIZED, ClockStatus.FREE_RUNNING):
+        # every published bound must hold, also while the guest is not yet synchronised
+        # (mid-slew) and the status says Unknown; only the start-up ceiling is not a bound
+        if t.bound_ns < UNKNOWN_BOUND_NS:
             true_off = self.clock.true_offset_ns()
             assert t.earliest_ns <= r1 and t.latest_ns >= r0, (
                 f"bound {t.bound_ns / 1e9:.6f} s misses the truth: true offset "
@@ -85,7 +88,8 @@ def test_status_through_start_sync_holdover_unsynchronised_stop(
         # a fast-growing holdover bound so that holdover ends within seconds
         settings = GuestSettings(relay=relay.address, clock="software", status_socket="",
                                  clockbound_shm=path, minpoll=-1, maxpoll=0, burst=2,
-                                 holdover_drift_ppm=100_000.0, max_error_s=0.3,
+                                 holdover_drift_ppm=100_000.0, max_clock_error_ppm=100_000.0,
+                                 max_error_s=0.3,
                                  reconnect_min_s=5.0, reconnect_max_s=5.0)
         daemon = GuestDaemon(settings, clock, rng=random.Random(3))
         await daemon.start()
@@ -99,7 +103,7 @@ def test_status_through_start_sync_holdover_unsynchronised_stop(
             await poll(checker, lambda s: s is ClockStatus.FREE_RUNNING, 10, seen)
             assert daemon.status()["state"] == "holdover"
             seg = spec_read(path)
-            assert seg["max_drift"] >= 100_000_000  # the holdover allowance, in ppb
+            assert seg["max_drift"] >= 100_000_000  # the frequency-error allowance, in ppb
             await poll(checker, lambda s: s is ClockStatus.UNKNOWN, 15, seen)
             assert daemon.status()["state"] == "unsynchronised"
             assert spec_read(path)["status"] == ClockStatus.UNKNOWN
@@ -138,7 +142,9 @@ def test_real_guest_bound_holds_mid_slew_and_everything_agrees(
         try:
             checker = Checker(path, clock)
             seen: list[ClockStatus] = []
-            await poll(checker, lambda s: s is ClockStatus.SYNCHRONIZED, 30, seen)
+            # 0.3 s off, slewed at 2000 ppm: honestly not synchronised for minutes (the
+            # remaining correction is over sync_max_correction_s), but the bound holds
+            await poll(checker, lambda s: checker.mid_slew > 0, 30, seen)
             end = time.monotonic() + 8
             while time.monotonic() < end:
                 checker.check()
@@ -157,7 +163,7 @@ def test_real_guest_bound_holds_mid_slew_and_everything_agrees(
             nw = json.loads(now_out.output)
             seg = spec_read(path)
             api = checker.api.snapshot()
-            assert st["state"] == "synchronised" and nw["status"] == "synchronized"
+            assert st["state"] == "unsynchronised" and nw["status"] == "unknown"
             assert seg["status"] == api.status == STATE[st["state"]]
             assert nw["published_bound_s"] == seg["bound"] / 1e9 == api.bound_ns / 1e9 \
                 or seg["generation"] != nw["generation"]  # a refresh between the reads

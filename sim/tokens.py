@@ -28,6 +28,7 @@ validators below (which the freezegun tests check against real PyJWT and ``crypt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,8 +193,10 @@ class TokenSchedule:
         counter = now_us // (c.totp_step_s * 10**6)
         return np.abs(counter - sched_lo) <= c.totp_window
 
-    def tally(self, offset_at: OffsetLookup) -> dict[str, KindTally]:
-        """Validate every token (and its replay) at guest time = true time + offset."""
+    def tally(self, offset_at: Callable[[IntArray], IntArray]) -> dict[str, KindTally]:
+        """Validate every token (and its replay) at guest time = true time + offset;
+        ``offset_at`` maps true Unix ns to the guest's offset in ns (e.g. an
+        :class:`OffsetLookup`)."""
         result: dict[str, KindTally] = {}
         for kind, k in self.kinds.items():
             t = KindTally(issued=len(k.issue_ns))

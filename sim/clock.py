@@ -91,6 +91,14 @@ class SimClock(Clock):
         a_t, a_reading, _, _ = self._views()
         return a_t.copy(), a_reading - a_t
 
+    def max_abs_breakpoint_offset_s(self, chunk: int = 1 << 16) -> float:
+        """max |offset| over :meth:`breakpoints`, in chunks (a year has millions of them)."""
+        a_t, a_reading, _, _ = self._views()
+        best = 0.0
+        for i in range(0, len(a_t), chunk):
+            best = max(best, float(np.max(np.abs(a_reading[i:i + chunk] - a_t[i:i + chunk]))))
+        return best
+
     def _views(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """The anchor columns without copying (only for use before the next anchor)."""
         return tuple(np.frombuffer(c, dtype=np.float64) for c in self._anchors)  # type: ignore

@@ -34,7 +34,7 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
     """Run each of ``scenario.strategies``; returns results keyed by strategy name."""
     inputs = build_inputs(scenario, load)
     tokens = TokenSchedule(scenario.tokens, scenario.start_ns, scenario.duration_s, scenario.seed)
-    query_ns = tokens.query_times_ns()
+    last_token_ns = tokens.last_query_ns()
     n_days = int(np.ceil(scenario.duration_s / DAY_S - 1e-9))
     day_ends = np.minimum(np.arange(1, n_days + 1) * DAY_S, scenario.duration_s)
     grid = np.arange(0.0, scenario.duration_s, scenario.sample_interval_s)
@@ -42,9 +42,8 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
     # the strategies run to the last instant anyone reads (a token instant can lie a rounding
     # error past the end); token instants themselves are evaluated afterwards, in chunks
     eval_s = series_s
-    if len(query_ns):
-        eval_s = np.unique(np.append(series_s, (query_ns[-1] - scenario.start_ns) / NS))
-    del query_ns
+    if last_token_ns is not None:
+        eval_s = np.unique(np.append(series_s, (last_token_ns - scenario.start_ns) / NS))
     results: dict[str, StrategyResult] = {}
     for name in scenario.strategies:
         report = None

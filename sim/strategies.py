@@ -52,7 +52,8 @@ class Trajectory:
     extra: dict[str, Any] = field(default_factory=dict)
     engine: Engine | None = None  # discipline: the engine that drove the controller
     # offsets at the trajectory's own breakpoints (discipline: every frequency change and step),
-    # where a piecewise-linear offset has its extremes; counted in max |offset|
+    # where a piecewise-linear offset has its extremes; counted in max |offset| (discipline
+    # gives the largest |offset| over its anchors, and the offsets just before steps)
     breakpoint_offsets_s: FloatArray = field(default_factory=lambda: np.zeros(0))
     # the same offsets at any other instants (elementwise: bit for bit what ``offsets_s`` holds
     # at instants in both), so callers can evaluate millions of them in bounded chunks
@@ -172,13 +173,13 @@ def run_discipline(inputs: SimInputs, times_s: FloatArray,
     jump_t = np.array([t for t, _ in clock.steps])
     jumps = np.array([ns / 1e9 for _, ns in clock.steps])
     before = np.array(clock.offsets_before_steps_s)
-    _, bp_offsets = clock.breakpoints()
+    bp_max = clock.max_abs_breakpoint_offset_s()
     st = engine.controller.status(clock.now_ns())
     extra = {"controller_steps": st.steps, "refused_jumps": st.refused_jumps,
              "final_state": st.state, "frequency_ppm": round(st.frequency_ppm, 4),
              "packets_sent": engine.packets_sent}
     return Trajectory(offsets, jumps, jump_t, before, extra=extra, engine=engine,
-                      breakpoint_offsets_s=np.concatenate([bp_offsets, before]),
+                      breakpoint_offsets_s=np.concatenate([[bp_max], before]),
                       offset_at=clock.offsets_at)
 
 

@@ -22,6 +22,7 @@ from sim.oscillator import Oscillator
 from timesyncd.clock import Clock, KernelStatus
 
 _NS = 1_000_000_000
+_CHUNK = 1 << 16
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -82,7 +83,11 @@ class SimClock(Clock):
         t = np.asarray(times_s, dtype=np.float64)
         if len(t) and (t.min() < 0.0 or t.max() > self._t):
             raise ValueError("offsets_at: instants must lie in [0, true_s]")
-        return offsets_from_anchors(*self._views(), self.oscillator, t)
+        out = np.empty(len(t))
+        views = self._views()
+        for i in range(0, len(t), _CHUNK):  # elementwise: chunks bound the temporaries
+            out[i:i + _CHUNK] = offsets_from_anchors(*views, self.oscillator, t[i:i + _CHUNK])
+        return out
 
     def breakpoints(self) -> tuple[FloatArray, FloatArray]:
         """(true_s, offset_s) after every frequency change and step. Between them the offset's

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 _BLOCK = 4096
+_CHUNK = 1 << 16
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -147,6 +148,14 @@ class Oscillator:
         element.
         """
         t = np.asarray(times, dtype=np.float64)
+        if len(t) > _CHUNK:  # elementwise: chunks bound the temporaries (a year: ~10^6 t)
+            out = np.empty(len(t))
+            for i in range(0, len(t), _CHUNK):
+                out[i:i + _CHUNK] = self._phase_to_array(t[i:i + _CHUNK])
+            return out
+        return self._phase_to_array(t)
+
+    def _phase_to_array(self, t: FloatArray) -> FloatArray:
         pos = np.maximum(t, 0.0)
         out = self.base_ppm * 1e-6 * pos
         out = out + self._wander_phase_array(pos)

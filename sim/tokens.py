@@ -225,23 +225,36 @@ class TokenSchedule:
         result: dict[str, KindTally] = {}
         for kind, k in self.kinds.items():
             t = KindTally(issued=len(k.issue_ns))
-            validate_ns, lo, hi = k.validate_ns, k.lo, k.hi
-            ok_true = self.accepts(kind, lo, hi, validate_ns)
-            ok_guest = self.accepts(kind, lo, hi, validate_ns + offset_at(validate_ns))
-            wrong = ok_true & ~ok_guest
-            del ok_true, ok_guest
-            t.rejected = int(wrong.sum())
-            t.rejection_times_s = (validate_ns[wrong] - self.start_ns) / NS
-            del wrong, validate_ns
-            replay_ns = k.replay_ns
-            live = replay_ns <= self.end_ns
-            r_ns, lo, hi = replay_ns[live], lo[live], hi[live]
-            del replay_ns, live
-            refused_true = ~self.accepts(kind, lo, hi, r_ns)
-            accepted_guest = self.accepts(kind, lo, hi, r_ns + offset_at(r_ns))
-            t.accepted_expired = int((refused_true & accepted_guest).sum())
+            times = []
+            for i in range(0, len(k.issue_ns), self.CHUNK):  # bounded temporaries
+                part = KindSchedule(kind, k.issue_ns[i:i + self.CHUNK], k.config)
+                rejected, expired_accepted = self._tally_part(part, offset_at)
+                times.append(rejected)
+                t.accepted_expired += expired_accepted
+            if times:
+                t.rejection_times_s = np.concatenate(times)
+            t.rejected = len(t.rejection_times_s)
             result[kind] = t
         return result
+
+    #: tokens checked at once; the arithmetic is per token, so chunking changes nothing
+    CHUNK = 1 << 16
+
+    def _tally_part(self, k: KindSchedule, offset_at: Callable[[IntArray], IntArray]
+                    ) -> tuple[npt.NDArray[np.float64], int]:
+        """(rejection times, expired replays accepted) of some of one kind's tokens."""
+        kind = k.kind
+        validate_ns, lo, hi = k.validate_ns, k.lo, k.hi
+        ok_true = self.accepts(kind, lo, hi, validate_ns)
+        ok_guest = self.accepts(kind, lo, hi, validate_ns + offset_at(validate_ns))
+        wrong = ok_true & ~ok_guest
+        rejection_times_s = (validate_ns[wrong] - self.start_ns) / NS
+        replay_ns = k.replay_ns
+        live = replay_ns <= self.end_ns
+        r_ns, lo, hi = replay_ns[live], lo[live], hi[live]
+        refused_true = ~self.accepts(kind, lo, hi, r_ns)
+        accepted_guest = self.accepts(kind, lo, hi, r_ns + offset_at(r_ns))
+        return rejection_times_s, int((refused_true & accepted_guest).sum())
 
 
 class OffsetLookup:

@@ -9,11 +9,14 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from sim import clock as sim_clock
+from sim import oscillator as sim_oscillator
 from sim import runner
 from sim.clock import SimClock
 from sim.oscillator import Oscillator
 from sim.runner import run_scenario
 from sim.scenario import DAY_S, Scenario
+from sim.tokens import TokenSchedule
 
 MB = 1 << 20
 
@@ -61,13 +64,17 @@ def test_clock_anchors_are_packed_and_read_back_exactly() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["none", "step", "discipline"])
-def test_token_offsets_in_small_chunks_change_nothing(strategy: str,
+def test_tokens_and_offsets_in_small_chunks_change_nothing(strategy: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     sc = Scenario(days=0.5, seed=2, strategies=(strategy,))
     whole = run_scenario(sc)[strategy]
     monkeypatch.setattr(runner._TokenOffsets, "CHUNK", 97)
+    monkeypatch.setattr(TokenSchedule, "CHUNK", 61)
+    monkeypatch.setattr(sim_oscillator, "_CHUNK", 53)
+    monkeypatch.setattr(sim_clock, "_CHUNK", 41)
     chunked = run_scenario(sc)[strategy]
     assert chunked.max_abs_offset_s == whole.max_abs_offset_s
+    assert np.array_equal(chunked.offsets_s, whole.offsets_s)
     for kind, t in whole.tokens.items():
         c = chunked.tokens[kind]
         assert (c.rejected, c.accepted_expired, c.issued) == (t.rejected, t.accepted_expired,

@@ -186,3 +186,22 @@ def test_options_are_drift_sims_and_bad_ones_are_named() -> None:
         scenario_from_options(leway=3)
     with pytest.raises(ValueError, match="strategy"):
         scenario_from_options(strategy="ntp")
+
+
+def test_the_documented_first_test_fails_as_the_guide_shows(tmp_path: Path) -> None:
+    """docs/TESTING-YOUR-APP.md's code, as a reader would paste it, fails with its message."""
+    doc = (ROOT / "docs" / "TESTING-YOUR-APP.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    for block in blocks:
+        path = tmp_path / block.splitlines()[0].lstrip("# ").split()[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(block)
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          *plugin_args(), "tests/test_tokens_on_enclave_clock.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1, out.stdout[-3000:]
+    shown = re.search(r"```\n(AssertionError: first failure .*?)```", doc, re.S)
+    assert shown is not None
+    assert " ".join(shown.group(1).split()) in " ".join(out.stdout.split())

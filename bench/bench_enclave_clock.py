@@ -9,7 +9,8 @@ medians, with ratios against the baseline measured in the same invocation:
   strategy (``run_scenario``, 7 days, default options, token checks included);
 * ``fixture-<strategy>``: ``EnclaveClock`` on a fresh timeline, swept over the week every
   10 minutes reading ``time.time()`` and ``datetime.now()`` (what the shipped examples do);
-* ``fixture-cached``: the same again in that process (the session cache);
+* ``fixture-cached``: the same week again in that process (the session cache; the wall time
+  of ``fixture-discipline`` stops before it);
 * ``fixture-disk``: a new process loading the week saved by an earlier one (disk cache).
 
 Goal (issue 17): the first week at default settings under 2 s here.
@@ -55,12 +56,13 @@ else:
         finally:
             clock.stop()
     week()
+    extra["built"] = cache.built
     if case == "fixture-discipline":
+        extra["first_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         week()
         extra["cached_s"] = time.perf_counter() - t1
-    extra["built"] = cache.built
-wall = time.perf_counter() - t0
+wall = extra.pop("first_s", None) or time.perf_counter() - t0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({{"wall_s": wall, "rss_mb": rss, **extra}}))
 """

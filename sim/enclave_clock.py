@@ -103,8 +103,9 @@ class EnclaveClock:
             self._freezer = self._factory = None
 
     def _guest_naive(self, true_s: float) -> dt.datetime:
-        reading_ns = self.scenario.start_ns + round((true_s + self.timeline.offset_s(true_s))
-                                                    * 1e9)
+        # integer ns, as drift-sim adds a token's instant and the offset
+        reading_ns = (self.scenario.start_ns + round(true_s * 1e9)
+                      + round(self.timeline.offset_s(true_s) * 1e9))
         us = reading_ns // _US  # what a datetime can hold: floor to microseconds
         return dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=us)
 

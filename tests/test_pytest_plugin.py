@@ -115,7 +115,8 @@ def test_wall_clock_reads_the_simulated_guest_clock_of_drift_sim(clock_of, strat
     for i in rng.choice(len(times), 25, replace=False):
         clock.move_to(float(times[i]))
         assert clock.offset_s == offsets[i]
-        guest_us = (clock.scenario.start_ns + round((times[i] + offsets[i]) * 1e9)) // 1000
+        guest_ns = clock.scenario.start_ns + round(times[i] * 1e9) + round(offsets[i] * 1e9)
+        guest_us = guest_ns // 1000
         assert round(time.time() * 1e6) == guest_us
         assert round(time.time_ns() / 1000) == guest_us  # freezegun: from the float
         now = dt.datetime.now(dt.UTC)

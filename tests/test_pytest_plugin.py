@@ -139,9 +139,11 @@ def test_monotonic_clocks_stay_real_and_asyncio_runs(clock_of) -> None:
     assert any(b < a for a, b in zip(jumps, jumps[1:], strict=False))  # a backward step
 
 
-def test_discipline_bound_contains_the_true_offset(clock_of) -> None:
-    """The bound the fixture reports is the guest's own, and it holds (sampled over a day)."""
-    clock = clock_of(strategy="discipline", days=1, seed=2)
+@pytest.mark.parametrize("outage", [(), "0.4d:4h"])
+def test_discipline_bound_contains_the_true_offset(clock_of, outage: object) -> None:
+    """The bound the fixture reports is the guest's own, and it holds (sampled over a day),
+    also while the relay is down and the guest is in holdover (the bound grows)."""
+    clock = clock_of(strategy="discipline", days=1, seed=2, outage=outage)
     assert clock.error_bound_s is None  # before the first update: no claim
     checked = 0
     for state in clock.sweep("7m", start="10m"):
@@ -149,6 +151,10 @@ def test_discipline_bound_contains_the_true_offset(clock_of) -> None:
         assert abs(state.offset_s) <= state.error_bound_s, state
         checked += 1
     assert checked > 200
+    if outage:
+        before = clock.move_to(hours=9.5).error_bound_s
+        during = clock.move_to(hours=0.4 * 24 + 3.5).error_bound_s
+        assert before is not None and during is not None and during > 2 * before
     for strategy in ("none", "step"):
         assert clock_of(strategy=strategy, days=1).move_to(days=0.5).error_bound_s is None
 

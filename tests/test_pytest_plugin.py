@@ -212,3 +212,33 @@ def test_the_documented_first_test_fails_as_the_guide_shows(tmp_path: Path) -> N
     shown = re.search(r"```\n(AssertionError: first failure .*?)```", doc, re.S)
     assert shown is not None
     assert " ".join(shown.group(1).split()) in " ".join(out.stdout.split())
+
+
+def test_recorded_bound_is_the_controllers_own_at_any_instant() -> None:
+    """Between updates the fixture extends the bound linearly from the last kernel-status
+    publication; it must equal what the controller itself says at each instant (read by a
+    second run of the same engine, sampled without touching its random streams)."""
+    from sim.engine import Engine
+    from sim.strategies import build_engine
+    from sim.timeline import GuestTimeline, guest_error_bound_s
+
+    sc, strategy = scenario_from_options(strategy="discipline", days=0.25, seed=6,
+                                         outage="3h:1h")
+    timeline = GuestTimeline(sc, strategy)
+    live = build_engine(timeline.inputs)
+    seen: list[tuple[float, float | None]] = []
+
+    def sample(engine: Engine) -> None:
+        seen.append((engine.now_s, guest_error_bound_s(engine.controller,
+                                                       engine.clock.reading_ns())))
+
+    live.sample_every_s, live.on_sample = 37.0, sample
+    live.run(sc.duration_s)
+    compared = 0
+    for t, expect in seen:
+        got = timeline.error_bound_s(t)
+        if expect is None or expect >= 16.0:  # no claim yet, or the kernel's saturated value
+            continue
+        assert got == pytest.approx(expect, rel=1e-6, abs=1e-12), t
+        compared += 1
+    assert compared > 500

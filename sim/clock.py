@@ -13,6 +13,7 @@ returns, never the clock itself.
 from __future__ import annotations
 
 import random
+from array import array
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,7 @@ from sim.oscillator import Oscillator
 from timesyncd.clock import Clock, KernelStatus
 
 _NS = 1_000_000_000
+_CHUNK = 1 << 16
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -42,12 +44,20 @@ class SimClock(Clock):
         self.kernel_status = KernelStatus(synchronised=False)
         self.steps: list[tuple[float, int]] = []  # (true_s, offset_ns)
         self.offsets_before_steps_s: list[float] = []
-        # anchors (true_s, reading_s, phase, 1 + correction), in order; the last one is current
-        self._anchors: list[tuple[float, float, float, float]] = []
+        # anchors (true_s, reading_s, phase, 1 + correction), in order, as packed doubles
+        # (a year of discipline makes millions); the last one, current, also as a tuple
+        self._anchors = tuple(array("d") for _ in range(4))
+        self._current = (0.0, 0.0, 0.0, 1.0)
         self._anchor()
 
     def _anchor(self) -> None:
-        self._anchors.append((self._t, self._reading_s, self._p, self._rate))
+        self._current = (self._t, self._reading_s, self._p, self._rate)
+        for column, value in zip(self._anchors, self._current, strict=True):
+            column.append(value)
+
+    def anchors(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Copies of the anchor columns: true_s, reading_s, phase, 1 + correction."""
+        return tuple(np.array(c, dtype=np.float64) for c in self._anchors)  # type: ignore
 
     @property
     def true_s(self) -> float:
@@ -57,7 +67,7 @@ class SimClock(Clock):
         """Move true time forward (never back) to ``true_s``."""
         if true_s <= self._t:
             return
-        a_t, a_reading, a_p, rate = self._anchors[-1]
+        a_t, a_reading, a_p, rate = self._current
         p = self.oscillator.phase_to(true_s)
         self._reading_s = a_reading + rate * ((true_s - a_t) + (p - a_p))
         self._t = true_s
@@ -73,18 +83,30 @@ class SimClock(Clock):
         t = np.asarray(times_s, dtype=np.float64)
         if len(t) and (t.min() < 0.0 or t.max() > self._t):
             raise ValueError("offsets_at: instants must lie in [0, true_s]")
-        a = np.array(self._anchors)
-        i = np.searchsorted(a[:, 0], t, side="right") - 1
-        p = self.oscillator.phase_to_array(t)
-        reading = a[i, 1] + a[i, 3] * ((t - a[i, 0]) + (p - a[i, 2]))
-        return reading - t
+        out = np.empty(len(t))
+        views = self._views()
+        for i in range(0, len(t), _CHUNK):  # elementwise: chunks bound the temporaries
+            out[i:i + _CHUNK] = offsets_from_anchors(*views, self.oscillator, t[i:i + _CHUNK])
+        return out
 
     def breakpoints(self) -> tuple[FloatArray, FloatArray]:
         """(true_s, offset_s) after every frequency change and step. Between them the offset's
         slope only follows the oscillator's slow wander and load, so its extremes are here (and,
         for steps, at :attr:`offsets_before_steps_s`)."""
-        a = np.array(self._anchors)
-        return a[:, 0].copy(), a[:, 1] - a[:, 0]
+        a_t, a_reading, _, _ = self._views()
+        return a_t.copy(), a_reading - a_t
+
+    def max_abs_breakpoint_offset_s(self, chunk: int = 1 << 16) -> float:
+        """max |offset| over :meth:`breakpoints`, in chunks (a year has millions of them)."""
+        a_t, a_reading, _, _ = self._views()
+        best = 0.0
+        for i in range(0, len(a_t), chunk):
+            best = max(best, float(np.max(np.abs(a_reading[i:i + chunk] - a_t[i:i + chunk]))))
+        return best
+
+    def _views(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """The anchor columns without copying (only for use before the next anchor)."""
+        return tuple(np.frombuffer(c, dtype=np.float64) for c in self._anchors)  # type: ignore
 
     def rate_error_ppm(self) -> float:
         """Current rate of the corrected clock relative to true time, minus one, ppm."""
@@ -103,6 +125,11 @@ class SimClock(Clock):
         noise = self._rng.gauss(0.0, self.read_noise_s) if self.read_noise_s > 0 else 0.0
         return self.start_unix_ns + round((self._reading_s + noise) * _NS)
 
+    def reading_ns(self) -> int:
+        """:meth:`now_ns` without read noise (and without drawing from the noise stream, so
+        observers do not change the run)."""
+        return self.start_unix_ns + round(self._reading_s * _NS)
+
     def set_frequency(self, ppm: float) -> None:
         self.frequency_ppm = max(-self.max_frequency_ppm, min(self.max_frequency_ppm, ppm))
         self._rate = 1.0 + self.frequency_ppm * 1e-6
@@ -119,3 +146,15 @@ class SimClock(Clock):
 
     def true_offset_ns(self) -> int | None:
         return round(self.offset_s() * _NS)
+
+
+def offsets_from_anchors(a_t: FloatArray, a_reading: FloatArray, a_p: FloatArray,
+                         a_rate: FloatArray, oscillator: Oscillator, times_s: FloatArray
+                         ) -> FloatArray:
+    """Clock minus true time at ``times_s`` from a clock's anchors (see the module docstring):
+    what :meth:`SimClock.offsets_at` returns, usable on anchors saved from an earlier run."""
+    t = np.asarray(times_s, dtype=np.float64)
+    i = np.searchsorted(a_t, t, side="right") - 1
+    p = oscillator.phase_to_array(t)
+    reading = a_reading[i] + a_rate[i] * ((t - a_t[i]) + (p - a_p[i]))
+    return reading - t

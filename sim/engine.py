@@ -91,6 +91,9 @@ class Engine:
         self.packets_sent = 0
         self.round_trips_s: list[float] = []  # true round trip of every answered request
         self.events = 0  # heap events processed (benchmarks normalise by this)
+        #: called with every batch of controller actions once applied (e.g. to record the
+        #: error bound the guest claims after each update)
+        self.on_actions: Callable[[Engine, list[Action]], Any] | None = None
 
     # --- hooks -------------------------------------------------------------------------------
     def call_at(self, true_s: float, fn: Callable[[Engine], Any]) -> None:
@@ -117,6 +120,8 @@ class Engine:
             elif isinstance(action, SetKernelStatus):
                 clock.set_kernel_status(action.status)
         self._reschedule()
+        if self.on_actions is not None:
+            self.on_actions(self, actions)
 
     def _reschedule(self) -> None:
         nt = self.controller.next_timer_ns()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -85,14 +85,28 @@ def fmt_when(s: float | None) -> str:
     return f"day {s / DAY_S:.2f} ({s / 3600:.1f} h)"
 
 
+#: Daily offsets beyond this many are shown as the first and last few and the worst day.
+MAX_DAYS_LISTED = 10
+_EDGE = 3
+
+
+def day_list(offsets: Sequence[float]) -> str:
+    """``d1 -1.1 s  d2 ...`` in full up to :data:`MAX_DAYS_LISTED` days, else shortened."""
+    items = [f"d{i + 1} {fmt_offset(o)}" for i, o in enumerate(offsets)]
+    if len(items) <= MAX_DAYS_LISTED:
+        return "  ".join(items)
+    worst = max(range(len(offsets)), key=lambda i: abs(offsets[i]))
+    return ("  ".join(items[:_EDGE]) + "  ...  " + "  ".join(items[-_EDGE:])
+            + f"  (worst {items[worst]}; all {len(items)} days in --json)")
+
+
 def write_tables(results: Mapping[str, StrategyResult], out: TextIO,
                  scenario_line: str = "") -> None:
     if scenario_line:
         out.write(scenario_line + "\n")
     for r in results.values():
         out.write(f"\n== {r.name} ==\n")
-        out.write("  offset at end of day: " + "  ".join(
-            f"d{i + 1} {fmt_offset(o)}" for i, o in enumerate(r.offset_at_day_end_s)) + "\n")
+        out.write("  offset at end of day: " + day_list(r.offset_at_day_end_s) + "\n")
         out.write(f"  max |offset|:         {fmt_offset(r.max_abs_offset_s).lstrip('+')}\n")
         js = r.to_json()
         out.write(f"  jumps:                {r.forward_jumps} forward (max "

@@ -11,8 +11,8 @@ import numpy as np
 from sim.load import LoadProfile, make_load
 from sim.report import StrategyResult
 from sim.scenario import DAY_S, RateModel, Scenario
-from sim.strategies import STRATEGY_FUNCS, SimInputs
-from sim.tokens import NS, OffsetLookup, TokenSchedule
+from sim.strategies import STRATEGY_FUNCS, FloatArray, SimInputs
+from sim.tokens import NS, IntArray, TokenSchedule
 
 #: Called with a strategy's name and the fraction of it done (0 when it starts).
 Progress = Callable[[str, float], None]
@@ -34,13 +34,16 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
     """Run each of ``scenario.strategies``; returns results keyed by strategy name."""
     inputs = build_inputs(scenario, load)
     tokens = TokenSchedule(scenario.tokens, scenario.start_ns, scenario.duration_s, scenario.seed)
-    token_ns = tokens.query_times_ns()
-    token_s = (token_ns - scenario.start_ns) / NS
+    last_token_ns = tokens.last_query_ns()
     n_days = int(np.ceil(scenario.duration_s / DAY_S - 1e-9))
     day_ends = np.minimum(np.arange(1, n_days + 1) * DAY_S, scenario.duration_s)
     grid = np.arange(0.0, scenario.duration_s, scenario.sample_interval_s)
     series_s = np.unique(np.concatenate([grid, day_ends]))
-    all_s = np.unique(np.concatenate([series_s, token_s]))
+    # the strategies run to the last instant anyone reads (a token instant can lie a rounding
+    # error past the end); token instants themselves are evaluated afterwards, in chunks
+    eval_s = series_s
+    if last_token_ns is not None:
+        eval_s = np.unique(np.append(series_s, (last_token_ns - scenario.start_ns) / NS))
     results: dict[str, StrategyResult] = {}
     for name in scenario.strategies:
         report = None
@@ -48,13 +51,13 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
             progress(name, 0.0)
             report = functools.partial(progress, name)
         started = time.perf_counter()
-        traj = STRATEGY_FUNCS[name](inputs, all_s, report)
+        traj = STRATEGY_FUNCS[name](inputs, eval_s, report)
         offsets = traj.offsets_s
-        lookup = OffsetLookup(token_ns, np.rint(offsets[np.searchsorted(all_s, token_s)] * NS)
-                              .astype(np.int64))
-        tally = tokens.tally(lookup)
+        assert traj.offset_at is not None
+        at_tokens = _TokenOffsets(traj.offset_at, scenario.start_ns)
+        tally = tokens.tally(at_tokens)
         # series for plots/CSV, plus the instants around each jump (extremes of a sawtooth)
-        ser_t, ser_o = series_s, offsets[np.searchsorted(all_s, series_s)]
+        ser_t, ser_o = series_s, offsets[np.searchsorted(eval_s, series_s)]
         if len(traj.jump_times_s):
             jt = traj.jump_times_s
             before = traj.offsets_at_jumps_before_s
@@ -62,16 +65,40 @@ def run_scenario(scenario: Scenario, *, load: LoadProfile | None = None,
             ser_o = np.concatenate([ser_o, before, before + traj.jumps_s])
             order = np.argsort(ser_t, kind="stable")
             ser_t, ser_o = ser_t[order], ser_o[order]
-        max_abs = float(max(np.max(np.abs(offsets)), np.max(np.abs(ser_o)),
+        max_abs = float(max(np.max(np.abs(offsets)), np.max(np.abs(ser_o)), at_tokens.max_abs,
                             np.max(np.abs(traj.breakpoint_offsets_s), initial=0.0)))
         results[name] = StrategyResult(
             name=name, times_s=ser_t, offsets_s=ser_o, max_abs_offset_s=max_abs,
-            offset_at_day_end_s=[float(x) for x in offsets[np.searchsorted(all_s, day_ends)]],
+            offset_at_day_end_s=[float(x) for x in offsets[np.searchsorted(eval_s, day_ends)]],
             tokens=tally, forward_jumps=int((traj.jumps_s > 0).sum()),
             backward_jumps=int((traj.jumps_s < 0).sum()),
             jumps_s=[float(j) for j in traj.jumps_s], extra=traj.extra,
             wall_s=time.perf_counter() - started)
+        del traj, at_tokens  # a discipline run's engine and anchors: free before the next
     return results
+
+
+class _TokenOffsets:
+    """Guest offsets (integer ns) at token instants (true Unix ns), evaluated in chunks so a
+    year of tokens (millions of instants) needs no array of them all; remembers the largest
+    |offset| seen, which counts in max |offset|."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, offset_at: Callable[[FloatArray], FloatArray], start_ns: int) -> None:
+        self.offset_at = offset_at
+        self.start_ns = start_ns
+        self.max_abs = 0.0
+
+    def __call__(self, at_ns: IntArray) -> IntArray:
+        out = np.empty(len(at_ns), dtype=np.int64)
+        for i in range(0, len(at_ns), self.CHUNK):
+            t = (at_ns[i:i + self.CHUNK] - self.start_ns) / NS
+            off = self.offset_at(t)
+            if len(off):
+                self.max_abs = max(self.max_abs, float(np.max(np.abs(off))))
+            out[i:i + self.CHUNK] = np.rint(off * NS).astype(np.int64)
+        return out
 
 
 def run_lan_reference(seed: int) -> dict[str, object]:

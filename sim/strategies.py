@@ -53,8 +53,12 @@ class Trajectory:
     extra: dict[str, Any] = field(default_factory=dict)
     engine: Engine | None = None  # discipline: the engine that drove the controller
     # offsets at the trajectory's own breakpoints (discipline: every frequency change and step),
-    # where a piecewise-linear offset has its extremes; counted in max |offset|
+    # where a piecewise-linear offset has its extremes; counted in max |offset| (discipline
+    # gives the largest |offset| over its anchors, and the offsets just before steps)
     breakpoint_offsets_s: FloatArray = field(default_factory=lambda: np.zeros(0))
+    # the same offsets at any other instants (elementwise: bit for bit what ``offsets_s`` holds
+    # at instants in both), so callers can evaluate millions of them in bounded chunks
+    offset_at: Callable[[FloatArray], FloatArray] | None = None
 
 
 def free_offset_s(inputs: SimInputs, times_s: FloatArray) -> FloatArray:
@@ -64,7 +68,10 @@ def free_offset_s(inputs: SimInputs, times_s: FloatArray) -> FloatArray:
 
 def run_none(inputs: SimInputs, times_s: FloatArray,
              progress: Fraction | None = None) -> Trajectory:
-    return Trajectory(inputs.scenario.initial_offset_s + free_offset_s(inputs, times_s))
+    def offset_at(t: FloatArray) -> FloatArray:
+        return inputs.scenario.initial_offset_s + free_offset_s(inputs, t)
+
+    return Trajectory(offset_at(times_s), offset_at=offset_at)
 
 
 def vsock_delays(inputs: SimInputs, at_s: FloatArray, rng: np.random.Generator) -> FloatArray:
@@ -103,13 +110,18 @@ def run_step(inputs: SimInputs, times_s: FloatArray,
         before[0] = sc.initial_offset_s + free_at_set[0]
         before[1:] = after[:-1] + free_at_set[1:] - free_at_set[:-1]
     jumps = after - before
-    free = free_offset_s(inputs, times_s)
-    offsets = sc.initial_offset_s + free
-    k = np.searchsorted(sets, times_s, side="right") - 1
-    stepped = k >= 0
-    offsets[stepped] = after[k[stepped]] + free[stepped] - free_at_set[k[stepped]]
-    return Trajectory(offsets, jumps, sets, before,
-                      extra={"step_reads": int(len(sets)), "failed_reads": int((~ok).sum())})
+
+    def offset_at(t: FloatArray) -> FloatArray:
+        free = free_offset_s(inputs, t)
+        offsets = sc.initial_offset_s + free
+        k = np.searchsorted(sets, t, side="right") - 1
+        stepped = k >= 0
+        offsets[stepped] = after[k[stepped]] + free[stepped] - free_at_set[k[stepped]]
+        return offsets
+
+    return Trajectory(offset_at(times_s), jumps, sets, before,
+                      extra={"step_reads": int(len(sets)), "failed_reads": int((~ok).sum())},
+                      offset_at=offset_at)
 
 
 def build_engine(inputs: SimInputs) -> Engine:
@@ -165,14 +177,15 @@ def run_discipline(inputs: SimInputs, times_s: FloatArray,
     jump_t = np.array([t for t, _ in clock.steps])
     jumps = np.array([ns / 1e9 for _, ns in clock.steps])
     before = np.array(clock.offsets_before_steps_s)
-    _, bp_offsets = clock.breakpoints()
+    bp_max = clock.max_abs_breakpoint_offset_s()
     st = engine.controller.status(clock.now_ns())
     extra = {"controller_steps": st.steps, "refused_jumps": st.refused_jumps,
              "final_state": st.state, "frequency_ppm": round(st.frequency_ppm, 4),
              "packets_sent": engine.packets_sent,
              **coverage.summary(engine.round_trips_s, 2.0 ** inputs.scenario.maxpoll)}
     return Trajectory(offsets, jumps, jump_t, before, extra=extra, engine=engine,
-                      breakpoint_offsets_s=np.concatenate([bp_offsets, before]))
+                      breakpoint_offsets_s=np.concatenate([[bp_max], before]),
+                      offset_at=clock.offsets_at)
 
 
 #: The error bound is checked against the true offset this often (true seconds).

@@ -28,6 +28,7 @@ validators below (which the freezegun tests check against real PyJWT and ``crypt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,17 +107,51 @@ def totp_accepts(issued_counter: int, now_ns: int, step_s: int = 30, window: int
 
 # --- vectorised schedule and tally -----------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class KindSchedule:
-    """Issue, validation and replay instants (true Unix ns) of one kind's tokens."""
+    """Issue instants (true Unix ns) of one kind's tokens; validation and replay instants and
+    the claims follow from them and the config, computed on use (a year of three kinds is
+    1.6 M tokens: five stored arrays each would be ~60 MB)."""
 
     kind: str
     issue_ns: IntArray
-    validate_ns: IntArray
-    replay_ns: IntArray
-    # claims, whole seconds (jwt: iat/nbf and exp; x509: notBefore/notAfter; totp: counter)
-    lo: IntArray
-    hi: IntArray
+    config: TokenConfig
+
+    @property
+    def validate_ns(self) -> IntArray:
+        return self.issue_ns + round(self.config.transit_s * NS)
+
+    @property
+    def lo(self) -> IntArray:
+        """Lower claim, whole seconds (jwt: iat/nbf; x509: notBefore; totp: counter)."""
+        c, secs = self.config, self.issue_ns // NS
+        if self.kind == "jwt":
+            return secs
+        if self.kind == "x509":
+            return secs - c.x509_backdate_s
+        return self.issue_ns // (c.totp_step_s * NS)
+
+    @property
+    def hi(self) -> IntArray:
+        """Upper claim (jwt: exp; x509: notAfter; totp: the counter again)."""
+        c = self.config
+        if self.kind == "jwt":
+            return self.issue_ns // NS + c.jwt_lifetime_s
+        if self.kind == "x509":
+            return self.issue_ns // NS - c.x509_backdate_s + c.x509_lifetime_s
+        return self.lo
+
+    @property
+    def replay_ns(self) -> IntArray:
+        """Each token again, ``replay_after_s`` after a correct clock first refuses it."""
+        c = self.config
+        if self.kind == "jwt":
+            refused_from = self.hi * NS + round(c.jwt_leeway_s * 1e6) * US
+        elif self.kind == "x509":
+            refused_from = self.hi * NS + US  # first microsecond after notAfter
+        else:
+            refused_from = (self.lo + c.totp_window + 1) * (c.totp_step_s * NS)
+        return refused_from + round(c.replay_after_s * NS)
 
 
 @dataclass
@@ -153,23 +188,14 @@ class TokenSchedule:
         # one token at a uniformly random instant of each period: fractional seconds matter
         frac = rng.random(n)
         issue = self.start_ns + ((np.arange(n) + frac) * period_ns).astype(np.int64)
-        validate = issue + round(c.transit_s * NS)
-        secs = issue // NS
-        if kind == "jwt":
-            lo, hi = secs, secs + c.jwt_lifetime_s
-            refused_from = hi * NS + round(c.jwt_leeway_s * 1e6) * US
-        elif kind == "x509":
-            lo = secs - c.x509_backdate_s
-            hi = lo + c.x509_lifetime_s
-            refused_from = hi * NS + US  # first microsecond after notAfter
-        else:
-            step_ns = c.totp_step_s * NS
-            lo = issue // step_ns
-            hi = lo
-            refused_from = (lo + c.totp_window + 1) * step_ns
-        replay = refused_from + round(c.replay_after_s * NS)
-        keep = validate <= self.end_ns
-        return KindSchedule(kind, issue[keep], validate[keep], replay[keep], lo[keep], hi[keep])
+        keep = issue + round(c.transit_s * NS) <= self.end_ns  # validated within the run
+        return KindSchedule(kind, issue[keep], c)
+
+    def last_query_ns(self) -> int | None:
+        """The latest instant of :meth:`query_times_ns`, without building them all."""
+        last = [int(t[t <= self.end_ns].max()) for k in self.kinds.values()
+                for t in (k.validate_ns, k.replay_ns) if (t <= self.end_ns).any()]
+        return max(last) if last else None
 
     def query_times_ns(self) -> IntArray:
         """Every instant (true Unix ns, sorted, unique) at which the guest clock must be read."""
@@ -192,24 +218,43 @@ class TokenSchedule:
         counter = now_us // (c.totp_step_s * 10**6)
         return np.abs(counter - sched_lo) <= c.totp_window
 
-    def tally(self, offset_at: OffsetLookup) -> dict[str, KindTally]:
-        """Validate every token (and its replay) at guest time = true time + offset."""
+    def tally(self, offset_at: Callable[[IntArray], IntArray]) -> dict[str, KindTally]:
+        """Validate every token (and its replay) at guest time = true time + offset;
+        ``offset_at`` maps true Unix ns to the guest's offset in ns (e.g. an
+        :class:`OffsetLookup`)."""
         result: dict[str, KindTally] = {}
         for kind, k in self.kinds.items():
             t = KindTally(issued=len(k.issue_ns))
-            ok_true = self.accepts(kind, k.lo, k.hi, k.validate_ns)
-            ok_guest = self.accepts(kind, k.lo, k.hi, k.validate_ns + offset_at(k.validate_ns))
-            wrong = ok_true & ~ok_guest
-            t.rejected = int(wrong.sum())
-            t.rejection_times_s = (k.validate_ns[wrong] - self.start_ns) / NS
-            live = k.replay_ns <= self.end_ns
-            r_ns = k.replay_ns[live]
-            lo, hi = k.lo[live], k.hi[live]
-            refused_true = ~self.accepts(kind, lo, hi, r_ns)
-            accepted_guest = self.accepts(kind, lo, hi, r_ns + offset_at(r_ns))
-            t.accepted_expired = int((refused_true & accepted_guest).sum())
+            times = []
+            for i in range(0, len(k.issue_ns), self.CHUNK):  # bounded temporaries
+                part = KindSchedule(kind, k.issue_ns[i:i + self.CHUNK], k.config)
+                rejected, expired_accepted = self._tally_part(part, offset_at)
+                times.append(rejected)
+                t.accepted_expired += expired_accepted
+            if times:
+                t.rejection_times_s = np.concatenate(times)
+            t.rejected = len(t.rejection_times_s)
             result[kind] = t
         return result
+
+    #: tokens checked at once; the arithmetic is per token, so chunking changes nothing
+    CHUNK = 1 << 16
+
+    def _tally_part(self, k: KindSchedule, offset_at: Callable[[IntArray], IntArray]
+                    ) -> tuple[npt.NDArray[np.float64], int]:
+        """(rejection times, expired replays accepted) of some of one kind's tokens."""
+        kind = k.kind
+        validate_ns, lo, hi = k.validate_ns, k.lo, k.hi
+        ok_true = self.accepts(kind, lo, hi, validate_ns)
+        ok_guest = self.accepts(kind, lo, hi, validate_ns + offset_at(validate_ns))
+        wrong = ok_true & ~ok_guest
+        rejection_times_s = (validate_ns[wrong] - self.start_ns) / NS
+        replay_ns = k.replay_ns
+        live = replay_ns <= self.end_ns
+        r_ns, lo, hi = replay_ns[live], lo[live], hi[live]
+        refused_true = ~self.accepts(kind, lo, hi, r_ns)
+        accepted_guest = self.accepts(kind, lo, hi, r_ns + offset_at(r_ns))
+        return rejection_times_s, int((refused_true & accepted_guest).sum())
 
 
 class OffsetLookup:

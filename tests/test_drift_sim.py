@@ -30,7 +30,7 @@ def invoke(*args: str) -> Any:
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("drift")
     r = invoke("--json", "--csv", str(out / "series.csv"), "--plot", str(out / "plot.png"))
-    return json.loads(r.output), out
+    return json.loads(r.stdout), out  # progress lines go to stderr
 
 
 def test_json_schema(default_run: tuple[dict[str, Any], Path]) -> None:
@@ -96,7 +96,7 @@ def test_csv_and_plot_files(default_run: tuple[dict[str, Any], Path]) -> None:
 
 def test_step_jumps_both_ways_under_varying_vsock_delay() -> None:
     r = invoke("--json", "--days", "1", "--strategies", "step", "--vsock-queue", "0.005")
-    step = json.loads(r.output)["strategies"]["step"]
+    step = json.loads(r.stdout)["strategies"]["step"]
     assert step["forward_jumps"] > 0 and step["backward_jumps"] > 0
     assert step["max_backward_jump_s"] > 1e-3
     assert step["forward_jumps"] + step["backward_jumps"] == step["step_reads"]
@@ -110,9 +110,9 @@ def test_same_seed_same_result_other_seed_differs() -> None:
             s.pop("wall_s")
         return doc
 
-    a = strip(json.loads(invoke(*args, "--seed", "5").output))
-    b = strip(json.loads(invoke(*args, "--seed", "5").output))
-    c = strip(json.loads(invoke(*args, "--seed", "6").output))
+    a = strip(json.loads(invoke(*args, "--seed", "5").stdout))
+    b = strip(json.loads(invoke(*args, "--seed", "5").stdout))
+    c = strip(json.loads(invoke(*args, "--seed", "6").stdout))
     assert a == b
     assert a["strategies"] != c["strategies"]
 

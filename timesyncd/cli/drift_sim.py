@@ -21,6 +21,7 @@ from sim.scenario import (
     parse_outage,
     parse_seeds,
 )
+from sim.summary import check_outputs, seed_summary, write_seed_summary
 from sim.tokens import TokenConfig
 from timesyncd.cli.options import Float, Int
 
@@ -39,26 +40,39 @@ _SC_DEFAULTS = Scenario()
 
 
 class _Progress:
-    """A one-line progress indicator on stderr, only on a terminal and after the first second."""
+    """Progress on stderr after the first second: a one-line bar on a terminal, else a plain
+    line at most every :attr:`LINE_EVERY_S` (logs and CI show a long run is alive); never on
+    stdout, so ``--json`` stays clean."""
+
+    LINE_EVERY_S = 5.0
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
+        self.tty = self.stream.isatty()
         self.total, self.done = total, 0
         self.started = time.monotonic()
+        self.last_line = 0.0
         self.shown = False
 
     def __call__(self, label: str, fraction: float) -> None:
         if fraction == 0.0:
             self.done += 1  # a new strategy (or seed) starts
-        if self.enabled and time.monotonic() - self.started > 1.0:
+        now = time.monotonic()
+        if now - self.started <= 1.0:
+            return
+        overall = (self.done - 1 + fraction) / max(self.total, 1)
+        if self.tty:
             width = 30
-            overall = (self.done - 1 + fraction) / max(self.total, 1)
             filled = int(width * overall)
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
                               f"{self.done}/{self.total} {label:<12}")
             self.stream.flush()
             self.shown = True
+        elif now - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = now
+            self.stream.write(f"drift-sim: {overall:4.0%} done, run {self.done}/{self.total} "
+                              f"{label} {fraction:.0%}, {now - self.started:.0f} s\n")
+            self.stream.flush()
 
     def close(self) -> None:
         if self.shown:
@@ -169,6 +183,7 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
         base = Scenario(days=days, seed=seed_list[0], load=load_spec,
                         strategies=_strategies(strategies), load_coupling_ppm=load_coupling,
                         minpoll=minpoll, maxpoll=maxpoll, network=net, tokens=tokens)
+        check_outputs(csv_path, plot_path)  # before a run that can take minutes
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     progress = _Progress(len(seed_list) * len(base.strategies))
@@ -221,9 +236,10 @@ def _doc(sc: Scenario, results: dict[str, StrategyResult]) -> dict[str, Any]:
 
 def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bool,
           as_json: bool, csv_path: str | None, plot_path: str | None) -> None:
+    summary = seed_summary({s: r for s, (_, r) in runs.items()}) if multi else None
     if as_json:
-        doc = ({"seeds": {str(s): _doc(sc, r) for s, (sc, r) in runs.items()}} if multi
-               else _doc(*next(iter(runs.values()))))
+        doc = ({"seeds": {str(s): _doc(sc, r) for s, (sc, r) in runs.items()},
+                "summary": summary} if multi else _doc(*next(iter(runs.values()))))
         click.echo(json.dumps(doc, indent=2))
     else:
         for s, (sc, results) in runs.items():
@@ -231,6 +247,10 @@ def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bo
             write_tables(results, out, f"drift-sim: {sc.days:g} days, load {sc.load}, seed {s}, "
                          f"JWT leeway {sc.tokens.jwt_leeway_s:g} s, transit "
                          f"{sc.tokens.transit_s:g} s, X.509 backdate {sc.tokens.x509_backdate_s} s")
+            click.echo(out.getvalue(), nl=False)
+        if summary is not None:
+            out = io.StringIO()
+            write_seed_summary(summary, out)
             click.echo(out.getvalue(), nl=False)
     first_sc, first = next(iter(runs.values()))
     try:

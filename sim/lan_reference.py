@@ -62,7 +62,7 @@ def run(seed: int, *, duration_s: float = 20_000.0, stats_from_s: float = 2_000.
     def sample(engine: Engine) -> None:
         t = engine.now_s
         offsets.append((t, clock.offset_s()))
-        bound = controller.error_bound(clock.now_ns())
+        bound = controller.error_bound(clock.reading_ns())
         ratios.append(abs(clock.offset_s()) / bound.bound_s)
         if bound.estimate_s is not None:
             bounds.append(bound.bound_s)

@@ -208,7 +208,7 @@ class BoundCoverage:
         self.max_freq_error_ppm = 0.0
 
     def sample(self, engine: Engine) -> None:
-        now_ns = engine.clock.now_ns()
+        now_ns = engine.clock.reading_ns()
         bound = engine.controller.error_bound(now_ns)
         true = abs(engine.clock.offset_s() - self.reference_error_s)
         self.ratios.append(true / bound.bound_s if bound.bound_s > 0 else math.inf)

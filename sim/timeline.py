@@ -124,18 +124,26 @@ class GuestTimeline:
         return self.scenario.duration_s
 
     def _record_bound(self, engine: Engine, actions: list[Action]) -> None:
-        from guest_client.actions import SetKernelStatus
+        from guest_client.actions import SetFrequency, SetKernelStatus, StepClock
 
-        if not any(isinstance(a, SetKernelStatus) for a in actions):
+        # the bound is linear in time between these: a slew's start and end (SetFrequency)
+        # change the rate at which the remaining offset in it shrinks
+        if not any(isinstance(a, SetKernelStatus | SetFrequency | StepClock) for a in actions):
             return
         assert self._bounds is not None
         now_ns = engine.clock.reading_ns()
         b0 = guest_error_bound_s(engine.controller, now_ns)
-        b1 = guest_error_bound_s(engine.controller, now_ns + 1_000_000_000)
+        # its slope up to the next timer at most (a longer probe could pass the end of a slew
+        # in progress), and over a long span: readings are whole nanoseconds
+        nxt = engine.controller.next_timer_ns()
+        span_ns = 1_000_000_000 if nxt is None else max(min(nxt - now_ns, 1_000_000_000), 1000)
+        b1 = guest_error_bound_s(engine.controller, now_ns + span_ns)
         ts, values, growths = self._bounds
         ts.append(engine.now_s)
         values.append(math.nan if b0 is None else b0)
-        growths.append(0.0 if b0 is None or b1 is None else max(b1 - b0, 0.0))
+        # per true second (the fixture's time axis): the clock runs off true rate mid-slew
+        rate = 1.0 + engine.clock.rate_error_ppm() * 1e-6
+        growths.append(0.0 if b0 is None or b1 is None else (b1 - b0) * (1e9 / span_ns) * rate)
 
     def _simulate_to(self, true_s: float) -> None:
         if true_s < 0 or true_s > self.duration_s:

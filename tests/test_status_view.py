@@ -9,6 +9,7 @@ def test_status_text_shows_bound_and_reason() -> None:
     text = format_status({"state": "unsynchronised", "state_reason": "sources_disagree",
                           "error_bound_s": 2.0004, "bound_verified": False, "sources": []})
     assert "unsynchronised (sources_disagree)" in text
-    assert "Error bound     : +2.000400000 s (unverified since a link loss)" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("Error bound"))
+    assert "2.000" in line and line.endswith("(unverified since a link loss)"), line
     old = format_status({"state": "synchronised", "sources": []})  # an older daemon
-    assert "Error bound     : -" in old and "unverified" not in old
+    assert "Root distance" in old and "unverified" not in old  # what it reports instead

@@ -87,9 +87,11 @@ def test_shipped_examples_pass_on_discipline_and_fail_near_drift_sims_day_on_non
     failed = child_pytest(str(ROOT / "examples"), "--enclave-clock-strategy", "none",
                           cwd=tmp_path)
     assert failed.returncode == 1, failed.stdout[-3000:]
-    # failure sections and the summary's FAILED lines come in the same order
-    names = re.findall(r"FAILED \S+::test_(\w+?)_", failed.stdout)
-    found = re.findall(r"AssertionError: first failure at true day ([\d.]+)", failed.stdout)
+    # failure sections (their "E" lines) and the summary's FAILED lines come in the same
+    # order; the summary repeats the message in full when CI is set, so read only "E" lines
+    names = re.findall(r"^FAILED \S+::test_(\w+?)_", failed.stdout, re.M)
+    found = re.findall(r"^E\s+AssertionError: first failure at true day ([\d.]+)",
+                       failed.stdout, re.M)
     days = {name: float(day) for name, day in zip(names, found, strict=True)}
     assert set(days) == {"session", "fresh"}, failed.stdout[-3000:]
     # drift-sim's first rejections for the same seed: JWT (leeway 3 s) and X.509 (backdate 3 s)

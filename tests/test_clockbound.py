@@ -35,14 +35,19 @@ def spec_read(path: str) -> dict[str, int]:
     """ClockBound protocol version 2, field by field at the offsets PROTOCOL.md draws (native
     byte order), with the generation protocol: this shares no code with timesyncd."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
-        for _ in range(100_000):
+        # Wait by time, not by tries: the writer's thread sits in membarrier (an RCU grace
+        # period) between its odd and even stores, which takes longer on a loaded machine,
+        # and a reader that spins without sleeping also starves it of the GIL.
+        deadline = time.monotonic() + 5.0
+        while True:
             gen1 = struct.unpack_from("=H", m, 14)[0]
             raw = bytes(m[0:80])
             gen2 = struct.unpack_from("=H", m, 14)[0]
             if gen1 == gen2 and gen1 % 2 == 0:
                 break
-        else:
-            raise AssertionError("never a stable generation")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never a stable generation in 5 s (last {gen1}, {gen2})")
+            time.sleep(0.0005)
     return {
         "magic0": struct.unpack_from("=I", raw, 0)[0],
         "magic1": struct.unpack_from("=I", raw, 4)[0],

@@ -61,10 +61,13 @@ from guest_client.sync_state import (
 )
 from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from timesyncd.clock import KernelStatus
-from timesyncd.discipline import PRIOR_SLOPE_SD, CorrectionModel, DisciplineConfig, slew_plan
+from timesyncd.correction import CorrectionModel
+from timesyncd.discipline import DisciplineConfig
 from timesyncd.exchange import Rejection, Sample
 from timesyncd.filter import FilteredSample
+from timesyncd.fit import PRIOR_SLOPE_SD
 from timesyncd.selection import select
+from timesyncd.slew import slew_plan
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,11 @@ import logging
 from dataclasses import dataclass, field
 
 from guest_client.actions import SourceStatus
-from timesyncd.discipline import DisciplineConfig, Estimate, PollState
+from timesyncd.discipline import DisciplineConfig
 from timesyncd.exchange import ClientExchange, Rejection
 from timesyncd.filter import FilteredSample, SampleFilter
+from timesyncd.fit import Estimate
+from timesyncd.poll import PollState
 
 log = logging.getLogger(__name__)
 

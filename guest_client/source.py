@@ -59,8 +59,7 @@ class Source:
                    exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
                    filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
                    poll=PollState(cfg.minpoll),
-                   status=SourceStatus(name=config.name, trust=config.trust,
-                                       authenticated=config.trust == "authenticated"))
+                   status=SourceStatus(name=config.name, trust=config.trust))
 
     @property
     def name(self) -> str:

@@ -44,8 +44,10 @@ Action = SendRequest | SetFrequency | StepClock | SetKernelStatus
 @dataclass(slots=True)
 class SourceStatus:
     name: str
-    trust: str = "host"  # "host" or "authenticated"
-    authenticated: bool = False
+    # The configured trust level, "host" or "authenticated": what the step policy and the
+    # trust bound act on. Whether replies are NTS-verified is the driver's to say (the
+    # daemon's status key ``authenticated``); the controller never claims it.
+    trust: str = "host"
     reachable: bool = False
     selected: bool = False
     offset_s: float | None = None  # guest minus this source, last filtered sample

@@ -10,16 +10,10 @@ import math
 from collections.abc import Callable, Collection, Iterable
 
 from guest_client.source import BURST_INTERVAL_S, Source
-from timesyncd.discipline import (
-    MIN_WINDOW,
-    PRIOR_SLOPE_SD,
-    DisciplineConfig,
-    Estimate,
-    fit_early,
-    fit_filter,
-)
+from timesyncd.discipline import DisciplineConfig
 from timesyncd.exchange import PHI
 from timesyncd.filter import ERROR_FLOOR_S
+from timesyncd.fit import MIN_WINDOW, PRIOR_SLOPE_SD, Estimate, fit_early, fit_filter
 from timesyncd.selection import Candidate
 from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
 

@@ -9,7 +9,8 @@ refuse, :mod:`guest_client.step_policy`) -> per-source ``SampleFilter`` -> regre
 trust bound (:mod:`guest_client.candidates`) -> ``select`` over sources -> slew plan -> state
 from the error bound (:mod:`guest_client.error_bound`, :mod:`guest_client.sync_state`).
 Samples are kept in the clock's uncorrected time scale (``CorrectionModel``), so slews and
-steps never invalidate them.
+steps never invalidate them. Step and jump handling live in :mod:`guest_client.stepping`,
+the state keeping in :mod:`guest_client.state_keeping` (mixins sharing this class's state).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import replace
 
 from guest_client.actions import (
     Action,
@@ -26,45 +26,40 @@ from guest_client.actions import (
     SendRequest,
     SetFrequency,
     SetKernelStatus,
-    StepClock,
 )
 from guest_client.candidates import (
     first_update_ready,
     freq_uncertainty,
     gain,
     gather,
-    holdover_after,
     sample_distance,
     trust_bound,
 )
 from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
 from guest_client.source import Source, SourceConfig
+from guest_client.state_keeping import StateKeeping
 from guest_client.step_policy import (
-    MAX_JUMPS,
-    Decision,
     Discontinuity,
     JumpState,
     StepAction,
     boot_evidence,
-    counted,
     decide,
-    evidence,
-    operator_step,
 )
+from guest_client.stepping import StepHandling
 from guest_client.sync_state import (
-    Facts,
     StateEvent,
     StateMachine,
     SyncState,
-    kernel_status,
-    target,
 )
 from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from timesyncd.clock import KernelStatus
-from timesyncd.discipline import PRIOR_SLOPE_SD, CorrectionModel, DisciplineConfig, slew_plan
+from timesyncd.correction import CorrectionModel
+from timesyncd.discipline import DisciplineConfig
 from timesyncd.exchange import Rejection, Sample
 from timesyncd.filter import FilteredSample
+from timesyncd.fit import PRIOR_SLOPE_SD
 from timesyncd.selection import select
+from timesyncd.slew import slew_plan
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +68,7 @@ __all__ = ["GuestController", "SourceConfig"]
 _NS = 1_000_000_000
 
 
-class GuestController:
+class GuestController(StepHandling, StateKeeping):
     """Disciplines one clock from one or more NTP sources by slewing; see the module doc."""
 
     def __init__(self, config: DisciplineConfig, rng: random.Random,
@@ -159,14 +154,6 @@ class GuestController:
             src.arm(self.config.burst, now_ns)
         return [SetKernelStatus(KernelStatus(synchronised=False))]
 
-    @property
-    def state(self) -> SyncState:
-        return self._sm.state
-
-    @property
-    def _last_update_t(self) -> float | None:
-        return None if self._basis is None else self._basis.t
-
     # --- events ---------------------------------------------------------------------------
     def on_timer(self, now_ns: int) -> list[Action]:
         now = self._t(now_ns)
@@ -206,15 +193,6 @@ class GuestController:
         self._count(reason, self._sources.get(source))
         return []
 
-    def on_discontinuity(self, now_ns: int, kind: Discontinuity) -> list[Action]:
-        """The guest has reason to believe its clock moved (suspend/restore, reconnect, long
-        silence): a later jump may then be stepped once confirmed (step_policy); one already
-        being refused now is not explained by it."""
-        self._t(now_ns)
-        self._jumps.mark(kind, counted(self._sources.values(), self._auth_names()),
-                         self._jump_tolerance())
-        return []
-
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:
         """The relay link dropped: stop polling its ``sources`` (all when None); a discontinuity.
@@ -229,18 +207,6 @@ class GuestController:
             self._verified = False
         return self.on_discontinuity(now_ns, Discontinuity.RECONNECT)
 
-    def make_step(self, now_ns: int) -> tuple[list[Action], Decision]:
-        """An operator accepts the step now (``timesync makestep``; step_policy.operator_step)."""
-        pool = counted(self._sources.values(), self._auth_names())
-        decision = operator_step(pool, self._jump_tolerance(), self._estimate(self._t(now_ns)))
-        actions: list[Action] = []
-        if decision.action == StepAction.STEP:
-            now_ns = self._step(now_ns, -decision.size_s, actions)
-            self._clear_samples()
-            self._jumps.settle(self._sources.values())
-            self._evaluate(self._t(now_ns), actions, kernel=True)
-        return actions, decision
-
     def next_timer_ns(self) -> int | None:
         times = [s.next_poll_ns for s in self._sources.values() if s.next_poll_ns is not None]
         if self._epoch_ns is not None:
@@ -250,11 +216,6 @@ class GuestController:
             if deadline is not None:
                 times.append(self._ns(deadline))
         return min(times) if times else None
-
-    def drain_events(self) -> list[StateEvent]:
-        """State transitions since the last call (the daemon logs them)."""
-        events, self.events = self.events, []
-        return events
 
     # --- status ---------------------------------------------------------------------------
     def base_frequency_ppm(self) -> tuple[float, float | None]:
@@ -367,50 +328,6 @@ class GuestController:
         if self._first_sample_t is None:
             self._first_sample_t = now
 
-    def _auth_names(self) -> frozenset[str]:
-        """Sources configured as authenticated, answering or not: the one notion the step
-        policy and the trust bound share."""
-        return frozenset(s.config.name for s in self._sources.values()
-                         if s.config.trust == "authenticated")
-
-    def _jump_tolerance(self) -> float:
-        return max(self.config.step_threshold_s / 10, 1e-3)
-
-    def _large_jump(self, src: Source, fs: FilteredSample, jump: float,
-                    now_ns: int) -> list[Action]:
-        """A jump past the step threshold: the step policy says step or refuse."""
-        cfg = self.config
-        del src.jumps[:-(MAX_JUMPS - 1)]
-        src.jumps.append(jump)
-        auth = self._auth_names()
-        ev = evidence(self._sources.values(), auth, jump, src.config.name in auth,
-                      threshold_s=cfg.step_threshold_s, initial=self.updates < cfg.step_limit,
-                      confirm_samples=cfg.jump_confirm_samples,
-                      tolerance_s=self._jump_tolerance(), discontinuity=self._jumps.discontinuity,
-                      jump_before_discontinuity=self._jumps.jump_before)
-        decision = decide(ev)
-        actions: list[Action] = []
-        now = self._t(now_ns)
-        if decision.action != StepAction.STEP:
-            self.refused_jumps += 1
-            src.status.note = f"refused jump of {jump:+.6f} s: {decision.reason}"
-            log.warning("refused clock jump of %+.6f s from %s: %s", jump, src.config.name,
-                        decision.reason)
-            if ev.agreeing >= cfg.jump_confirm_samples:  # every counted source keeps saying so
-                self._jumps.disagreement_s = ev.jump_s
-            self._evaluate(now, actions)
-            return actions
-        size = decision.size_s
-        now_ns = self._step(now_ns, -size, actions)
-        self._clear_samples()
-        self._jumps.settle(self._sources.values())
-        src.status.note = f"stepped {size:+.6f} s: {decision.reason}"
-        log.warning("stepped the clock by %+.6f s (%s)", -size, decision.reason)
-        src.filter.add(fs)
-        self._use(src, fs, self._t(now_ns))
-        self._update(now_ns, actions)
-        return actions
-
     def _update(self, now_ns: int, actions: list[Action]) -> None:
         now = self._t(now_ns)
         if self._sys is None and not first_update_ready(self._sources.values(), now,
@@ -463,72 +380,3 @@ class GuestController:
         self._model.set_frequency(now, freq)
         self._slew_end_t = None
         actions.append(SetFrequency(freq * 1e6))
-
-    def _step(self, now_ns: int, delta_s: float, actions: list[Action]) -> int:
-        """Step the clock by ``delta_s``; returns the clock reading right after the step."""
-        now = self._t(now_ns)
-        delta_ns = round(delta_s * _NS)
-        self._model.step(now, delta_ns / _NS)
-        self._step_epoch += 1
-        self.steps += 1
-        actions.append(StepClock(delta_ns))
-        log.warning("stepped the clock by %+.9f s", delta_ns / _NS)
-        for src in self._sources.values():
-            src.shift(delta_ns)
-        shift = delta_ns / _NS
-        for attr in ("_last_sample_rx_t", "_first_sample_t", "_slew_end_t", "_bound_deadline"):
-            value = getattr(self, attr)
-            if value is not None:
-                setattr(self, attr, value + shift)
-        if self._basis is not None:
-            self._basis = replace(self._basis, t=self._basis.t + shift)
-        self._sm.shift(shift)
-        return now_ns + delta_ns
-
-    def _clear_samples(self) -> None:
-        for src in self._sources.values():
-            src.forget_samples()
-        self._sys = None
-
-    # --- internals: state, holdover and kernel status -----------------------------------------
-    def _facts(self, now: float) -> Facts:
-        bound = self.error_bound(self._ns(now))
-        last = self._last_update_t
-        return Facts(
-            updated=last is not None, bound_s=bound.bound_s, max_error_s=self.config.max_error_s,
-            remaining_s=abs(bound.estimate_s or 0.0),
-            max_correction_s=self.config.sync_max_correction_s,
-            age_s=now - last + 1e-6 if last is not None else math.inf,  # timer rounding
-            holdover_after_s=holdover_after(self._sources.values(), self.config),
-            disagreeing=self._jumps.disagreement_s != 0.0)
-
-    def _evaluate(self, now: float, actions: list[Action], kernel: bool = False) -> None:
-        """Move to the state the bound calls for; one kernel status per call, when the state
-        changed or ``kernel`` asks for a fresh bound."""
-        facts = self._facts(now)
-        new, reason = target(facts)
-        growth = self.error_bound(self._ns(now)).growth
-        self._bound_deadline = (now + max((facts.max_error_s - facts.bound_s) / growth, 1.0)
-                                if growth > 0 and facts.updated else None)
-        event = self._sm.move(new, reason, now)
-        if event is not None:
-            del self.events[:-63]  # bounded for a driver that never drains them
-            self.events.append(event)
-            if new == SyncState.HOLDOVER:  # keep the learned frequency, stop slewing phase
-                self._set_frequency(now, -self._slope, actions)
-        if event is not None or kernel:
-            actions.append(SetKernelStatus(kernel_status(
-                self.state, self._leap, self.config.leap_mode,
-                self.error_bound(self._ns(now)).bound_s, self._est_error_s)))
-
-    def _state_deadline(self) -> float | None:
-        """When the state may next change without a sample: entering holdover, or the bound
-        reaching ``max_error_s`` (re-planned at each evaluation, at least 1 s ahead)."""
-        last = self._last_update_t
-        if last is None or self.state == SyncState.UNSYNCHRONISED and self._sm.reason in (
-                "bound_exceeded", "sources_disagree"):
-            return None
-        deadlines = [self._bound_deadline] if self._bound_deadline is not None else []
-        if self.state != SyncState.HOLDOVER:
-            deadlines.append(last + holdover_after(self._sources.values(), self.config))
-        return min(deadlines) if deadlines else None

@@ -12,33 +12,38 @@ events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from guest_client.actions import Action, SendRequest, SetFrequency, SetKernelStatus, StepClock
-from guest_client.clockbound_feed import guest_bound, published_bound
+from guest_client.clockbound_refresh import (
+    CLOCKBOUND_REFRESH_S,
+    CLOCKBOUND_VOID_AFTER,
+    publish,
+    refresh,
+)
 from guest_client.clockbound_writer import ClockBoundWriter, SegmentPublisher
 from guest_client.clocks import SoftwareClock, SystemClock
 from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
 from guest_client.forward_ntp import NtpForwarder
-from guest_client.freq_file import FreqRecord, StartFrequency, load, save, start_frequency
+from guest_client.freq_file import StartFrequency
+from guest_client.freq_keeper import FrequencyKeeper
 from guest_client.health import HealthReporter
 from guest_client.nts_manager import NtsManager
 from guest_client.nts_source import parse_nts_server
 from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream, cancel_task
 from guest_client.settings import GuestSettings
+from guest_client.state_log import StateLog
 from guest_client.status_server import StatusServer
+from guest_client.timer_driver import drive_timers
 from guest_client.udp_source import UdpSource
 from timesyncd.addresses import parse_address
 from timesyncd.clock import Clock
-from timesyncd.clockbound import CLOCK_MONOTONIC_COARSE
 from timesyncd.config import parse_file_mode
 from timesyncd.logs import decade
 from timesyncd.ntptime import ntp_to_unix_ns
@@ -46,13 +51,7 @@ from timesyncd.ntptime import ntp_to_unix_ns
 log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
-#: Re-evaluate the controller's timer at least this often (seconds), whatever it asked for.
-MAX_SLEEP_S = 60.0
 CAP_SYS_TIME = 25
-#: The ClockBound segment is rewritten this often and at every clock update; it is void
-#: (readers see UNKNOWN) after CLOCKBOUND_VOID_AFTER refresh periods without one.
-CLOCKBOUND_REFRESH_S = 1.0
-CLOCKBOUND_VOID_AFTER = 3
 
 
 def make_clock(settings: GuestSettings) -> Clock:
@@ -102,8 +101,10 @@ class GuestDaemon:
         self.floor = settings.floor()
         #: the frequency correction the clock starts from (None with an injected controller)
         self.start_frequency: StartFrequency | None = None
+        self.counters: Counter[str] = Counter()
+        self.frequency = FrequencyKeeper(settings, clock, self.counters)
         if controller is None:
-            self.start_frequency = sf = self._decide_start_frequency()
+            self.start_frequency = sf = self.frequency.decide_start()
             controller = GuestController(
                 settings.discipline_config(), self._rng,
                 [SourceConfig(n, self._trust.get(n, "host")) for n in udp_names],
@@ -130,12 +131,11 @@ class GuestDaemon:
         self.health: HealthReporter | None = None  # reports to the relay (observability)
         self.clockbound: SegmentPublisher | None = None  # --clockbound-shm
         self._clockbound_task: asyncio.Task[None] | None = None
-        self.counters: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()
         self.fatal: BaseException | None = None
-        self._last_refused = 0
+        self._state_log = StateLog()
         self._running = False
         self._clock_touched = False  # start() wrote the clock: stop() must restore it
         self._freq_task: asyncio.Task[None] | None = None
@@ -205,10 +205,12 @@ class GuestDaemon:
                 await self.health.start()
         self._timer_task = asyncio.create_task(self._timer_loop(), name="guest-timer")
         if s.freq_file:
-            self._freq_task = asyncio.create_task(self._freq_file_loop(s.freq_file),
-                                                  name="guest-freq-file")
+            self._freq_task = asyncio.create_task(self.frequency.loop(
+                s.freq_file, self.controller.base_frequency_ppm,
+                lambda: self.controller.state == "synchronised"), name="guest-freq-file")
         if self.clockbound is not None:
-            self._clockbound_task = asyncio.create_task(self._refresh_bound(), name="clockbound")
+            self._clockbound_task = asyncio.create_task(
+                refresh(self._publish_bound, self.counters), name="clockbound")
         sources = list(self._udp)
         if s.relay and s.relay_plain_sources:
             sources.append(f"every upstream of relay {s.relay}")
@@ -229,7 +231,7 @@ class GuestDaemon:
             self._freq_task = None
         if self._clock_touched:
             self._clock_touched = False
-            self._restore_clock()
+            self.frequency.restore(*self.controller.base_frequency_ppm())
         if self.forwarder is not None:
             self.forwarder.close()
         if self.health is not None:
@@ -266,52 +268,6 @@ class GuestDaemon:
             await self.stop()
         if self.fatal is not None:
             raise self.fatal
-
-    # --- frequency: start, clean stop, frequency file -------------------------------------
-
-    def _decide_start_frequency(self) -> StartFrequency:
-        path = self.settings.freq_file
-        record = None
-        if path:
-            record = load(path, self.clock.now_ns() / _NS, self.settings.freq_file_max_age_s)
-        try:
-            kernel = self.clock.read_frequency()
-        except OSError as exc:
-            log.warning("cannot read the clock's frequency (%s): resetting it", exc)
-            kernel = None
-        return start_frequency(record, kernel)
-
-    def _restore_clock(self) -> None:
-        """Leave the base frequency on the clock: a slew left behind would keep moving it
-        (issue 9: SIGTERM mid-slew left -76,923 ppm, -0.77 s in the next 10 s)."""
-        ppm, sd = self.controller.base_frequency_ppm()
-        try:
-            self.clock.set_frequency(ppm)
-            log.info("stopped: clock left at its base frequency %+.3f ppm, no slew", ppm)
-        except OSError as exc:
-            self.counters["restore_failed"] += 1
-            log.error("stopping: cannot put the clock back on its base frequency %+.3f ppm (%s); "
-                      "it keeps its last correction", ppm, exc)
-        if self.settings.freq_file and sd is not None:
-            self._write_freq_file(self.settings.freq_file, FreqRecord(
-                ppm, sd, self.clock.now_ns() / _NS))
-
-    def _write_freq_file(self, path: str, record: FreqRecord) -> None:
-        try:
-            save(path, record)
-        except OSError as exc:
-            self.counters["freq_file_write_failed"] += 1
-            log.warning("cannot write the frequency file %s: %s", path, exc)
-
-    async def _freq_file_loop(self, path: str) -> None:
-        """Every ``freq_file_interval_s``, keep the current estimate while it is fresh."""
-        while True:
-            await asyncio.sleep(self.settings.freq_file_interval_s)
-            ppm, sd = self.controller.base_frequency_ppm()
-            if self.controller.state != "synchronised" or sd is None:
-                continue
-            record = FreqRecord(ppm, sd, self.clock.now_ns() / _NS)
-            await asyncio.to_thread(self._write_freq_file, path, record)
 
     # --- status --------------------------------------------------------------------------
 
@@ -373,27 +329,11 @@ class GuestDaemon:
         looks alive but no longer polls: it is fatal, and the process exits non-zero (so a
         supervisor restarts it) instead of drifting silently."""
         try:
-            await self._timers()
+            await drive_timers(self.controller, self.clock.now_ns, self._apply, self._wake,
+                               self.counters, lambda: self._running)
         except Exception as exc:
             log.exception("guest timer loop failed, stopping")
             self._fail(exc, "internal error")
-
-    async def _timers(self) -> None:
-        while self._running:  # a fatal clock error ends it: nothing may act on the clock
-            due = self.controller.next_timer_ns()
-            now = self.clock.now_ns()
-            if due is not None and now >= due:
-                self._apply(self.controller.on_timer(now))
-                after = self.controller.next_timer_ns()
-                if after is not None and after <= now:
-                    self.counters["timer_not_advanced"] += 1
-                    await asyncio.sleep(0.001)  # never spin on a controller that did not move
-                continue
-            timeout = MAX_SLEEP_S if due is None else min(MAX_SLEEP_S, (due - now) / _NS)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
-                    await self._wake.wait()
 
     def _relay_up(self, upstreams: list[Upstream]) -> None:
         now = self.clock.now_ns()
@@ -496,7 +436,7 @@ class GuestDaemon:
         self._wake.set()
         if len(actions) > sum(isinstance(a, SendRequest) for a in actions):
             self._publish_bound()  # a clock update: the segment must say so now
-        self._log_changes()
+        self._state_log.log_changes(self.controller, self.clock.now_ns)
 
     def _send(self, action: SendRequest) -> None:
         name = action.source
@@ -540,21 +480,8 @@ class GuestDaemon:
     # --- ClockBound segment ---------------------------------------------------------------
 
     def _publish_bound(self) -> None:
-        if self.clockbound is None or self.fatal is not None:
-            return
-        as_of = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)  # before the clock reading
-        gb = guest_bound(self.controller, self.clock.now_ns())
-        res = time.clock_getres(CLOCK_MONOTONIC_COARSE)
-        self.clockbound.submit(published_bound(gb, as_of, round(res * _NS)))
-
-    async def _refresh_bound(self) -> None:
-        while True:
-            try:
-                self._publish_bound()
-            except Exception:
-                self.counters["clockbound_error"] += 1
-                log.exception("clockbound_shm: could not compute the bound")
-            await asyncio.sleep(CLOCKBOUND_REFRESH_S)
+        if self.clockbound is not None and self.fatal is None:
+            publish(self.clockbound, self.controller, self.clock.now_ns)
 
     async def wait_failed(self) -> BaseException:
         """Return the fatal error once the daemon stopped working on its own (a clock write
@@ -562,25 +489,3 @@ class GuestDaemon:
         await self._failed.wait()
         assert self.fatal is not None
         return self.fatal
-
-    def _log_changes(self) -> None:
-        events = self.controller.drain_events()
-        if events:
-            st = self.controller.status(self.clock.now_ns())
-            for ev in events:
-                log.log(logging.INFO if ev.new == "synchronised" else logging.WARNING,
-                        "state %s -> %s (%s; offset %s, error bound %s, frequency %+.3f ppm)",
-                        ev.old, ev.new, ev.reason,
-                        "-" if st.offset_s is None else f"{st.offset_s:+.6f} s",
-                        "-" if st.error_bound_s is None else f"{st.error_bound_s:.6f} s",
-                        st.frequency_ppm,
-                        extra={"event": "state_change", "transition": ev.name,
-                               "from_state": str(ev.old), "to_state": str(ev.new),
-                               "reason": str(ev.reason), "offset_s": st.offset_s,
-                               "error_bound_s": st.error_bound_s,
-                               "frequency_ppm": st.frequency_ppm})
-        refused = self.controller.refused_jumps
-        if refused > self._last_refused:
-            log.warning("refused a time jump reported by the sources (%d refused so far); "
-                        "a source or the relay may be wrong or lying", refused)
-            self._last_refused = refused

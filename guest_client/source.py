@@ -11,9 +11,11 @@ import logging
 from dataclasses import dataclass, field
 
 from guest_client.actions import SourceStatus
-from timesyncd.discipline import DisciplineConfig, Estimate, PollState
+from timesyncd.discipline import DisciplineConfig
 from timesyncd.exchange import ClientExchange, Rejection
 from timesyncd.filter import FilteredSample, SampleFilter
+from timesyncd.fit import Estimate
+from timesyncd.poll import PollState
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,7 @@ class Source:
                    exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
                    filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
                    poll=PollState(cfg.minpoll),
-                   status=SourceStatus(name=config.name, trust=config.trust,
-                                       authenticated=config.trust == "authenticated"))
+                   status=SourceStatus(name=config.name, trust=config.trust))
 
     @property
     def name(self) -> str:

@@ -250,3 +250,14 @@ def test_requests_use_random_cookies() -> None:
     assert isinstance(first, SendRequest) and isinstance(second, SendRequest)
     assert first.data[40:48] != second.data[40:48]
     assert first.data[40:48] != b"\0" * 8
+
+
+def test_configured_trust_is_not_reported_as_verification() -> None:
+    """Issue 11: "authenticated" meant both the configured trust level and NTS-verified, and
+    the daemon overwrote the controller's field. The controller reports the configured level
+    as ``trust`` only; verification is the daemon's ``authenticated`` key alone."""
+    ctl = GuestController(DisciplineConfig(), random.Random(1),
+                          [SourceConfig("nts:a", "authenticated"), SourceConfig("b", "host")])
+    sources = {s["name"]: s for s in ctl.status(START).to_json()["sources"]}
+    assert sources["nts:a"]["trust"] == "authenticated" and sources["b"]["trust"] == "host"
+    assert all("authenticated" not in s for s in sources.values())

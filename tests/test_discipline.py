@@ -6,15 +6,12 @@ import pytest
 
 from sim.clock import SimClock
 from sim.oscillator import Oscillator
-from timesyncd.discipline import (
-    CorrectionModel,
-    DisciplineConfig,
-    PollState,
-    fit,
-    fit_early,
-    slew_plan,
-)
+from timesyncd.correction import CorrectionModel
+from timesyncd.discipline import DisciplineConfig
 from timesyncd.filter import FilteredSample
+from timesyncd.fit import fit, fit_early
+from timesyncd.poll import PollState
+from timesyncd.slew import slew_plan
 
 
 def test_correction_model_matches_a_clock_under_slews_and_steps() -> None:

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from timesyncd.discipline import fit, fit_filter
 from timesyncd.filter import FilteredSample, SampleFilter, sample_variance
+from timesyncd.fit import fit, fit_filter
 
 
 def s(x: float, delay: float, y: float = 0.0) -> FilteredSample:

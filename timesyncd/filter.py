@@ -1,7 +1,7 @@
 """Per-source sample store: spike rejection by delay, delay-aware weights, a fit window.
 
 Samples are kept in the *uncorrected* time scale of the disciplined clock (see
-``timesyncd.discipline.CorrectionModel``): ``x`` is what the clock would read had we never
+``timesyncd.correction.CorrectionModel``): ``x`` is what the clock would read had we never
 corrected it and ``y`` the offset of that uncorrected clock from the source. Slews and steps
 do not change these values, so stored samples stay consistent without being rewritten.
 

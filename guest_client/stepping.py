@@ -1,0 +1,153 @@
+"""Discontinuities, clock jumps and steps: the controller's step handling (sans-IO).
+
+A jump past the step threshold goes to the step policy (:mod:`guest_client.step_policy`:
+slew, step or refuse); a step moves every time the controller keeps by the step, so the
+times stay on the clock's base. Mixed into :class:`guest_client.controller.GuestController`,
+whose state it shares.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from guest_client.actions import Action, StepClock
+from guest_client.error_bound import BoundBasis
+from guest_client.source import Source
+from guest_client.step_policy import (
+    MAX_JUMPS,
+    Decision,
+    Discontinuity,
+    JumpState,
+    StepAction,
+    counted,
+    decide,
+    evidence,
+    operator_step,
+)
+from guest_client.sync_state import StateMachine
+from timesyncd.correction import CorrectionModel
+from timesyncd.discipline import DisciplineConfig
+from timesyncd.filter import FilteredSample
+
+log = logging.getLogger("guest_client.controller")  # one logger for the controller's decisions
+
+_NS = 1_000_000_000
+
+
+class StepHandling:
+    """Jump, discontinuity and step handling of the guest controller."""
+
+    # shared with GuestController (declared for type checkers; set in its __init__)
+    config: DisciplineConfig
+    _sources: dict[str, Source]
+    _model: CorrectionModel
+    _jumps: JumpState
+    _sm: StateMachine
+    _basis: BoundBasis | None
+    _sys: tuple[float, float] | None
+    _step_epoch: int
+    steps: int
+    updates: int
+    refused_jumps: int
+    _last_sample_rx_t: float | None
+    _first_sample_t: float | None
+    _slew_end_t: float | None
+    _bound_deadline: float | None
+    _t: Callable[[int], float]
+    _estimate: Callable[[float], float | None]
+    _use: Callable[[Source, FilteredSample, float], None]
+    _update: Callable[[int, list[Action]], None]
+    _evaluate: Callable[..., None]
+
+    def on_discontinuity(self, now_ns: int, kind: Discontinuity) -> list[Action]:
+        """The guest has reason to believe its clock moved (suspend/restore, reconnect, long
+        silence): a later jump may then be stepped once confirmed (step_policy); one already
+        being refused now is not explained by it."""
+        self._t(now_ns)
+        self._jumps.mark(kind, counted(self._sources.values(), self._auth_names()),
+                         self._jump_tolerance())
+        return []
+
+    def make_step(self, now_ns: int) -> tuple[list[Action], Decision]:
+        """An operator accepts the step now (``timesync makestep``; step_policy.operator_step)."""
+        pool = counted(self._sources.values(), self._auth_names())
+        decision = operator_step(pool, self._jump_tolerance(), self._estimate(self._t(now_ns)))
+        actions: list[Action] = []
+        if decision.action == StepAction.STEP:
+            now_ns = self._step(now_ns, -decision.size_s, actions)
+            self._clear_samples()
+            self._jumps.settle(self._sources.values())
+            self._evaluate(self._t(now_ns), actions, kernel=True)
+        return actions, decision
+
+    def _auth_names(self) -> frozenset[str]:
+        """Sources configured as authenticated, answering or not: the one notion the step
+        policy and the trust bound share."""
+        return frozenset(s.config.name for s in self._sources.values()
+                         if s.config.trust == "authenticated")
+
+    def _jump_tolerance(self) -> float:
+        return max(self.config.step_threshold_s / 10, 1e-3)
+
+    def _large_jump(self, src: Source, fs: FilteredSample, jump: float,
+                    now_ns: int) -> list[Action]:
+        """A jump past the step threshold: the step policy says step or refuse."""
+        cfg = self.config
+        del src.jumps[:-(MAX_JUMPS - 1)]
+        src.jumps.append(jump)
+        auth = self._auth_names()
+        ev = evidence(self._sources.values(), auth, jump, src.config.name in auth,
+                      threshold_s=cfg.step_threshold_s, initial=self.updates < cfg.step_limit,
+                      confirm_samples=cfg.jump_confirm_samples,
+                      tolerance_s=self._jump_tolerance(), discontinuity=self._jumps.discontinuity,
+                      jump_before_discontinuity=self._jumps.jump_before)
+        decision = decide(ev)
+        actions: list[Action] = []
+        now = self._t(now_ns)
+        if decision.action != StepAction.STEP:
+            self.refused_jumps += 1
+            src.status.note = f"refused jump of {jump:+.6f} s: {decision.reason}"
+            log.warning("refused clock jump of %+.6f s from %s: %s", jump, src.config.name,
+                        decision.reason)
+            if ev.agreeing >= cfg.jump_confirm_samples:  # every counted source keeps saying so
+                self._jumps.disagreement_s = ev.jump_s
+            self._evaluate(now, actions)
+            return actions
+        size = decision.size_s
+        now_ns = self._step(now_ns, -size, actions)
+        self._clear_samples()
+        self._jumps.settle(self._sources.values())
+        src.status.note = f"stepped {size:+.6f} s: {decision.reason}"
+        log.warning("stepped the clock by %+.6f s (%s)", -size, decision.reason)
+        src.filter.add(fs)
+        self._use(src, fs, self._t(now_ns))
+        self._update(now_ns, actions)
+        return actions
+
+    def _step(self, now_ns: int, delta_s: float, actions: list[Action]) -> int:
+        """Step the clock by ``delta_s``; returns the clock reading right after the step."""
+        now = self._t(now_ns)
+        delta_ns = round(delta_s * _NS)
+        self._model.step(now, delta_ns / _NS)
+        self._step_epoch += 1
+        self.steps += 1
+        actions.append(StepClock(delta_ns))
+        log.warning("stepped the clock by %+.9f s", delta_ns / _NS)
+        for src in self._sources.values():
+            src.shift(delta_ns)
+        shift = delta_ns / _NS
+        for attr in ("_last_sample_rx_t", "_first_sample_t", "_slew_end_t", "_bound_deadline"):
+            value = getattr(self, attr)
+            if value is not None:
+                setattr(self, attr, value + shift)
+        if self._basis is not None:
+            self._basis = replace(self._basis, t=self._basis.t + shift)
+        self._sm.shift(shift)
+        return now_ns + delta_ns
+
+    def _clear_samples(self) -> None:
+        for src in self._sources.values():
+            src.forget_samples()
+        self._sys = None

@@ -239,7 +239,7 @@ def test_disconnect_cancels_pending_upstream_work(tmp_path):
 
 def test_fd_count_unchanged_after_10000_connect_disconnect_cycles(tmp_path):
     sock = str(tmp_path / "r.sock")
-    hello = framing.json_frame(FrameType.HELLO, 0, {"version": 1, "name": "churn"}).encode()
+    hello = framing.guest_hello("churn").encode()
     request = framing.ntp_request(1, 0, client_packet()).encode()
 
     async def cycle(i: int) -> None:

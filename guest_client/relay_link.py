@@ -78,9 +78,6 @@ class _Wire(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._on_data(data, self._clock())
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport: connection_lost follows
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost(exc)
 
@@ -165,10 +162,6 @@ class RelayLink:
         return self.proto.counters
 
     @property
-    def max_pending(self) -> int:
-        return self.proto.max_pending
-
-    @property
     def connected(self) -> bool:
         return self._up and self._drop_reason is None
 
@@ -233,9 +226,6 @@ class RelayLink:
                                  "it stopped reading")
             transport.abort()  # close() would wait for the buffer to drain: never, here
         return False
-
-    def new_request_id(self) -> int:
-        return self.proto.new_request_id()
 
     def open_stream(self, handler: StreamHandler) -> int | None:
         """Register a stream id whose STREAM_*/ERROR frames go to ``handler``; None if down.

@@ -36,13 +36,14 @@ from guest_client.freq_keeper import FrequencyKeeper
 from guest_client.health import HealthReporter
 from guest_client.nts_manager import NtsManager
 from guest_client.nts_source import parse_nts_server
-from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream, cancel_task
+from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream
 from guest_client.settings import GuestSettings
 from guest_client.state_log import StateLog
 from guest_client.status_server import StatusServer
 from guest_client.timer_driver import drive_timers
 from guest_client.udp_source import UdpSource
 from timesyncd.addresses import parse_address
+from timesyncd.aio import cancel_task
 from timesyncd.clock import Clock
 from timesyncd.config import parse_file_mode
 from timesyncd.logs import decade
@@ -459,15 +460,11 @@ class GuestDaemon:
             self.link.cancel(route.last_request)  # superseded: the controller forgot it too
         rid = self.link.send(route.upstream, action.data,
                              functools.partial(self._on_relay_result, name))
-        # t1 is when the write returned, not when the controller built the request: framing
-        # and the write syscall are on the outbound path (stamping before them biased every
-        # offset low by half their cost)
-        t1 = self.clock.now_ns()
         route.last_request = rid
         if rid is None:
             self._source_error(name, self.link.last_refusal or "relay_not_connected")
-        else:
-            self.controller.on_sent(name, t1)
+        else:  # t1 from just before the write: never later than the bytes left (issue 12)
+            self.controller.on_sent(name, self.link.last_tx_ns or self.clock.now_ns())
 
     def _fail(self, exc: Exception, what: str = "cannot adjust the clock") -> None:
         if self.fatal is None:

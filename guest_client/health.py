@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from guest_client.relay_link import cancel_task
+from timesyncd.aio import cancel_task
 from timesyncd.framing import Frame, FramingError
 from timesyncd.health import HealthPacer, HealthReport
 

@@ -40,8 +40,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from guest_client.nts_source import NtsServerSpec, NtsSource
-from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, cancel_task
+from guest_client.relay_link import RelayFailure, RelayLink, RelayReply
 from timesyncd import framing
+from timesyncd.aio import cancel_task
 from timesyncd.clock import Clock
 from timesyncd.framing import ErrorCode, Frame, FrameType
 from timesyncd.ntptime import ntp_to_unix_ns
@@ -204,13 +205,12 @@ class NtsManager:
             link.cancel(last)
         self._unanswer(src)  # superseded without a verified reply
         rid = link.send(src.upstream, wrapped, functools.partial(self._on_result, name))
-        t1 = self.clock.now_ns()  # after the write, as for plain relay sources (daemon._send)
         if rid is None:  # the link's own reason: busy or oversized is not "not connected"
             self._on_error(name, link.last_refusal or "relay_not_connected")
             return
         self._last_request[name] = rid
         self._outstanding.add(name)
-        self._on_sent(name, t1)
+        self._on_sent(name, link.last_tx_ns or self.clock.now_ns())  # t1, before the write
 
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -86,11 +87,13 @@ class ConnectionOwner(Protocol):
 class GuestConnection(asyncio.Protocol):
     """Per-guest state: limits, in-flight requests (``pending``), HELLO state and name."""
 
-    def __init__(self, owner: ConnectionOwner, stats: RelayStats,
-                 limits: ConnectionLimits) -> None:
+    def __init__(self, owner: ConnectionOwner, stats: RelayStats, limits: ConnectionLimits,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.owner = owner
         self.stats = stats
         self.limits = limits
+        #: monotonic ns for stamps, rate limits and deadlines: injected so tests run virtual time
+        self.clock = clock
         self.transport: asyncio.Transport | None = None
         self.name = ""
         self.peer_key: str | None = None  # set by the owner on accept (per-guest limit)
@@ -101,7 +104,7 @@ class GuestConnection(asyncio.Protocol):
         self.stale_ns = 0  # the guest's request deadline if its HELLO said (0: the relay's)
         self.catchup_stall = 0  # the relay stall whose catch-up read this connection had
         self.catchup_rx_ns = 0  # ... and that read's stamp
-        now = time.monotonic_ns()
+        now = clock()
         self.bucket = TokenBucket(limits.rate, limits.burst, now)
         self.frames = TokenBucket(limits.frame_rate, limits.frame_burst, now)
         self.deadline_ns = now + limits.hello_ns
@@ -130,7 +133,7 @@ class GuestConnection(asyncio.Protocol):
         self._arm_watchdog()
 
     def data_received(self, data: bytes) -> None:
-        rx_ns = time.monotonic_ns()
+        rx_ns = self.clock()
         if self.closed:
             return
         if self._buf:
@@ -255,7 +258,7 @@ class GuestConnection(asyncio.Protocol):
     # --- idle and HELLO deadlines ------------------------------------------------------
 
     def _arm_watchdog(self) -> None:
-        delay = max(self.deadline_ns - time.monotonic_ns(), 0) / 1e9
+        delay = max(self.deadline_ns - self.clock(), 0) / 1e9
         self._watchdog = asyncio.get_running_loop().call_later(delay, self._check_idle)
 
     def _check_idle(self) -> None:
@@ -263,7 +266,7 @@ class GuestConnection(asyncio.Protocol):
         self._watchdog = None
         if self.closed:
             return
-        if time.monotonic_ns() >= self.deadline_ns:
+        if self.clock() >= self.deadline_ns:
             reason = "idle_timeout" if self.hello_done else "hello_timeout"
             self.stats.errors[reason] += 1
             self.close()

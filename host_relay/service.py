@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from host_relay import local_source
@@ -61,13 +62,17 @@ _STREAM_TYPES = frozenset((FrameType.STREAM_OPEN, FrameType.STREAM_DATA, FrameTy
 class RelayService:
     """``await start()`` to listen, ``await stop()`` to close everything; see module doc."""
 
-    def __init__(self, settings: RelaySettings) -> None:
+    def __init__(self, settings: RelaySettings, *,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        """``clock`` (monotonic ns) stamps, rate-limits and times out everything: tests inject
+        a virtual one."""
         settings.validate()
+        self._clock = clock
         self.settings = settings
         self.stats = RelayStats()
         self._upstreams = [
             Upstream(i, parse_address(spec), self.stats, settings.upstream_timeout_s,
-                     self._on_upstream_result)
+                     self._on_upstream_result, clock=clock)
             for i, spec in enumerate(settings.upstreams)
         ]
         self._local = None if self._upstreams else LocalSource(settings.local_stratum)
@@ -86,7 +91,7 @@ class RelayService:
         # host-clock mode reports as one upstream, "local", so per-upstream views aren't empty
         self._local_figures = self.metrics.upstreams[names[0]] if self._local else None
         self._residence = self.metrics.residence
-        self._stall = StallWatch()
+        self._stall = StallWatch(clock=clock)
         #: guest connects/disconnects: a few lines a minute, then counts (churn is no flood)
         self._conn_log = EventGate()
         self._accepts = AcceptWatch(self.stats.accept_errors)
@@ -219,7 +224,7 @@ class RelayService:
     # --- connections (ConnectionOwner) -------------------------------------------------
 
     def _new_connection(self) -> GuestConnection:
-        return GuestConnection(self, self.stats, self._limits)
+        return GuestConnection(self, self.stats, self._limits, self._clock)
 
     def accept(self, conn: GuestConnection) -> bool:
         if self._accepts.failing:
@@ -298,20 +303,18 @@ class RelayService:
             conn.send_error(frame.request_id, ErrorCode.BAD_FRAME, "send HELLO first")
             conn.close()
             return
-        hello = framing.parse_json(frame)  # FramingError closes the connection
-        version = hello.get("version") if isinstance(hello, dict) else None
-        if version != framing.VERSION:
+        try:
+            hello = framing.parse_guest_hello(frame)  # other FramingErrors close the connection
+        except framing.FramingError as exc:
+            if exc.reason != "bad_hello_version":
+                raise
             self.stats.errors["bad_hello_version"] += 1
-            conn.send_error(frame.request_id, ErrorCode.BAD_FRAME,
-                            f"unsupported protocol version {version!r}; relay speaks "
-                            f"{framing.VERSION}")
+            conn.send_error(frame.request_id, ErrorCode.BAD_FRAME, str(exc).split(": ", 1)[-1])
             conn.close()
             return
-        conn.name = display_name(hello.get("name"))
-        timeout = hello.get("request_timeout_s")
-        if isinstance(timeout, int | float) and not isinstance(timeout, bool) \
-                and 0 < timeout <= 600:
-            conn.stale_ns = int(timeout * 1e9)  # the guest's own deadline, if it says it
+        conn.name = display_name(hello.name)
+        if hello.request_timeout_s is not None:
+            conn.stale_ns = int(hello.request_timeout_s * 1e9)  # the guest's own deadline
         conn.hello_done = True
         conn.deadline_ns = rx_ns + self._limits.idle_ns
         conn.send_frame(framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
@@ -428,7 +431,7 @@ class RelayService:
             fig.rtt.observe_ns(at_ns - sent_ns)
             if not conn.closed:
                 r_in = sent_ns - pending.rx_ns
-                r_out = time.monotonic_ns() - at_ns
+                r_out = self._clock() - at_ns
                 conn.write(REPLY_HEAD.pack(
                     framing.VERSION, _REPLY_TYPE, 8 + len(reply), pending.request_id,
                     r_in if r_in < _CLAMP else _CLAMP, r_out if r_out < _CLAMP else _CLAMP,
@@ -456,7 +459,7 @@ class RelayService:
         assert self._local is not None and self._local_figures is not None
         figures = self._local_figures
         figures.requests += 1
-        start_ns = time.monotonic_ns()
+        start_ns = self._clock()
         try:
             reply = self._local.answer(packet)
         except PacketError as exc:
@@ -464,12 +467,12 @@ class RelayService:
             figures.result("bad_packet", 0)
             conn.send_error(rid, ErrorCode.BAD_FRAME, str(exc))
             return
-        done_ns = time.monotonic_ns()
+        done_ns = self._clock()
         self.stats.local_replies += 1
         figures.result("", done_ns - start_ns)
         self.metrics.observe_residence(done_ns - rx_ns)
         conn.send_frame(framing.ntp_reply(rid, reply, start_ns - rx_ns,
-                                          time.monotonic_ns() - done_ns))
+                                          self._clock() - done_ns))
 
     # --- observability ---------------------------------------------------------------
 

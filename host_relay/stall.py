@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ _CATCHUP_WINDOW_NS = 500_000_000
 
 
 class StallWatch:
-    def __init__(self, period_s: float = 0.1, threshold_s: float = 1.0) -> None:
+    def __init__(self, period_s: float = 0.1, threshold_s: float = 1.0,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self._clock = clock
         self.period_s = period_s
         self.threshold_ns = int(threshold_s * 1e9)
         self.stalls = 0  # stalls noticed; also the id of the latest one
@@ -30,11 +33,11 @@ class StallWatch:
         self._ended_ns = 0
         #: reads up to this time belong to the latest stall's catch-up
         self.catchup_until_ns = 0
-        self.last_tick_ns = time.monotonic_ns()
+        self.last_tick_ns = self._clock()
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self.last_tick_ns = time.monotonic_ns()
+        self.last_tick_ns = self._clock()
         self._timer = asyncio.get_running_loop().call_later(self.period_s, self._tick)
 
     def stop(self) -> None:
@@ -43,7 +46,7 @@ class StallWatch:
             self._timer = None
 
     def _tick(self) -> None:
-        now = time.monotonic_ns()
+        now = self._clock()
         gap = now - self.last_tick_ns
         if gap > self.threshold_ns:
             self._noticed(now, gap)

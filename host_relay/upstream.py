@@ -95,7 +95,9 @@ ResultCallback = Callable[[Pending, bytes | None, int, str], None]
 class Upstream:
     def __init__(self, index: int, address: Address, stats: RelayStats, timeout_s: float,
                  on_result: ResultCallback, *,
-                 buffer_bytes: int = SOCKET_BUFFER_BYTES) -> None:
+                 buffer_bytes: int = SOCKET_BUFFER_BYTES,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self._clock = clock  # monotonic ns: stamps and timeouts (injected for virtual time)
         self.index = index
         self.address = address
         self.name = str(address)
@@ -286,7 +288,7 @@ class Upstream:
             raise UpstreamError(
                 "duplicate_transmit", "a request with this transmit timestamp is in flight"
             )
-        sent_ns = time.monotonic_ns()
+        sent_ns = self._clock()
         try:
             send(packet)
         except BlockingIOError as exc:  # send buffer full: nothing wrong with the socket
@@ -308,7 +310,7 @@ class Upstream:
         """Forget a request whose requester went away; a reply to it counts as late."""
         if self._pending.get(pending.key) is pending:
             del self._pending[pending.key]
-            self._give_up(pending.key, time.monotonic_ns())
+            self._give_up(pending.key, self._clock())
         if not self._pending and self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -340,7 +342,7 @@ class Upstream:
                 self._on_error(reason)
                 self._reopen(reason)
                 return
-            on_datagram(data, time.monotonic_ns())
+            on_datagram(data, self._clock())
             if not self._pending or self._sock is None:  # nothing expected, or closed
                 return
 
@@ -358,7 +360,7 @@ class Upstream:
 
     def _arm(self, deadline_ns: int) -> None:
         assert self._loop is not None
-        delay = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+        delay = max(deadline_ns - self._clock(), 0) / 1e9
         self._sweeper = self._loop.call_later(delay, self._sweep)
 
     def _sweep(self) -> None:
@@ -366,7 +368,7 @@ class Upstream:
         then, if replies wait unread, the reader died: repair it (those replies are late, of
         unknown age, so they were not matched first)."""
         self._sweeper = None
-        now = time.monotonic_ns()
+        now = self._clock()
         pending_map = self._pending
         expired = 0
         while pending_map:
@@ -407,7 +409,7 @@ class Upstream:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        now = time.monotonic_ns()
+        now = self._clock()
         pending, self._pending = list(self._pending.values()), {}
         for p in pending:
             self._on_result(p, None, now, reason)

@@ -75,7 +75,7 @@ class FakeRelay:
             if self.mode == "bad_hello":
                 writer.write(framing.json_frame(FrameType.HELLO, 0, {"version": 99}).encode())
                 return
-            body = {"version": 1, "upstreams": [
+            body = {"version": framing.VERSION, "upstreams": [
                 {"index": i, "name": n} for i, n in enumerate(self.upstreams)]}
             writer.write(framing.json_frame(FrameType.HELLO, 0, body).encode())
             return

@@ -8,7 +8,7 @@ import struct
 from typing import Any
 
 from timesyncd import framing
-from timesyncd.framing import Frame, FrameDecoder, FrameType
+from timesyncd.framing import Frame, FrameDecoder
 from timesyncd.transport import open_stream
 
 
@@ -31,7 +31,7 @@ class Guest:
         reader, writer = await open_stream(address, timeout_s=2)
         guest = cls(reader, writer)
         if hello:
-            guest.send(framing.json_frame(FrameType.HELLO, 0, {"version": 1, "name": name}))
+            guest.send(framing.guest_hello(name))
             guest.hello = framing.parse_json(await guest.recv())
         return guest
 

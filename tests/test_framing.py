@@ -120,7 +120,7 @@ def test_error_round_trip_truncates_long_messages() -> None:
 
 
 def test_json_round_trip() -> None:
-    hello = {"version": 1, "upstreams": [{"index": 0, "name": "local"}]}
+    hello = {"version": framing.VERSION, "upstreams": [{"index": 0, "name": "local"}]}
     f = framing.json_frame(FrameType.HELLO, 0, hello)
     assert framing.parse_json(f) == hello
 

@@ -30,6 +30,7 @@ from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstrea
 from guest_client.settings import GuestSettings
 from guest_client.status_server import query_status
 from guest_client.tracking import Tracking
+from timesyncd import framing
 from timesyncd.clock import KernelStatus
 from timesyncd.config import ConfigError, load_settings
 from timesyncd.discipline import DisciplineConfig
@@ -106,7 +107,8 @@ def test_relay_link_hello_requests_errors_and_reconnect() -> None:
         await link.start()
         try:
             await wait_for(lambda: link.connected)
-            assert relay.hellos == [{"version": 1, "name": "guest-a"}]
+            assert relay.hellos == [
+                {"version": framing.VERSION, "name": "guest-a", "request_timeout_s": 5.0}]
             assert ups == [[Upstream(0, "udp:10.0.0.1:123"), Upstream(1, "local")]]
             req = NtpPacket(transmit_ts=12345).encode()
             before = time.time_ns()
@@ -311,7 +313,8 @@ def test_daemon_drives_controller_over_relay() -> None:
             assert st["state"] == "unsynchronised" and st["clock"] == "software"
             assert st["relay"]["connected"] and st["relay"]["upstreams"] == ["local"]
             assert abs(st["true_offset_s"] + 0.25) < 0.01
-            assert relay.hellos[0] == {"version": 1, "name": "vm-1"}
+            hello = relay.hellos[0]
+            assert (hello["version"], hello["name"]) == (framing.VERSION, "vm-1")
         finally:
             await daemon.stop()
             await relay.stop()

@@ -30,7 +30,8 @@ from timesyncd.framing import FrameType
 #: runs against a link that lacks the constant
 MARK = 256 * 1024
 HELLO = framing.json_frame(
-    FrameType.HELLO, 0, {"version": 1, "upstreams": [{"index": 0, "name": "local"}]}).encode()
+    FrameType.HELLO, 0,
+    {"version": framing.VERSION, "upstreams": [{"index": 0, "name": "local"}]}).encode()
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -144,7 +145,7 @@ def test_stalled_relay_bounds_the_write_buffer_and_drops_the_link() -> None:
                     break
                 if link.send(0, packet, results.append) is not None:
                     sent += 1
-                transport = link._writer.transport if link._writer else None
+                transport = link._transport
                 if transport is not None:
                     most = max(most, transport.get_write_buffer_size())
                 if i % 16 == 0:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from virtual_time import VirtualTimeLoop, run_virtual
 
 from guest_client.health import HealthReporter
 from timesyncd.framing import FrameType
@@ -116,18 +117,27 @@ def test_reporter_sends_at_a_bounded_rate_and_skips_while_down() -> None:
 
 
 def test_reporter_task_runs_and_stops() -> None:
-    async def main() -> None:
+    """In virtual time: one report per interval, exactly, and none after stop()."""
+    sent_at: list[float] = []
+
+    async def main(loop: VirtualTimeLoop) -> None:
         link = FakeLink()
-        rep = HealthReporter(link.send, lambda: STATUS, interval_s=0.05, min_interval_s=0.01)
+
+        def send(frame: Any) -> bool:
+            sent_at.append(round(loop.time(), 6))
+            return link.send(frame)
+
+        rep = HealthReporter(send, lambda: STATUS, interval_s=0.05, min_interval_s=0.01,
+                             clock=loop.clock_ns)
         await rep.start()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.32)
         await rep.stop()
         n = len(link.frames)
-        assert 3 <= n <= 10
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
         assert len(link.frames) == n
 
-    asyncio.run(main())
+    run_virtual(main)
+    assert sent_at == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
 
 
 @pytest.mark.parametrize("spins", [0, 1, 2, 3])

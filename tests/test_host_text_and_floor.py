@@ -13,7 +13,7 @@ from test_nts_ntp import reply
 from guest_client.clocks import SoftwareClock
 from guest_client.nts_manager import NtsManager
 from guest_client.nts_source import parse_nts_server
-from guest_client.relay_link import RelayReply, parse_hello
+from guest_client.relay_link import RelayReply
 from guest_client.settings import GuestSettings
 from timesyncd import framing
 from timesyncd.config import ConfigError, load_settings
@@ -39,11 +39,11 @@ def test_clean_text(raw: object, limit: int, want: str) -> None:
 
 
 def test_hello_upstream_names_are_cleaned() -> None:
-    hello = framing.json_frame(FrameType.HELLO, 0, {"version": 1, "upstreams": [
+    hello = framing.json_frame(FrameType.HELLO, 0, {"version": framing.VERSION, "upstreams": [
         {"index": 0, "name": "udp:10.0.0.1:123\n2026 CRITICAL forged\x1b[0m" + "y" * 300}]})
-    (up,) = parse_hello(hello)
-    assert up.name.startswith("udp:10.0.0.1:123?2026 CRITICAL forged?[0m")
-    assert up.name.isprintable() and len(up.name) == 128
+    ((_, name),) = framing.parse_relay_hello(hello).upstreams
+    assert name.startswith("udp:10.0.0.1:123?2026 CRITICAL forged?[0m")
+    assert name.isprintable() and len(name) == 128
 
 
 def test_time_floor_setting_is_validated_and_names_the_key() -> None:

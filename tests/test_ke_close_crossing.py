@@ -59,7 +59,7 @@ def test_server_closing_first_is_not_an_error_on_either_side(
                 if guest_closes_after_data:
                     # as nts_ke_via_relay does once the response is complete: close at once,
                     # while the relay's close for the server's EOF is on its way
-                    link._streams[sid] = functools.partial(_close_on_data, link, got, sid)
+                    link.proto._streams[sid] = functools.partial(_close_on_data, link, got, sid)
                 link.send_frame(framing.stream_open(sid, 0))
                 for f in framing.stream_data(sid, b"client hello"):
                     link.send_frame(f)

@@ -70,6 +70,7 @@ class FakeLink:
         self.upstreams = [Upstream(0, "udp:127.0.0.1:123")]
         self.hello_info: dict[str, object] = {"nts_ke": [{"name": ke_endpoint, "index": 0}]}
         self.last_refusal = ""
+        self.last_tx_ns: int | None = None
         self.refuse: str | None = None
 
     def open_stream(self, handler: Any) -> int:

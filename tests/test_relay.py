@@ -27,7 +27,8 @@ def test_host_clock_mode_answers_valid_ntp(tmp_path, loop_kind):
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}",), local_stratum=7))
         await relay.start()
         guest = await Guest.connect(f"unix:{sock}")
-        assert guest.hello == {"version": 1, "upstreams": [{"index": 0, "name": "local"}]}
+        assert guest.hello == {"version": framing.VERSION,
+                               "upstreams": [{"index": 0, "name": "local"}]}
         for rid in (1, 2, 3):
             t1 = time.time_ns()
             request = client_packet(unix_ns_to_ntp(t1))

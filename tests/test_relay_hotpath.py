@@ -181,7 +181,7 @@ def test_guest_that_never_reads_is_dropped(tmp_path, loop_kind):
         raw.connect(path)
         raw.setblocking(False)
         loop = asyncio.get_running_loop()
-        hello = framing.json_frame(FrameType.HELLO, 0, {"version": 1, "name": "mute"})
+        hello = framing.guest_hello("mute")
         await loop.sock_sendall(raw, hello.encode())
         request = framing.ntp_request(1, 0, client_packet()).encode()
         batch = request * 200

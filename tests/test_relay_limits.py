@@ -12,6 +12,7 @@ import pytest
 from loops import run
 from loops import wait_for as wait_until
 from relay_helpers import Guest, client_packet, echo_reply, start_fake_upstream
+from virtual_time import VirtualTimeLoop, run_virtual
 
 from host_relay.service import RelayService
 from host_relay.settings import RelaySettings
@@ -24,11 +25,12 @@ def open_fds() -> int:
 
 
 def test_rate_limit_token_bucket(tmp_path):
+    """In virtual time (the relay's injected clock): exact refill, however loaded the machine."""
     sock = tmp_path / "r.sock"
 
-    async def main() -> None:
+    async def main(loop: VirtualTimeLoop) -> None:
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}",), rate_limit=2.0,
-                                           rate_burst=3))
+                                           rate_burst=3), clock=loop.clock_ns)
         await relay.start()
         guest = await Guest.connect(f"unix:{sock}")
         for rid in range(10):
@@ -39,13 +41,17 @@ def test_rate_limit_token_bucket(tmp_path):
         assert ok == [0, 1, 2]
         assert all(framing.parse_error(f)[0] == ErrorCode.RATE_LIMITED for f in limited)
         assert relay.stats.errors["rate_limited"] == 7
-        await asyncio.sleep(0.55)  # one token back at 2/s
+        await asyncio.sleep(0.45)  # 0.9 of a token back at 2/s: still limited
+        guest.request(98, 0, client_packet())
+        assert (await guest.recv()).type == FrameType.ERROR
+        await asyncio.sleep(0.5)  # now a whole one
         guest.request(99, 0, client_packet())
         assert (await guest.recv()).type == FrameType.NTP_REPLY
+        assert relay.stats.errors["rate_limited"] == 8
         await guest.close()
         await relay.stop()
 
-    run(main)
+    run_virtual(main)
 
 
 def test_max_connections_refuses_extra_and_recovers(tmp_path):
@@ -91,23 +97,30 @@ def test_holds_1000_idle_guests_with_default_limits(tmp_path):
 
 
 def test_idle_and_hello_timeouts_close_and_count(tmp_path):
+    """In virtual time: the deadlines are exact, not 'at least 0.55 s of wall time'."""
     sock = tmp_path / "r.sock"
 
-    async def main() -> None:
+    async def main(loop: VirtualTimeLoop) -> None:
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}",), idle_timeout_s=0.3,
-                                           hello_timeout_s=0.2))
+                                           hello_timeout_s=0.2), clock=loop.clock_ns)
         await relay.start()
         busy = await Guest.connect(f"unix:{sock}")
         idle = await Guest.connect(f"unix:{sock}")
         mute = await Guest.connect(f"unix:{sock}", hello=False)
-        start = time.monotonic()
+        start = loop.time()
         for rid in range(6):  # activity every 0.1 s keeps `busy` open past the idle timeout
             busy.request(rid, 0, client_packet())
             assert (await busy.recv()).type == FrameType.NTP_REPLY
+            if rid == 1:  # 0.1 s in: nothing has timed out yet
+                assert relay.stats.errors["hello_timeout"] == 0
+            if rid == 2:  # 0.2 s in: the idle guest's 0.3 s deadline is still ahead
+                assert relay.stats.errors["idle_timeout"] == 0
+            if rid == 3:  # 0.3 s in: the mute guest's 0.2 s HELLO deadline has passed
+                assert relay.stats.errors["hello_timeout"] == 1
             await asyncio.sleep(0.1)
         assert await idle.closed_by_peer(1.0)
         assert await mute.closed_by_peer(1.0)
-        assert time.monotonic() - start >= 0.55
+        assert loop.time() - start >= 0.6
         busy.request(100, 0, client_packet())
         assert (await busy.recv()).type == FrameType.NTP_REPLY
         assert relay.stats.errors["idle_timeout"] == 1
@@ -116,7 +129,7 @@ def test_idle_and_hello_timeouts_close_and_count(tmp_path):
             await g.close()
         await relay.stop()
 
-    run(main)
+    run_virtual(main)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +252,7 @@ def test_disconnect_cancels_pending_upstream_work(tmp_path):
 
 def test_fd_count_unchanged_after_10000_connect_disconnect_cycles(tmp_path):
     sock = str(tmp_path / "r.sock")
-    hello = framing.json_frame(FrameType.HELLO, 0, {"version": 1, "name": "churn"}).encode()
+    hello = framing.guest_hello("churn").encode()
     request = framing.ntp_request(1, 0, client_packet()).encode()
 
     async def cycle(i: int) -> None:

@@ -153,7 +153,7 @@ def test_low_descriptor_limit_is_raised_logged_and_refusals_are_clear(
     relay = relay_process(loop_kind, [], nofile=(soft, hard))
     st = relay.status()
 
-    hello = framing.json_frame(FrameType.HELLO, 0, {"version": 1, "name": "g"}).encode()
+    hello = framing.guest_hello("g").encode()
 
     def first_frame(sock: socket.socket) -> framing.Frame | None:
         decoder = framing.FrameDecoder()

@@ -189,7 +189,7 @@ def test_requests_queued_while_the_loop_stood_still_are_stale_not_forwarded(tmp_
         raw = socket.socket(socket.AF_UNIX)  # a guest in another thread: it runs on
         raw.connect(str(sock))
         raw.sendall(framing.json_frame(FrameType.HELLO, 0,
-                                       {"version": 1, "name": "t"}).encode())
+                                       {"version": framing.VERSION, "name": "t"}).encode())
         decoder = framing.FrameDecoder()
         await asyncio.sleep(0.3)
         raw.setblocking(True)

@@ -48,56 +48,77 @@ def test_relay_measurement_bias_is_small(loop: str) -> None:
 
 
 class _Transport:
+    """Enough of a transport for the link: records writes and the protocol it is given."""
+
+    def __init__(self, now: list[int] | None = None, write_cost: int = 0) -> None:
+        self.written: list[bytes] = []
+        self.protocol: Any = None
+        self._now = now
+        self._write_cost = write_cost
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
     def get_write_buffer_size(self) -> int:
         return 0  # every write goes straight out
 
-
-class _Writer:
-    """Enough of a ``StreamWriter`` for the link: records writes."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.transport = _Transport()
-
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        if self._now is not None:
+            self._now[0] += self._write_cost  # the syscall takes time
+
+    def close(self) -> None:
+        pass
+
+    abort = close
+
+
+class _Writer:
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
 
     def close(self) -> None:
         pass
 
 
+async def _connected(now: list[int], write_cost: int = 0) -> tuple[RelayLink, _Transport]:
+    transport = _Transport(now, write_cost)
+
+    async def connect(_: str) -> tuple[Any, Any]:
+        return None, _Writer(transport)
+
+    link = RelayLink("unix:/nonexistent", "g", rx_clock=lambda: now[0], on_up=lambda u: None,
+                     on_down=lambda r: None, connect=connect)
+    await link.start()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    hello = {"version": framing.VERSION, "upstreams": [{"index": 0, "name": "local"}]}
+    transport.protocol.data_received(framing.json_frame(FrameType.HELLO, 0, hello).encode())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert link.connected
+    return link, transport
+
+
 def test_reply_is_stamped_when_the_bytes_arrive_not_when_the_reader_wakes() -> None:
-    """t4 comes from the transport's ``data_received`` (``feed_data``), chunk by chunk: a frame
-    gets the stamp of the chunk that completed it, however late the reading task runs."""
+    """t4 comes from the transport's ``data_received``, chunk by chunk: a frame gets the stamp
+    of the chunk that completed it, however late the link's task runs."""
     now = [0]
     results: list[Any] = []
 
     async def main() -> None:
-        reader = asyncio.StreamReader()
-        writer = _Writer()
-
-        async def connect(_: str) -> tuple[Any, Any]:
-            return reader, writer
-
-        link = RelayLink("unix:/nonexistent", "g", rx_clock=lambda: now[0], on_up=lambda u: None,
-                         on_down=lambda r: None, connect=connect)
-        await link.start()
+        link, transport = await _connected(now)
         try:
-            hello = {"version": 1, "upstreams": [{"index": 0, "name": "local"}]}
-            reader.feed_data(framing.json_frame(FrameType.HELLO, 0, hello).encode())
-            for _ in range(5):
-                await asyncio.sleep(0)
-            assert link.connected
             req = NtpPacket(transmit_ts=1).encode()
             ids = [link.send(0, req, results.append) for _ in range(3)]
             frames = [framing.ntp_reply(rid, req, 0, 0).encode() for rid in ids if rid]
             now[0] = 1000
-            reader.feed_data(frames[0] + frames[1][:10])  # one whole frame, one part
+            transport.protocol.data_received(frames[0] + frames[1][:10])  # one whole, one part
             now[0] = 2000
-            reader.feed_data(frames[1][10:])  # completes the second
+            transport.protocol.data_received(frames[1][10:])  # completes the second
             now[0] = 3000
-            reader.feed_data(frames[2])
-            now[0] = 9999  # the reading task only runs now
+            transport.protocol.data_received(frames[2])
+            now[0] = 9999  # the link's task only runs now
             for _ in range(5):
                 await asyncio.sleep(0)
         finally:
@@ -105,3 +126,22 @@ def test_reply_is_stamped_when_the_bytes_arrive_not_when_the_reader_wakes() -> N
 
     asyncio.run(main())
     assert [r.rx_ns for r in results if isinstance(r, RelayReply)] == [1000, 2000, 3000]
+
+
+def test_t1_is_never_later_than_the_bytes_left() -> None:
+    """Issue 12: t1 stamped after the write returned could be later than the relay's receipt
+    (a slow first write), so the first exchange's delay came out negative (``bad_delay=1`` on
+    every clean start). The link's t1 is taken after framing, just before the write."""
+    now = [0]
+
+    async def main() -> None:
+        link, transport = await _connected(now, write_cost=500)
+        try:
+            now[0] = 10_000
+            rid = link.send(0, NtpPacket(transmit_ts=1).encode(), lambda r: None)
+            assert rid is not None and now[0] == 10_500  # the write took 500 ns
+            assert link.last_tx_ns == 10_000
+        finally:
+            await link.stop()
+
+    asyncio.run(main())

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from timesyncd.text import clean_text
+
 VERSION = 1
 HEADER = struct.Struct("!BBHI")
 #: Hard payload limit: admits an NTS-sized NTP packet (<= 2048 B) with room to spare.
@@ -151,6 +153,57 @@ def json_frame(ftype: FrameType, request_id: int, obj: Any) -> Frame:
     return Frame(ftype, request_id, json.dumps(obj, separators=(",", ":")).encode())
 
 
+# --- HELLO: the one codec both sides use ------------------------------------------------------
+#
+# The guest opens with {"version", "name"[, "request_timeout_s"]}; the relay answers with
+# {"version", "upstreams": [{"index", "name"}...][, "nts_ke": [...]]}. ``VERSION`` above is the
+# one protocol version: frames and HELLO carry the same number.
+
+#: the longest per-request deadline a guest may announce (seconds)
+MAX_REQUEST_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class GuestHello:
+    """What a guest announces: its name as sent (the relay cleans it for display) and its
+    per-request deadline, None when absent or not a number in (0, 600] s."""
+
+    name: object
+    request_timeout_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayHello:
+    """The relay's answer: upstreams as (index, cleaned name), and the whole object (e.g. its
+    ``nts_ke`` endpoint list)."""
+
+    upstreams: list[tuple[int, str]]
+    info: dict[str, Any]
+
+
+def guest_hello(name: str, request_timeout_s: float | None = None) -> Frame:
+    """The guest's HELLO; with ``request_timeout_s`` the relay drops requests still queued
+    past it (counted ``stale``) instead of forwarding answers nobody waits for."""
+    hello: dict[str, object] = {"version": VERSION, "name": name}
+    if request_timeout_s is not None:
+        hello["request_timeout_s"] = request_timeout_s
+    return json_frame(FrameType.HELLO, 0, hello)
+
+
+def parse_guest_hello(frame: Frame) -> GuestHello:
+    """Raises ``FramingError`` ``bad_payload`` (not JSON) or ``bad_hello_version``."""
+    obj = parse_json(frame)
+    version = obj.get("version") if isinstance(obj, dict) else None
+    if version != VERSION:
+        raise FramingError("bad_hello_version",
+                           f"unsupported protocol version {version!r}; relay speaks {VERSION}")
+    timeout = obj.get("request_timeout_s")
+    if not (isinstance(timeout, int | float) and not isinstance(timeout, bool)
+            and 0 < timeout <= MAX_REQUEST_TIMEOUT_S):
+        timeout = None
+    return GuestHello(obj.get("name"), timeout)
+
+
 def relay_hello(upstreams: list[str], nts_ke: list[str]) -> Frame:
     """The relay's HELLO answer: its upstreams (and NTS-KE endpoints) by index. Raises
     ``ValueError`` naming the settings when the list does not fit one frame."""
@@ -164,6 +217,25 @@ def relay_hello(upstreams: list[str], nts_ke: list[str]) -> Frame:
             f"upstreams, nts_ke_servers: the HELLO listing them is {len(frame.payload)} bytes, "
             f"over the {MAX_PAYLOAD}-byte frame limit; list fewer servers or shorter names")
     return frame
+
+
+def parse_relay_hello(frame: Frame) -> RelayHello:
+    """The relay's upstream list; raises ``FramingError`` ``bad_hello`` (or ``bad_payload``)
+    for anything malformed: the peer's fault, never a crash. Names are host text, cleaned:
+    they become part of source names in status, logs and metric labels."""
+    obj = parse_json(frame)
+    if not isinstance(obj, dict) or obj.get("version") != VERSION:
+        raise FramingError("bad_hello", f"unsupported HELLO {clean_text(str(obj), 100)}")
+    raw = obj.get("upstreams")
+    if not isinstance(raw, list):
+        raise FramingError("bad_hello", "HELLO without an upstream list")
+    upstreams = []
+    for item in raw:
+        if not (isinstance(item, dict) and isinstance(item.get("index"), int)
+                and isinstance(item.get("name"), str) and 0 <= item["index"] <= 255):
+            raise FramingError("bad_hello", f"bad upstream entry {clean_text(str(item), 100)}")
+        upstreams.append((item["index"], clean_text(item["name"], 128)))
+    return RelayHello(upstreams, obj)
 
 
 def parse_json(frame: Frame) -> Any:

@@ -85,12 +85,8 @@ def status(socket_path: str, relay_metrics: str | None, as_json: bool, verbose: 
 
 
 def _relay_status(address: str, as_json: bool, timeout: float) -> None:
-    from host_relay.relay_query import (
-        RelayQueryError,
-        format_relay_status,
-        metrics_host_port,
-        query_relay,
-    )
+    from host_relay.relay_query import RelayQueryError, metrics_host_port, query_relay
+    from timesyncd.relay_status_view import format_relay_status
 
     try:
         metrics_host_port(address)

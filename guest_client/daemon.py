@@ -39,6 +39,7 @@ from guest_client.nts_source import parse_nts_server
 from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstream
 from guest_client.settings import GuestSettings
 from guest_client.state_log import StateLog
+from guest_client.status_build import build_status
 from guest_client.status_server import StatusServer
 from guest_client.timer_driver import drive_timers
 from guest_client.udp_source import UdpSource
@@ -48,6 +49,7 @@ from timesyncd.clock import Clock
 from timesyncd.config import parse_file_mode
 from timesyncd.logs import decade
 from timesyncd.ntptime import ntp_to_unix_ns
+from timesyncd.status_report import StatusReport
 
 log = logging.getLogger(__name__)
 
@@ -273,44 +275,15 @@ class GuestDaemon:
     # --- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The ``timesync status --json`` object."""
-        now_ns = self.clock.now_ns()
-        tracking = self.controller.tracking(now_ns)  # before status(): fills source columns
-        st = self.controller.status(now_ns).to_json()
-        st.update(tracking.to_json())
-        true = self.clock.true_offset_ns()
-        if true is not None:
-            st["true_offset_s"] = true / _NS
-        st["clock"] = self.settings.clock
-        st["time_floor"] = {"date": self.floor.datetime.isoformat(), "source": self.floor.source}
-        if self.link is not None:
-            st["relay"] = {
-                "address": self.link.address, "connected": self.link.connected,
-                "connects": self.link.connects, "upstreams": [u.name for u in self.link.upstreams],
-                "pending": self.link.pending, "errors": dict(self.link.counters),
-                "last_error": self.link.last_error,
-            }
-        if self.forwarder is not None:
-            st["forward_ntp"] = self.forwarder.stats()
-        if self.clockbound is not None:
-            w = self.clockbound.writer
-            st["clockbound"] = {"path": w.path, "fence": w.fence_kind,
-                                "errors": self.clockbound.errors, **dict(w.counters)}
-        nts = self.nts.status()
-        for src in st.get("sources", []):
-            # authenticated: replies are cryptographically verified before use (NTS only)
-            src["authenticated"] = src.get("name") in nts
-            info = nts.get(src.get("name"))
-            if info is not None:
-                src["nts"] = info
-                if info["note"] and not src.get("note"):
-                    src["note"] = info["note"]
-        if self.start_frequency is not None:
-            st["start_frequency"] = {"ppm": self.start_frequency.ppm,
-                                     "reason": self.start_frequency.reason}
-        if self.counters:
-            st["daemon_errors"] = dict(self.counters)
-        return st
+        """The ``timesync status --json`` object (a :class:`StatusReport`, JSON form)."""
+        return self.status_report().to_json()
+
+    def status_report(self) -> StatusReport:
+        return build_status(
+            self.controller, self.clock.now_ns(), clock=self.settings.clock, floor=self.floor,
+            true_offset_ns=self.clock.true_offset_ns(), link=self.link,
+            forwarder=self.forwarder, clockbound=self.clockbound, nts=self.nts.status(),
+            start_frequency=self.start_frequency, daemon_errors=self.counters)
 
     def makestep(self) -> dict[str, Any]:
         """Step now, as an operator accepted (the control socket's ``makestep``)."""

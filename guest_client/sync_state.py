@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from timesyncd.clock import KernelStatus
 from timesyncd.packet import Leap
+from timesyncd.reasons import StateReason
 
 
 class SyncState(StrEnum):
@@ -27,15 +28,8 @@ class SyncState(StrEnum):
     HOLDOVER = "holdover"
 
 
-class Reason(StrEnum):
-    """Why the guest is in its state (``state_reason`` in status and health reports)."""
-
-    STARTING = "starting"  # no clock update yet
-    TRACKING = "tracking"  # synchronised
-    CORRECTING = "correcting_offset"  # remaining correction above the threshold
-    NO_RECENT_UPDATE = "no_recent_update"  # holdover: no update for holdover_polls polls
-    BOUND_EXCEEDED = "bound_exceeded"  # error bound at or past max_error_s
-    SOURCES_DISAGREE = "sources_disagree"  # every usable source reports a refused jump
+#: the state reasons live in the registry (timesyncd.reasons); this name stays for callers
+Reason = StateReason
 
 
 _U, _S, _H = SyncState.UNSYNCHRONISED, SyncState.SYNCHRONISED, SyncState.HOLDOVER

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.packets import client_packet
 
 CHRONYD = shutil.which("chronyd") or "/usr/sbin/chronyd"
 _NTP_UNIX_DELTA = 2_208_988_800
@@ -53,12 +53,6 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def client_packet(transmit_ts: int | None = None) -> bytes:
-    """A minimal NTPv4 client request (mode 3) with a chosen or random transmit timestamp."""
-    xmt = transmit_ts if transmit_ts is not None else int.from_bytes(os.urandom(8), "big")
-    return struct.pack("!BBbbII4sQQQQ", 0x23, 0, 0, 0, 0, 0, b"\0" * 4, 0, 0, 0, xmt)
 
 
 def query(host: str, port: int, timeout: float = 1.0) -> bytes | None:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import struct
 from typing import Any
+
+from support.packets import client_packet as client_packet  # re-exported for the relay tests
 
 from timesyncd import framing
 from timesyncd.framing import Frame, FrameDecoder
 from timesyncd.transport import open_stream
-
-
-def client_packet(transmit_ts: int | None = None, extra: bytes = b"") -> bytes:
-    """NTPv4 client request (mode 3) with a random transmit timestamp unless given."""
-    xmt = transmit_ts if transmit_ts is not None else int.from_bytes(os.urandom(8), "big")
-    return struct.pack("!BBbbII4sQQQQ", 0x23, 0, 6, -20, 0, 0, b"\0" * 4, 0, 0, 0,
-                       xmt) + extra
 
 
 class Guest:

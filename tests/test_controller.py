@@ -5,29 +5,22 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from support.sim_guest import LAN, START, make_guest
+
 from guest_client.actions import SendRequest, SetKernelStatus
 from guest_client.controller import GuestController, SourceConfig
 from sim.clock import SimClock
 from sim.engine import Engine, Upstream
 from sim.network import Hop, Network
-from sim.oscillator import Oscillator
 from timesyncd.discipline import DisciplineConfig
 from timesyncd.packet import Leap
-
-START = 1_735_689_600 * 1_000_000_000
-LAN = Network(upstream=Hop(base_s=100e-6, jitter_s=50e-6))
 
 
 def make(seed: int = 1, *, offset_s: float = 0.0, ppm: float = -11.6,
          upstreams: list[Upstream] | None = None, **cfg: object
          ) -> tuple[Engine, SimClock, GuestController]:
-    rng = random.Random(seed)
-    clock = SimClock(Oscillator(ppm, 1e-3, random.Random(rng.getrandbits(32))),
-                     start_unix_ns=START, initial_offset_s=offset_s)
-    ctl = GuestController(DisciplineConfig(**cfg), random.Random(rng.getrandbits(32)))  # type: ignore[arg-type]
-    engine = Engine(ctl, clock, upstreams or [Upstream("a", LAN)],
-                    random.Random(rng.getrandbits(32)))
-    return engine, clock, ctl
+    return make_guest(upstreams or [Upstream("a", LAN)], seed=seed, offset_s=offset_s,
+                      ppm=ppm, **cfg)
 
 
 def test_converges_from_half_second_and_200ppm_by_slewing() -> None:

@@ -8,32 +8,20 @@ time: the true offset is exact, no machine clock is touched).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 import pytest
+from support.sim_guest import LAN, make_guest
 
 from guest_client.controller import GuestController, SourceConfig
 from sim.clock import SimClock
 from sim.engine import Engine, Upstream
 from sim.network import Hop, Network
-from sim.oscillator import Oscillator
-from timesyncd.discipline import DisciplineConfig
-
-START = 1_735_689_600 * 1_000_000_000
-LAN = Network(upstream=Hop(base_s=100e-6, jitter_s=50e-6))
 
 
-def make(upstreams: list[Upstream], *, seed: int = 1, offset_s: float = 0.0, ppm: float = 50.0,
-         extra_ppm: Callable[[float], float] | None = None,
-         sources: list[SourceConfig] | None = None, **cfg: object
+def make(upstreams: list[Upstream], *, ppm: float = 50.0, **kw: object
          ) -> tuple[Engine, SimClock, GuestController]:
-    rng = random.Random(seed)
-    osc = Oscillator(ppm, 1e-3, random.Random(rng.getrandbits(32)), extra_ppm=extra_ppm)
-    clock = SimClock(osc, start_unix_ns=START, initial_offset_s=offset_s)
-    ctl = GuestController(DisciplineConfig(**cfg), random.Random(rng.getrandbits(32)),  # type: ignore[arg-type]
-                          sources or [])
-    return Engine(ctl, clock, upstreams, random.Random(rng.getrandbits(32))), clock, ctl
+    return make_guest(upstreams, ppm=ppm, **kw)  # type: ignore[arg-type]
 
 
 class Watch:

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from guest_client.controller import GuestController
 from guest_client.source import SourceConfig
 from timesyncd.cli import main
-from timesyncd.cli.status_format import format_status, human
 from timesyncd.discipline import DisciplineConfig
+from timesyncd.status_view import format_status, human
 
 NOW = 1_800_000_000.0
 LONG = "relay:fc:/run/firecracker/vm-0123456789abcdef/v.sock:123#udp:169.254.169.123:123"

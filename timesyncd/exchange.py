@@ -18,12 +18,13 @@ from timesyncd.packet import (
     PacketError,
     decode,
 )
+from timesyncd.reasons import ExchangeReason as R
 
 #: RFC 5905 frequency tolerance (15 ppm): dispersion grows at this rate over the round trip.
 PHI = 15e-6
 #: Stratum at or above which a server is unsynchronised (RFC 5905 MAXSTRAT).
 MAX_STRATUM = 16
-_KISS_REASONS = {"RATE": "kod_rate", "DENY": "kod_deny", "RSTR": "kod_rstr"}
+_KISS_REASONS = {"RATE": R.KOD_RATE, "DENY": R.KOD_DENY, "RSTR": R.KOD_RSTR}
 _NS = 1_000_000_000
 
 
@@ -127,15 +128,15 @@ class ClientExchange:
     ) -> Sample | Rejection:
         """Check an already decoded (e.g. NTS-verified) reply; see :meth:`receive`."""
         if packet.mode not in (Mode.SERVER, Mode.SYMMETRIC_PASSIVE):
-            return Rejection("bad_mode", f"mode {packet.mode}")
+            return Rejection(R.BAD_MODE, f"mode {packet.mode}")
         if self._cookie is None or packet.origin_ts != self._cookie:
             # Only a reply echoing our cookie may consume the request, so forged or stale
             # packets cannot cancel the genuine reply that is still on its way.
             if packet.origin_ts == self._answered and self._answered is not None:
-                return Rejection("duplicate", "second reply to an answered request")
+                return Rejection(R.DUPLICATE, "second reply to an answered request")
             if self._cookie is None:
-                return Rejection("unsolicited", "no request outstanding")
-            return Rejection("origin_mismatch", "origin timestamp is not our cookie")
+                return Rejection(R.UNSOLICITED, "no request outstanding")
+            return Rejection(R.ORIGIN_MISMATCH, "origin timestamp is not our cookie")
         self._answered, self._cookie = self._cookie, None
         rejection = _check_header(packet)
         if rejection is not None:
@@ -153,7 +154,7 @@ class ClientExchange:
         rho_server = 2.0**packet.precision
         delay_ns = (t4_ns - t1) - (t3 - t2)
         if delay_ns < -(rho_local + rho_server) * _NS:
-            return Rejection("bad_delay", f"round-trip delay {delay_ns} ns is negative")
+            return Rejection(R.BAD_DELAY, f"round-trip delay {delay_ns} ns is negative")
         # A few ns below zero is the two clocks' resolution, not a bogus reply.
         delay_ns = max(delay_ns, 0)
         twice_offset_ns = (t1 - t2) + (t4_ns - t3)  # guest minus server, times two
@@ -177,7 +178,7 @@ class ClientExchange:
         )
         if sample.root_distance_s > self.max_root_distance_s:
             return Rejection(
-                "root_distance",
+                R.ROOT_DISTANCE,
                 f"{sample.root_distance_s:.6f} s exceeds {self.max_root_distance_s} s",
             )
         return sample
@@ -193,12 +194,12 @@ def _check_header(packet: NtpPacket) -> Rejection | None:
         # Kiss-o'-Death: the reference id carries an ASCII code telling us to back off. It comes
         # first because KoDs usually also carry LI=3, which would hide the code.
         code = packet.reference_id.rstrip(b"\0").decode("ascii", "replace")
-        reason = _KISS_REASONS.get(code, "kod_other")
+        reason = _KISS_REASONS.get(code, R.KOD_OTHER)
         return Rejection(reason, f"kiss-o'-death {code!r}", kiss_code=code)
     if packet.stratum >= MAX_STRATUM:
-        return Rejection("bad_stratum", f"stratum {packet.stratum}")
+        return Rejection(R.BAD_STRATUM, f"stratum {packet.stratum}")
     if packet.leap == Leap.UNSYNCHRONISED:
-        return Rejection("unsynchronised", "leap indicator 3 (server clock not synchronised)")
+        return Rejection(R.UNSYNCHRONISED, "leap indicator 3 (server clock not synchronised)")
     if packet.receive_ts == 0 or packet.transmit_ts == 0:
-        return Rejection("zero_timestamp", "receive or transmit timestamp is zero")
+        return Rejection(R.ZERO_TIMESTAMP, "receive or transmit timestamp is zero")
     return None

@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from timesyncd.reasons import FilterReason
+
 #: Floor of a sample's standard error, seconds: timestamping and read noise on the best path.
 ERROR_FLOOR_S = 1e-6
 #: Added to every excess delay over the floor: the floor itself is a sample, not the truth.
@@ -217,7 +219,7 @@ class SampleFilter:
         spike = self.is_spike(sample.delay_s)
         self._recent.append(sample.delay_s)
         if spike:
-            return "delay_spike"
+            return FilterReason.DELAY_SPIKE
         if len(self._samples) >= self.max_samples:
             self._drop_oldest(len(self._samples) - self.max_samples + 1)
         self._samples.append(sample)

@@ -18,15 +18,15 @@ from typing import Any
 
 from timesyncd import framing
 from timesyncd.framing import Frame, FrameType
+from timesyncd.reasons import StateReason
 
 #: Version 1 reports may carry the optional fields added later (error_bound_s and friends):
 #: old relays ignore unknown keys, new relays treat missing ones as unknown (None), so the
 #: version stays 1 and old and new guests and relays keep working together.
 SCHEMA_VERSION = 1
 STATES = ("unsynchronised", "synchronised", "holdover")
-#: guest_client.sync_state.Reason values; anything else is reported as "other".
-REASONS = ("starting", "tracking", "correcting_offset", "no_recent_update", "bound_exceeded",
-           "sources_disagree")
+#: the state reasons (timesyncd.reasons); anything else is reported as "other".
+REASONS = tuple(str(r) for r in StateReason)
 #: Distinct rejection reasons kept per report; the rest are summed under ``other``.
 MAX_REASONS = 24
 #: Reason keys are label values on the host: short, printable, no surprises.

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from timesyncd.reasons import TrustReason
 from timesyncd.selection import Candidate, select
 
 #: Reasons a host-trusted candidate is dropped (stable counter keys).
 NO_AUTHENTICATED_BOUND = "no_authenticated_bound"
-OUTSIDE_AUTHENTICATED_BOUNDS = "outside_authenticated_bounds"
+OUTSIDE_AUTHENTICATED_BOUNDS = TrustReason.OUTSIDE_AUTHENTICATED_BOUNDS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import click
 
 from guest_client.status_server import DEFAULT_STATUS_SOCKET, StatusError, query_status
 from timesyncd.cli.options import Float
-from timesyncd.cli.status_format import format_status, human
+from timesyncd.status_report import StatusReport
+from timesyncd.status_view import format_status, human
 
 __all__ = ["format_status", "status", "wait_sync"]
 
@@ -80,16 +81,12 @@ def status(socket_path: str, relay_metrics: str | None, as_json: bool, verbose: 
             f"cannot read status from {socket_path}: {exc.strerror or exc}; is `timesync "
             f"guest` running with --status-socket {socket_path}?") from exc
     click.echo(json.dumps(st, indent=2) if as_json
-               else format_status(st, wide=wide, verbose=verbose))
+               else format_status(StatusReport.from_json(st), wide=wide, verbose=verbose))
 
 
 def _relay_status(address: str, as_json: bool, timeout: float) -> None:
-    from host_relay.relay_query import (
-        RelayQueryError,
-        format_relay_status,
-        metrics_host_port,
-        query_relay,
-    )
+    from host_relay.relay_query import RelayQueryError, metrics_host_port, query_relay
+    from timesyncd.relay_status_view import format_relay_status
 
     try:
         metrics_host_port(address)
@@ -103,24 +100,16 @@ def _relay_status(address: str, as_json: bool, timeout: float) -> None:
     click.echo(json.dumps(doc, indent=2) if as_json else format_relay_status(doc))
 
 
-def _bound(st: dict[str, Any]) -> float | None:
-    """The error bound: ``error_bound_s`` where the daemon reports it, else root distance."""
-    value = st.get("error_bound_s", st.get("root_distance_s"))
-    return value if isinstance(value, int | float) else None
-
-
-def _verdict(st: dict[str, Any], max_offset: float, max_error: float | None,
+def _verdict(st: StatusReport, max_offset: float, max_error: float | None,
              max_correction: float | None) -> tuple[bool, str]:
     """(synchronised within every threshold, a one-line summary of this try)."""
-    offset, bound = st.get("offset_s"), _bound(st)
-    correction = st.get("remaining_correction_s")
-    checks = [st.get("state") == "synchronised",
-              offset is not None and abs(offset) <= max_offset]
+    offset, bound, correction = st.offset_s, st.bound_s, st.remaining_correction_s
+    checks = [st.state == "synchronised", offset is not None and abs(offset) <= max_offset]
     if max_error is not None:
         checks.append(bound is not None and bound <= max_error)
     if max_correction is not None:
         checks.append(correction is not None and abs(correction) <= max_correction)
-    line = (f"state {st.get('state')}, offset {human(offset, digits=3)}, error bound "
+    line = (f"state {st.state}, offset {human(offset, digits=3)}, error bound "
             f"{human(bound, signed=False, digits=3)}, correction {human(correction, digits=3)}")
     return all(checks), line
 
@@ -156,7 +145,8 @@ def wait_sync(socket_path: str, max_offset: float, max_error: float | None,
         tries += 1
         try:
             st = _read(socket_path, min(2.0, max(0.1, deadline - time.monotonic())))
-            done, last = _verdict(st, max_offset, max_error, max_correction)
+            done, last = _verdict(StatusReport.from_json(st), max_offset, max_error,
+                                  max_correction)
             if done:
                 if not quiet:
                     click.echo(f"synchronised: {last}")

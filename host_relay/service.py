@@ -226,7 +226,8 @@ class RelayService:
             self._accepts.accepted()
         if len(self._connections) >= self.settings.max_connections:
             return False
-        if self._fds_short():
+        if len(self._connections) + self._ke.open_streams >= self._budget.room \
+                and self._fds_short():  # far from the limit (the usual case): no call
             return False
         key, conn.peer_id = peer_of(conn, self._one_guest_sockets)
         if key is not None:
@@ -241,7 +242,7 @@ class RelayService:
 
     def _fds_short(self) -> bool:
         held = len(self._connections) + self._ke.open_streams
-        if held < self._budget.room:  # far from the limit (the usual case): nothing to add up
+        if held < self._budget.room:  # far from the limit: nothing to add up
             return False
         http = self._metrics_server.clients if self._metrics_server is not None else 0
         return self._budget.short(held + http)

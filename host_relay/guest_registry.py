@@ -10,6 +10,7 @@ alert has a series to fire on; nothing else grows with churn.
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 import time
@@ -231,7 +232,15 @@ def _peer_pid(writer: PeerInfo) -> int | None:
     if sock is None or _SO_PEERCRED is None:
         return None
     try:
-        pid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12))[0]
-    except (OSError, AttributeError, struct.error):
+        # a bare socket object told its family, so it asks the kernel nothing more, and
+        # detached so the descriptor stays the loop's (uvloop's stand-in socket builds a full
+        # one, asking the kernel for type and family, on every call: twice the cost)
+        raw = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, sock.fileno())
+        try:
+            cred = raw.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
+        finally:
+            raw.detach()
+        pid = _PEERCRED.unpack(cred)[0]
+    except (OSError, AttributeError, struct.error, TypeError, ValueError):
         return None
     return pid if pid > 0 else None

@@ -23,7 +23,11 @@ def main() -> None:
     ap.add_argument("--old", required=True, help="tree of the baseline relay")
     ap.add_argument("--new", default=".", help="tree of the relay under test")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--cases", default="1,100,churn",
+                    help="comma list of: 1, 100 (guests forwarding), churn (8 clients)")
     args = ap.parse_args()
+    known = {"1": ("relay", 1), "100": ("relay", 100), "churn": ("churn-relay", 8)}
+    cases = [known[c] for c in args.cases.split(",")]
     procs = ra.Procs()
     tmp = Path(tempfile.mkdtemp(prefix="ab-"))
     try:
@@ -42,7 +46,7 @@ def main() -> None:
         for rnd in range(min(args.rounds, 20)):
             for name in (("old", "new") if rnd % 2 == 0 else ("new", "old")):
                 p, path = relays[name]
-                for mode, conns in (("relay", 1), ("relay", 100), ("churn-relay", 8)):
+                for mode, conns in cases:
                     r = ra.loadgen(mode, conns, 2.0, 0.5, path=path,
                                    watch={"forwarder": p.pid})
                     cpu = r["cpu"]["forwarder"] * r["window_s"] / r["exchanges"] * 1e6

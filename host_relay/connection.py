@@ -97,6 +97,7 @@ class GuestConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.name = ""
         self.peer_key: str | None = None  # set by the owner on accept (per-guest limit)
+        self.peer_id: str | None = None  # ... and the guest's identity ("" if anonymous)
         self.hello_done = False
         self.closed = False
         #: requests in flight upstream, cancelled when the connection closes

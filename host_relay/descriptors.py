@@ -119,6 +119,10 @@ class FdBudget:
         self.limit = FdLimit(0, 0, 0)
         self.base = 0  # open before any guest: listeners, upstream sockets, the loop's own
         self.refused = 0  # refusals in the current episode
+        #: below this many held, :meth:`short` is False for sure and has nothing to log, so
+        #: the accept path can skip it (and adding up what else holds descriptors)
+        self.room = 1 << 62
+        self._spare = 0
 
     def raise_limit(self) -> None:
         self.limit = raise_nofile()
@@ -128,8 +132,16 @@ class FdBudget:
                  extra={"event": "fd_limit", "soft": lim.soft, "was": lim.was,
                         "hard": lim.hard})
 
-    def measure_base(self) -> None:
+    def measure_base(self, spare: int = 0) -> None:
+        """``spare``: descriptors :attr:`room` leaves for holders the fast check does not
+        count (the metrics endpoint's clients)."""
         self.base = max(open_fds(), 0)
+        self._spare = spare
+        self._set_room()
+
+    def _set_room(self) -> None:
+        soft = self.limit.soft
+        self.room = soft - self.base - HEADROOM - self._spare if soft else 1 << 62
 
     def short(self, held: int) -> bool:
         """``held``: descriptors the relay holds for guests (connections, streams)."""
@@ -139,9 +151,11 @@ class FdBudget:
                 log.warning("descriptors free again after %d refusals", self.refused,
                             extra={"event": "fd_limit_recovered", "count": self.refused})
                 self.refused = 0
+                self._set_room()
             return False
         self.errors["fd_limit"] += 1
         self.refused += 1
+        self.room = -1  # every check counts until the episode ends
         if self.refused == 1:
             log.error("descriptor limit %d nearly reached (%d in use): refusing new guest "
                       "connections and streams with BUSY; raise LimitNOFILE or the hard limit",

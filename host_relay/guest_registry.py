@@ -10,10 +10,11 @@ alert has a series to fire on; nothing else grows with churn.
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +29,9 @@ REPORT_BURST = 5
 #: How long a guest that disconnected stays visible (``timesync_guest_up`` 0), and how many.
 GONE_TTL_S = 3600.0
 MAX_GONE = 1024
+_PEERCRED = struct.Struct("3i")
+_SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
+_AF_VSOCK: int = getattr(socket, "AF_VSOCK", 40)
 
 
 @dataclass(slots=True)
@@ -45,7 +49,9 @@ class GuestRecord:
     name: str  # what the guest announced in HELLO (untrusted; display only)
     connected_at: float  # host Unix seconds
     connected_mono_ns: int
-    bucket: TokenBucket  # reports accepted (REPORT_RATE_PER_S, REPORT_BURST)
+    #: reports accepted (REPORT_RATE_PER_S, REPORT_BURST); made at the first report, as full
+    #: as one made at connect would be by then (most churned connections never report)
+    bucket: TokenBucket | None = None
     report: HealthReport | None = None
     report_mono_ns: int = 0
     reports: int = 0
@@ -78,7 +84,7 @@ class GuestRegistry:
                  gone_ttl_s: float = GONE_TTL_S, max_gone: int = MAX_GONE) -> None:
         self._guests: dict[object, GuestRecord] = {}
         self._taken: set[str] = set()  # identities in use (O(1) uniqueness on connect)
-        self._live: Counter[str] = Counter()  # connections held, by peer identity
+        self._live: dict[str, int] = {}  # connections held, by peer identity
         self._seq = 0
         self._one_guest_sockets = frozenset(one_guest_sockets)
         self._gone: OrderedDict[str, GoneGuest] = OrderedDict()  # oldest first
@@ -89,17 +95,25 @@ class GuestRegistry:
         return len(self._guests)
 
     def connect(self, conn: object, writer: PeerInfo, name: str,
-                now_mono_ns: int | None = None) -> GuestRecord:
-        self._seq += 1
-        peer = peer_identity(writer, self._seq, self._one_guest_sockets)
-        ident = self._unique(peer)
+                now_mono_ns: int | None = None, peer: str | None = None) -> GuestRecord:
+        """``peer``: the identity :func:`peer_of` already found for this connection ("" when
+        anonymous), so the transport is not asked twice; None asks ``writer``."""
+        seq = self._seq = self._seq + 1
+        if peer is None:
+            peer = peer_of(writer, self._one_guest_sockets)[1]
+        if not peer:
+            peer = f"conn:{seq}"
+        # a second connection from the same peer gets the connection number appended (O(1):
+        # the number is unique in this process)
+        ident = peer if peer not in self._taken else f"{peer}/{seq}"
         mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
-        record = GuestRecord(ident, name, time.time(), mono,
-                             TokenBucket(REPORT_RATE_PER_S, REPORT_BURST, mono), peer=peer)
+        record = GuestRecord(ident, name, time.time(), mono, peer=peer)
         self._guests[conn] = record
         self._taken.add(ident)
-        self._live[peer] += 1
-        self._gone.pop(peer, None)  # back: no longer missing
+        live = self._live
+        live[peer] = live.get(peer, 0) + 1
+        if self._gone:
+            self._gone.pop(peer, None)  # back: no longer missing
         return record
 
     def disconnect(self, conn: object, now_mono_ns: int | None = None) -> GuestRecord | None:
@@ -107,10 +121,10 @@ class GuestRegistry:
         if record is None:
             return None
         self._taken.discard(record.guest)
-        self._live[record.peer] -= 1
-        if self._live[record.peer] > 0:
+        left = self._live.pop(record.peer, 1) - 1
+        if left > 0:
+            self._live[record.peer] = left
             return record  # the peer is still here on another connection: not missing
-        del self._live[record.peer]
         mono = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
         self._gone.pop(record.peer, None)
         self._gone[record.peer] = GoneGuest(record.peer, record.name, mono)
@@ -139,7 +153,11 @@ class GuestRegistry:
         record = self._guests.get(conn)
         if record is None:
             raise HealthError("no_hello", "HEALTH before HELLO")
-        if charge and not record.bucket.take(now_mono_ns):
+        bucket = record.bucket
+        if bucket is None:
+            bucket = record.bucket = TokenBucket(REPORT_RATE_PER_S, REPORT_BURST,
+                                                 record.connected_mono_ns)
+        if charge and not bucket.take(now_mono_ns):
             record.refused_reports += 1
             raise HealthError("rate_limited", f"{record.guest} reports too often")
         try:
@@ -159,25 +177,13 @@ class GuestRegistry:
         now = now_mono_ns if now_mono_ns is not None else time.monotonic_ns()
         return [r.to_json(now) for r in self.records()]
 
-    def _unique(self, ident: str) -> str:
-        """A second connection from the same peer gets the connection number appended (O(1):
-        the number is unique in this process)."""
-        return ident if ident not in self._taken else f"{ident}/{self._seq}"
-
 
 def peer_key(writer: PeerInfo, one_guest_sockets: Collection[str] = ()) -> str | None:
     """Who is connecting, as far as the host can tell before HELLO: the vsock CID, the TCP
     host, or the listening socket when it is one of ``one_guest_sockets`` (a Firecracker
     socket serves one microVM). None for a plain Unix socket: its local clients are not
     told apart."""
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and peer:
-        family = getattr(writer.get_extra_info("socket"), "family", None)
-        if family == getattr(socket, "AF_VSOCK", 40):
-            return f"cid:{peer[0]}"
-        return f"host:{peer[0]}"
-    sockname = writer.get_extra_info("sockname")
-    return f"socket:{sockname}" if sockname in one_guest_sockets else None
+    return peer_of(writer, one_guest_sockets)[0]
 
 
 def display_name(raw: object, limit: int = 64) -> str:
@@ -194,32 +200,47 @@ def peer_identity(writer: PeerInfo, seq: int, one_guest_sockets: Collection[str]
     where the host can tell: a vsock CID (``cid:N``), the Firecracker socket that serves one
     microVM (``fc:PATH``), a Unix peer's process (``unix:pid:N``, from SO_PEERCRED), a TCP
     peer; else the connection number (``conn:N``, per relay process)."""
+    return peer_of(writer, one_guest_sockets)[1] or f"conn:{seq}"
+
+
+def peer_of(writer: PeerInfo, one_guest_sockets: Collection[str] = ()) -> tuple[str | None, str]:
+    """:func:`peer_key` and :func:`peer_identity` (``""`` for an anonymous peer) from one look
+    at the transport: the relay asks once per connection, at accept, because every question
+    (and SO_PEERCRED above all) makes uvloop build a socket object."""
     peer = writer.get_extra_info("peername")
     if not isinstance(peer, tuple) or not peer:  # AF_UNIX: no peer address to go by
         sockname = writer.get_extra_info("sockname")
         if isinstance(sockname, str) and sockname in one_guest_sockets:
-            return f"fc:{sockname}"
+            return f"socket:{sockname}", f"fc:{sockname}"
         pid = _peer_pid(writer)
-        return f"unix:pid:{pid}" if pid else f"conn:{seq}"
-    sock = writer.get_extra_info("socket")
-    family = getattr(sock, "family", None)
-    vsock = getattr(socket, "AF_VSOCK", 40)
-    if family == vsock and isinstance(peer, tuple) and peer:
-        return f"cid:{peer[0]}"
-    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(peer, tuple):
-        host = f"[{peer[0]}]" if family == socket.AF_INET6 else peer[0]
-        return f"tcp:{host}:{peer[1]}"
-    return f"conn:{seq}"
+        return None, f"unix:pid:{pid}" if pid else ""
+    family = getattr(writer.get_extra_info("socket"), "family", None)
+    if family == _AF_VSOCK:
+        ident = f"cid:{peer[0]}"
+        return ident, ident
+    key = f"host:{peer[0]}"
+    if family == socket.AF_INET:
+        return key, f"tcp:{peer[0]}:{peer[1]}"
+    if family == socket.AF_INET6:
+        return key, f"tcp:[{peer[0]}]:{peer[1]}"
+    return key, ""
 
 
 def _peer_pid(writer: PeerInfo) -> int | None:
     """The Unix peer's pid as the kernel recorded it at connect (Linux SO_PEERCRED)."""
     sock = writer.get_extra_info("socket")
-    opt = getattr(socket, "SO_PEERCRED", None)
-    if sock is None or opt is None:
+    if sock is None or _SO_PEERCRED is None:
         return None
     try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, 12))
-    except (OSError, AttributeError, struct.error):
+        # a bare socket object told its family, so it asks the kernel nothing more, and
+        # detached so the descriptor stays the loop's (uvloop's stand-in socket builds a full
+        # one, asking the kernel for type and family, on every call: twice the cost)
+        raw = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, sock.fileno())
+        try:
+            cred = raw.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, 12)
+        finally:
+            raw.detach()
+        pid = _PEERCRED.unpack(cred)[0]
+    except (OSError, AttributeError, struct.error, TypeError, ValueError):
         return None
     return pid if pid > 0 else None

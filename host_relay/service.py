@@ -26,7 +26,7 @@ from host_relay.connection import (
     GuestConnection,
 )
 from host_relay.descriptors import AcceptWatch, FdBudget, fd_families
-from host_relay.guest_registry import GuestRegistry, display_name, peer_key
+from host_relay.guest_registry import GuestRegistry, display_name, peer_of
 from host_relay.ke_proxy import KeProxy, KeProxyLimits
 from host_relay.local_source import LocalSource
 from host_relay.metrics import (
@@ -37,7 +37,7 @@ from host_relay.metrics import (
     render,
     status_document,
 )
-from host_relay.metrics_http import MetricsServer
+from host_relay.metrics_http import MAX_CLIENTS, MetricsServer
 from host_relay.settings import RelaySettings
 from host_relay.stall import StallWatch
 from host_relay.stats import RelayStats
@@ -140,7 +140,7 @@ class RelayService:
                 self._metrics_server = MetricsServer(self.settings.metrics, self.render_metrics,
                                                      self.status)
                 await self._metrics_server.start()
-            self._budget.measure_base()
+            self._budget.measure_base(MAX_CLIENTS if self._metrics_server is not None else 0)
         except BaseException:
             await self.stop()
             raise
@@ -231,9 +231,10 @@ class RelayService:
             self._accepts.accepted()
         if len(self._connections) >= self.settings.max_connections:
             return False
-        if self._fds_short():
+        if len(self._connections) + self._ke.open_streams >= self._budget.room \
+                and self._fds_short():  # far from the limit (the usual case): no call
             return False
-        key = peer_key(conn, self._one_guest_sockets)
+        key, conn.peer_id = peer_of(conn, self._one_guest_sockets)
         if key is not None:
             held = self._per_peer.get(key, 0)
             if held >= self.settings.max_connections_per_guest:
@@ -245,8 +246,11 @@ class RelayService:
         return True
 
     def _fds_short(self) -> bool:
+        held = len(self._connections) + self._ke.open_streams
+        if held < self._budget.room:  # far from the limit: nothing to add up
+            return False
         http = self._metrics_server.clients if self._metrics_server is not None else 0
-        return self._budget.short(len(self._connections) + self._ke.open_streams + http)
+        return self._budget.short(held + http)
 
     def on_closing(self, conn: GuestConnection) -> None:
         """Cancel pending upstream work first so no reply is written late."""
@@ -318,7 +322,7 @@ class RelayService:
         conn.hello_done = True
         conn.deadline_ns = rx_ns + self._limits.idle_ns
         conn.send_frame(framing.Frame(FrameType.HELLO, frame.request_id, self._hello))
-        record = self.guests.connect(conn, conn, conn.name, rx_ns)
+        record = self.guests.connect(conn, conn, conn.name, rx_ns, conn.peer_id)
         if log.isEnabledFor(logging.INFO):
             unlogged = self._conn_log.allow("connect")
             if unlogged is not None:

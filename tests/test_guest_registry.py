@@ -143,3 +143,53 @@ def test_relay_names_unix_guests_by_peer_process_under_each_loop(
             await relay.stop()
 
     run(main, loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_the_relay_asks_the_transport_about_a_guest_once(tmp_path: Path, loop_kind: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connection set-up cost: under uvloop each extra-info question (SO_PEERCRED above all)
+    builds a socket object, so the per-guest limit and the registry share one answer."""
+    from host_relay.connection import GuestConnection
+
+    asked: list[str] = []
+    real = GuestConnection.get_extra_info
+
+    def counting(self: GuestConnection, name: str, default: Any = None) -> Any:
+        asked.append(name)
+        return real(self, name, default)
+
+    monkeypatch.setattr(GuestConnection, "get_extra_info", counting)
+
+    async def main() -> None:
+        relay = RelayService(RelaySettings(listen=[f"unix:{tmp_path}/r.sock"], upstreams=[]))
+        await relay.start()
+        try:
+            guest = await Guest.connect(f"unix:{tmp_path}/r.sock")
+            (record,) = relay.guests.records()
+            assert record.guest == f"unix:pid:{os.getpid()}"
+            await guest.close()
+        finally:
+            await relay.stop()
+
+    run(main, loop_kind)
+    assert sorted(asked) == sorted(["peername", "sockname", "socket"]), asked
+
+
+def test_the_fd_budget_skips_the_sum_only_far_from_the_limit() -> None:
+    """``room`` lets the accept path skip :meth:`FdBudget.short`; during a refusal episode it
+    must not, or the end of the episode would never be logged."""
+    from collections import Counter
+
+    from host_relay.descriptors import HEADROOM, FdBudget, FdLimit
+
+    budget = FdBudget(Counter())
+    budget.limit = FdLimit(200, 200, 200)
+    budget.base = 10
+    budget.measure_base(spare=20)
+    base = budget.base
+    assert budget.room == 200 - base - HEADROOM - 20
+    assert budget.short(200 - base - HEADROOM)  # at the margin: refused
+    assert budget.room < 0  # every check goes through short() until the episode ends
+    assert not budget.short(0) and budget.refused == 0
+    assert budget.room == 200 - base - HEADROOM - 20

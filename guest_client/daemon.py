@@ -519,10 +519,10 @@ class GuestDaemon:
             self.link.cancel(route.last_request)  # superseded: the controller forgot it too
         rid = self.link.send(route.upstream, action.data,
                              functools.partial(self._on_relay_result, name))
-        # t1 is when the write returned, not when the controller built the request: framing
-        # and the write syscall are on the outbound path (stamping before them biased every
-        # offset low by half their cost)
-        t1 = self.clock.now_ns()
+        # t1 is taken just before the write, not when the controller built the request
+        # (framing would bias every offset low by half its cost) nor after the write returned
+        # (under CPU load that can come after the server's receive: outside the bound)
+        t1 = self.link.last_tx_ns
         route.last_request = rid
         if rid is None:
             self._source_error(name, self.link.last_refusal or "relay_not_connected")

@@ -155,6 +155,8 @@ class RelayLink:
         self.address = address
         self.guest_name = guest_name
         self._rx_clock = rx_clock
+        #: the disciplined clock read just before the latest request's write (its t1)
+        self.last_tx_ns = 0
         self._on_up = on_up
         self._on_down = on_down
         self.reconnect_min_s = reconnect_min_s
@@ -233,6 +235,10 @@ class RelayLink:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.request_timeout_s, self._expire, rid)
         self._pending[rid] = _Pending(callback, timer)
+        # t1 before the write: once written the relay may forward it (on another CPU) while
+        # this process waits to run again, so a stamp after the write can be later than the
+        # server's receive stamp; before, the write's cost is path delay (inside the bound)
+        self.last_tx_ns = self._rx_clock()
         writer.write(data)
         return rid
 

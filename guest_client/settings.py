@@ -132,6 +132,17 @@ class GuestSettings:
     max_clock_error_ppm: float = _mirror("max_clock_error_ppm")
     sync_max_correction_s: float = _mirror("sync_max_correction_s")
     leap_mode: str = _mirror("leap_mode")
+    # --- scheduling (docs/DEPLOYMENT.md: the systemd settings that grant them) ---
+    sched_priority: int = field(default=0, metadata={
+        "min": 0, "max": 99,
+        "help": "Run at SCHED_FIFO real-time priority N (1-99; 0: normal scheduling), like "
+                "chrony's sched_priority, so a busy host delays time stamps less. Needs "
+                "CAP_SYS_NICE (systemd: AmbientCapabilities=CAP_SYS_NICE or LimitRTPRIO=N); "
+                "refused: logged, runs at normal priority."})
+    lock_memory: bool = field(default=False, metadata={
+        "help": "Lock all the process's memory (mlockall, like chrony's lock_all) so page "
+                "faults stay off the time-stamping path. Needs CAP_IPC_LOCK or systemd "
+                "LimitMEMLOCK=infinity; refused: logged, runs unlocked."})
     # --- daemon ---
     reconnect_min_s: float = field(default=0.5, metadata={
         "min": 0.01, "max": 3600.0, "help": "First delay before reconnecting to the relay."})

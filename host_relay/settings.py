@@ -51,6 +51,20 @@ class RelaySettings:
         metadata={"help": "Stratum announced when answering from the host clock (no upstreams), "
                           "like chrony's 'local stratum'.", "min": 1, "max": 15},
     )
+    sched_priority: int = field(
+        default=0,
+        metadata={"help": "Run at SCHED_FIFO real-time priority N (1-99; 0: normal scheduling), "
+                          "like chrony's sched_priority, so a busy host delays time stamps "
+                          "less. Needs CAP_SYS_NICE (systemd: AmbientCapabilities=CAP_SYS_NICE "
+                          "or LimitRTPRIO=N); refused: logged, runs at normal priority.",
+                  "min": 0, "max": 99},
+    )
+    lock_memory: bool = field(
+        default=False,
+        metadata={"help": "Lock all the process's memory (mlockall, like chrony's lock_all) so "
+                          "page faults stay off the time-stamping path. Needs CAP_IPC_LOCK or "
+                          "systemd LimitMEMLOCK=infinity; refused: logged, runs unlocked."},
+    )
     max_connections: int = field(
         default=4096,
         metadata={"help": "Guest connections held at once; further ones are closed at accept.",

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from host_relay import kernel_stamps
 from host_relay.stats import RelayStats
 from timesyncd.addresses import Address
 from timesyncd.logs import decade
@@ -118,6 +119,8 @@ class Upstream:
         #: socket replacements and reader repairs (recovery from faults), for status
         self.reopens = 0
         self.repairs = 0
+        #: kernel receive stamps in use ("timestamping", "timestampns"; "": user-space only)
+        self.stamping = ""
 
     async def open(self) -> None:
         """Resolve, connect and watch the socket; raises ``TransportError`` on failure."""
@@ -156,6 +159,7 @@ class Upstream:
             raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
         if self._buffer_bytes > 0:
             size_buffers(sock, self._buffer_bytes, str(addr))
+        self.stamping = kernel_stamps.enable_rx_stamps(sock)
         self._sock = sock
         self._send = sock.send
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -326,10 +330,35 @@ class Upstream:
     # --- internals -------------------------------------------------------------------
 
     def _readable(self) -> None:
-        """Read while requests are in flight (see the module doc), stamping each datagram."""
+        """Read while requests are in flight (see the module doc), stamping each datagram with
+        the kernel's receive stamp where there is one (``kernel_stamps``)."""
         sock = self._sock
         if sock is None:
             return
+        if not self.stamping:
+            self._read_plain(sock)
+            return
+        recvmsg = sock.recvmsg
+        on_datagram = self._on_datagram
+        rt_offset = kernel_stamps.realtime_offset_ns()
+        stamp, to_mono = kernel_stamps.stamp_from_ancillary, kernel_stamps.to_monotonic
+        space = kernel_stamps.CMSG_SPACE
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                data, anc, _flags, _addr = recvmsg(MAX_PACKET_LEN, space)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP error on the connected socket, e.g. refused
+                reason = os_error_reason(exc)
+                self._on_error(reason)
+                self._reopen(reason)
+                return
+            on_datagram(data, to_mono(stamp(anc), rt_offset, time.monotonic_ns()))
+            if not self._pending or self._sock is None:  # nothing expected, or closed
+                return
+
+    def _read_plain(self, sock: socket.socket) -> None:
+        """:meth:`_readable` without kernel stamps: the user-space stamp on reading."""
         recv = sock.recv
         on_datagram = self._on_datagram
         for _ in range(_READS_PER_WAKEUP):

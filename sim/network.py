@@ -6,6 +6,14 @@ guest -> server), loss, outage windows (true seconds) and optional load-dependen
 (``load(true_s)`` -> utilisation; mean extra delay ``queue_s * utilisation``, exponential).
 The relay's residence time (``residence_s`` mean, exponential) is reported to the guest
 exactly, as the real relay measures it.
+
+Host CPU load (:class:`HostSched`, issue 18): with the host busy, every process wake-up on the
+path waits for a CPU (``sched_s * utilisation`` mean, exponential): the relay reading a
+request, the relay reading the upstream's reply, the guest's vCPU reading that reply. No one
+can stamp the first and the last (stream sockets have no receive stamps), so they stay path
+delay; the middle one the real relay stamps in the kernel (``kernel_stamps``), so it is
+residence the guest removes. Without kernel stamps it is path delay on the way back only,
+and every offset is biased by half of it.
 """
 
 from __future__ import annotations
@@ -47,12 +55,26 @@ class Hop:
 
 
 @dataclass(frozen=True)
+class HostSched:
+    """Scheduling waits on a loaded host: ``load(true_s)`` -> CPU utilisation."""
+
+    load: Callable[[float], float]
+    sched_s: float
+    kernel_stamps: bool = True
+
+    def wait(self, true_s: float, rng: random.Random) -> float:
+        mean = self.sched_s * max(self.load(true_s), 0.0)
+        return rng.expovariate(1.0 / mean) if mean > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class Network:
     """The path of one upstream: ``vsock`` (guest <-> relay) and ``upstream`` (relay <-> server)."""
 
     vsock: Hop = Hop()
     upstream: Hop = Hop()
     residence_s: float = 0.0
+    host: HostSched | None = None
 
     def _residence(self, rng: random.Random) -> float:
         return rng.expovariate(1.0 / self.residence_s) if self.residence_s > 0 else 0.0
@@ -72,7 +94,16 @@ class Network:
         if d1 is None:
             return None
         r = self._residence(rng)
+        host = self.host
+        if host is not None:  # the relay's wake-up: hidden for requests, stamped for replies
+            wake = host.wait(true_s + d1, rng)
+            if outbound or not host.kernel_stamps:
+                d1 += wake
+            else:
+                r += wake
         d2 = second.one_way(true_s + d1 + r, rng, outbound)
         if d2 is None:
             return None
+        if host is not None and not outbound:  # the guest's vCPU waking to read the reply
+            d2 += host.wait(true_s + d1 + r + d2, rng)
         return true_s + d1 + r + d2, r

@@ -48,6 +48,12 @@ class NetworkParams:
     loss: float = field(default=0.0, metadata={"help": "probability a request or reply is lost"})
     outages: tuple[tuple[float, float], ...] = field(default=(), metadata={
         "help": "relay down: (start_s, duration_s) windows"})
+    host_load: str = field(default="", metadata={
+        "help": "host CPU load profile (same syntax as load; empty: an idle host)"})
+    relay_sched_s: float = field(default=0.0, metadata={
+        "help": "mean wait per process wake-up on the path at host utilisation 1"})
+    relay_kernel_stamps: bool = field(default=True, metadata={
+        "help": "the relay stamps upstream replies in the kernel (False: the old relay)"})
 
 
 @dataclass(frozen=True)

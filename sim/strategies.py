@@ -131,7 +131,8 @@ def build_engine(inputs: SimInputs) -> Engine:
     from guest_client.controller import GuestController
     from sim.clock import SimClock
     from sim.engine import Engine, Upstream
-    from sim.network import Hop, Network
+    from sim.load import make_load
+    from sim.network import Hop, HostSched, Network
     from timesyncd.discipline import DisciplineConfig
 
     sc, net = inputs.scenario, inputs.scenario.network
@@ -143,7 +144,11 @@ def build_engine(inputs: SimInputs) -> Engine:
                 load=inputs.load, queue_s=net.vsock_queue_s)
     upstream = Hop(base_s=net.upstream_delay_s, jitter_s=net.upstream_jitter_s,
                    asymmetry_s=net.asymmetry_s, loss=net.loss)
-    server = Upstream("relay:vsock:2:4123#udp:ntp", Network(vsock, upstream),
+    host = None
+    if net.host_load and net.relay_sched_s > 0:
+        host = HostSched(make_load(net.host_load, seed=seed, horizon_s=sc.duration_s),
+                         net.relay_sched_s, net.relay_kernel_stamps)
+    server = Upstream("relay:vsock:2:4123#udp:ntp", Network(vsock, upstream, host=host),
                       error_s=sc.upstream_error_s)
     config = replace(DisciplineConfig(), minpoll=sc.minpoll, maxpoll=sc.maxpoll)
     controller = GuestController(config, random.Random(f"controller/{seed}"))

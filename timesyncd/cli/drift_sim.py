@@ -33,7 +33,8 @@ MAX_TOKEN_RATE = 100.0
 DEFAULT_SCENARIO_ONLY = ("days", "load_spec", "leeway", "transit", "backdate", "token_rate",
                          "load_coupling", "strategies", "vsock_delay", "vsock_jitter",
                          "vsock_queue", "upstream_delay", "upstream_jitter", "asymmetry", "loss",
-                         "outages", "csv_path", "plot_path")
+                         "outages", "csv_path", "plot_path", "host_load", "relay_sched",
+                         "relay_user_stamps")
 _NET_DEFAULTS = NetworkParams()
 _TOK_DEFAULTS = TokenConfig()
 _SC_DEFAULTS = Scenario()
@@ -137,6 +138,14 @@ def _strategies(text: str) -> tuple[str, ...]:
 @click.option("--outage", "outages", multiple=True, metavar="START:DURATION",
               show_default="none",
               help="Relay down, e.g. 2d:6h (units s/m/h/d). Repeatable.")
+@click.option("--host-load", default="", show_default="none (idle host)",
+              help="Host CPU load profile, same syntax as --load (constant:1000 = all CPUs "
+                   "busy): wakes the relay and the guest's vCPU late (see --relay-sched).")
+@click.option("--relay-sched", type=Float(0, 60), default=0.0, show_default=True,
+              help="Mean scheduling wait per process wake-up at host utilisation 1, s.")
+@click.option("--relay-user-stamps", is_flag=True,
+              help="Model the relay before kernel receive stamps (issue 18): the wait for "
+                   "the relay to read an upstream reply is hidden return-path delay.")
 @click.option("--scenario", "scenario_name", type=click.Choice(["default", "lan-reference"]),
               default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Write results as JSON to stdout.")
@@ -151,6 +160,7 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
               strategies: str, minpoll: int, maxpoll: int, vsock_delay: float,
               vsock_jitter: float, vsock_queue: float, upstream_delay: float,
               upstream_jitter: float, asymmetry: float, loss: float, outages: tuple[str, ...],
+              host_load: str, relay_sched: float, relay_user_stamps: bool,
               scenario_name: str, as_json: bool, csv_path: str | None,
               plot_path: str | None) -> None:
     """Simulate a drifting guest clock under none/step/discipline and count broken tokens.
@@ -175,9 +185,13 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
         return
     spans = tuple(_outage(text, days) for text in outages)
     _check_load(load_spec, seed_list[0], days)
+    if host_load:
+        _check_load(host_load, seed_list[0], days, "--host-load")
     try:
         net = NetworkParams(vsock_delay, vsock_jitter, vsock_queue, upstream_delay,
-                            upstream_jitter, asymmetry, loss, spans)
+                            upstream_jitter, asymmetry, loss, spans, host_load=host_load,
+                            relay_sched_s=relay_sched,
+                            relay_kernel_stamps=not relay_user_stamps)
         tokens = replace(_TOK_DEFAULTS, jwt_leeway_s=leeway, transit_s=transit,
                          x509_backdate_s=backdate, rate_per_s=token_rate)
         base = Scenario(days=days, seed=seed_list[0], load=load_spec,
@@ -199,14 +213,14 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
     _emit(runs, seeds is not None, as_json, csv_path, plot_path)
 
 
-def _check_load(spec: str, seed: int, days: float) -> None:
+def _check_load(spec: str, seed: int, days: float, hint: str = "--load") -> None:
     """Build the profile once now, so a bad ``--load`` is a usage error before any run."""
     try:
         make_load(spec, seed=seed, horizon_s=days * DAY_S)
     except OSError as exc:
-        raise click.BadParameter(f"{spec}: {exc.strerror or exc}", param_hint="--load") from None
+        raise click.BadParameter(f"{spec}: {exc.strerror or exc}", param_hint=hint) from None
     except ValueError as exc:
-        raise click.BadParameter(str(exc).removeprefix("load: "), param_hint="--load") from None
+        raise click.BadParameter(str(exc).removeprefix("load: "), param_hint=hint) from None
 
 
 def _outage(text: str, days: float) -> tuple[float, float]:

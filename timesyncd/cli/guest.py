@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from guest_client.settings import GuestSettings
+from timesyncd import sched
 from timesyncd.cli.options import build_settings, settings_options
 from timesyncd.cli.runtime import serve_until_signal
 
@@ -25,4 +26,5 @@ def guest(ctx: click.Context, config: str | None, **flags: Any) -> None:
         clock = make_clock(settings)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    sched.apply(settings.sched_priority, settings.lock_memory, "guest")
     serve_until_signal(lambda: GuestDaemon(settings, clock), (ctx.obj or {}).get("loop", "auto"))

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from host_relay.settings import RelaySettings
+from timesyncd import sched
 from timesyncd.cli.options import build_settings, settings_options
 from timesyncd.cli.runtime import serve_until_signal
 
@@ -21,4 +22,5 @@ def relay(ctx: click.Context, config: str | None, **flags: Any) -> None:
     from host_relay.service import RelayService
 
     settings = build_settings(RelaySettings, config, "relay", flags)
+    sched.apply(settings.sched_priority, settings.lock_memory, "relay")
     serve_until_signal(lambda: RelayService(settings), (ctx.obj or {}).get("loop", "auto"))

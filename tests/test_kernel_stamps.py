@@ -1,0 +1,76 @@
+"""Kernel receive stamps on the relay's upstream socket (issue 18): a reply that waits in the
+socket while the relay is not scheduled is stamped when it arrived, not when it was read, so the
+wait is residence the guest removes instead of return-path delay that biases its offset."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from loops import LOOPS, run, wait_for
+
+from host_relay import kernel_stamps
+from host_relay.stats import RelayStats
+from host_relay.upstream import Pending, Upstream
+from timesyncd.addresses import parse_address
+
+STALL_S = 0.3
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_reply_waiting_while_the_relay_is_busy_is_stamped_at_arrival(loop_kind: str) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.settimeout(5)
+    results: list[tuple[Pending, bytes | None, int, str]] = []
+
+    async def main() -> None:
+        up = Upstream(0, parse_address(f"udp:127.0.0.1:{srv.getsockname()[1]}"), RelayStats(),
+                      5.0, lambda p, r, at, why: results.append((p, r, at, why)))
+        await up.open()
+        try:
+            assert up.stamping in ("timestamping", "timestampns")
+            request = bytes([0x23]) + bytes(39) + b"cookie01"
+            up.submit(request, None, 1, time.monotonic_ns())
+            data, peer = srv.recvfrom(100)
+            srv.sendto(bytes([0x24]) + bytes(23) + data[40:48] + bytes(16), peer)
+            replied = time.monotonic_ns()
+            time.sleep(STALL_S)  # the relay's loop is not scheduled meanwhile
+            await wait_for(lambda: bool(results), what="the reply")
+        finally:
+            up.close()
+        _, reply, at_ns, why = results[0]
+        assert why == "" and reply is not None
+        # stamped when the kernel queued it, not STALL_S later when the loop read it
+        assert at_ns - replied < STALL_S * 1e9 / 3, (at_ns - replied) / 1e6
+
+    try:
+        run(main, loop_kind)
+    finally:
+        srv.close()
+
+
+def test_implausible_or_missing_stamps_fall_back_to_the_read_time() -> None:
+    off = kernel_stamps.realtime_offset_ns()
+    user = time.monotonic_ns()
+    assert kernel_stamps.to_monotonic(None, off, user) == user
+    assert kernel_stamps.to_monotonic(user + off + 10**9, off, user) == user  # in the future
+    assert kernel_stamps.to_monotonic(user + off - 10**12, off, user) == user  # clock stepped
+    assert kernel_stamps.to_monotonic(user + off - 1000, off, user) == user - 1000
+    assert kernel_stamps.stamp_from_ancillary([]) is None
+    ts = kernel_stamps._TIMESPEC.pack(5, 7) + bytes(32)
+    assert kernel_stamps.stamp_from_ancillary(
+        [(socket.SOL_SOCKET, kernel_stamps.SO_TIMESTAMPING, ts)]) == 5_000_000_007
+
+
+def test_unix_stream_sockets_offer_no_receive_stamps() -> None:
+    """Why the guest-facing legs keep user-space stamps (the module doc says so): if a kernel
+    ever adds them, this fails and the relay should use them."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        b.setsockopt(socket.SOL_SOCKET, kernel_stamps.SO_TIMESTAMPNS, 1)
+        a.send(b"x")
+        _, anc, _, _ = b.recvmsg(10, kernel_stamps.CMSG_SPACE)
+        assert kernel_stamps.stamp_from_ancillary(anc) is None
+

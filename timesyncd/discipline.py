@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
+from timesyncd import fit_window as fit_window_choice
 from timesyncd.filter import (
     ERROR_FLOOR_S,
     FilteredSample,
@@ -306,17 +307,12 @@ def fit_window(win: FitWindow, at_x: float, runs_z: float = RUNS_Z,
     """:func:`fit` on a window of at least two rows; ``bounded`` applies the error bounds."""
     n = len(win)
     at = at_x - win.x0
-    start = 0
-    result = _regress(win, win.lo, at)
-    while n - start > MIN_WINDOW and not _runs_ok(win, win.lo + start, result[1], result[0],
-                                                   at, runs_z):
-        start = min(start + max((n - start) // 4, 1), n - MIN_WINDOW)
-        result = _regress(win, win.lo + start, at)
+    fw, a, result = fit_window_choice.choose(win, at, runs_z, _regress, _runs_ok)
     offset, slope, offset_sd, slope_sd = result
     if bounded and math.isfinite(slope_sd):
-        offset, offset_sd = _bound_offset(win, win.lo + start, at, result)
+        offset, offset_sd = _bound_offset(fw, a, at, result)
     base = win.y0 + win.s0 * at
-    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, n - start, n)
+    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, len(fw.X) - a, n)
 
 
 class CorrectionModel:

@@ -80,6 +80,7 @@ class LanResult:
     minpoll: int = 4
     maxpoll: int = 4
     duration_s: float = BASE_DURATION_S
+    packets_sent: int = 0
 
 
 def run(seed: int, *, duration_s: float | None = None, stats_from_s: float = STATS_FROM_S,
@@ -145,6 +146,7 @@ def run(seed: int, *, duration_s: float | None = None, stats_from_s: float = STA
         minpoll=config.minpoll,
         maxpoll=config.maxpoll,
         duration_s=duration_s,
+        packets_sent=engine.packets_sent,
     )
 
 

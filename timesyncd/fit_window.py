@@ -134,24 +134,32 @@ class _Capped:
 
 def capped_moments(win: FitWindow, a: int) -> _Capped:
     """Rows ``[a, end)`` of ``win`` with each weight at most the share of the capped total:
-    the cap ``c = share * sum(min(w, c))``, found by fixed-point iteration. Only the
+    the cap ``c = share * sum(min(w, c))``. With the ``k`` largest weights capped,
+    ``c = share * rest / (1 - share * k)`` (``rest``: the sum of the others); the first ``k``
+    whose cap lies between its row's weight and the next one's is the solution. Only the
     regression changes; each sample's error bound does not depend on its weight."""
     w = win.w[a:]
     share = _share(len(w))
-    c = share * math.fsum(w)
-    for _ in range(50):
-        nxt = share * math.fsum([min(x, c) for x in w])
-        if nxt >= c * (1 - 1e-6):
+    desc = sorted(w, reverse=True)
+    rest = math.fsum(desc)
+    c = desc[0]
+    for k in range(1, len(desc)):
+        rest -= desc[k - 1]
+        if share * k >= 1.0:
             break
-        c = nxt
-    sw = swx = swy = swxx = swxy = swyy = 0.0
-    for X, Y, wi in zip(win.X[a:], win.Y[a:], w, strict=True):
-        wi = min(wi, c)
-        wx, wy = wi * X, wi * Y
-        sw += wi
-        swx += wx
-        swy += wy
-        swxx += wx * X
-        swxy += wx * Y
-        swyy += wy * Y
+        c = share * rest / (1.0 - share * k)
+        if c >= desc[k]:
+            break
+    # the window's sums minus the excess of the few capped rows (O(k), not a pass over all)
+    sw, swx, swy, swxx, swxy, swyy = win.moments(a)
+    X, Y = win.X, win.Y
+    for i in [i for i, x in enumerate(w) if x > c]:
+        d = w[i] - c
+        xi, yi = X[a + i], Y[a + i]
+        sw -= d
+        swx -= d * xi
+        swy -= d * yi
+        swxx -= d * xi * xi
+        swxy -= d * xi * yi
+        swyy -= d * yi * yi
     return _Capped(win.X[a:], win.s0, (sw, swx, swy, swxx, swxy, swyy))

@@ -7,7 +7,8 @@ The model (sans-IO, no clock reads here):
   *uncorrected* time scale, in which a source's samples lie on a straight line whose slope is
   the native rate error. Stored samples therefore never need rewriting after a slew or step.
 * ``fit`` is a weighted least-squares regression over recent samples (weights from excess
-  delay) with the window sized by a runs test on the residuals, as chrony does: when the
+  delay) with the window sized by :mod:`timesyncd.fit_window`: a span cap from the measured
+  noise and the wander, then a runs test on the residuals, as chrony does: when the
   residual signs cluster, the oldest samples no longer fit a line and are dropped.
 * ``slew_plan`` removes the estimated phase by a temporary frequency change of bounded size
   (like Linux ``adjtimex``, corrections multiply the clock's rate: rate = (1+e)(1+c)).
@@ -232,8 +233,9 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
         runs_z: float = RUNS_Z, floor: float | None = None) -> Estimate | None:
     """Estimate offset (at ``at_x``) and slope from a source's samples, oldest first.
 
-    The window starts at all samples and shrinks (oldest dropped, in quarters) until the
-    runs test accepts the residuals; ``used`` tells the caller how many to keep.
+    The window starts at the samples within :mod:`timesyncd.fit_window`'s span cap and
+    shrinks (oldest dropped, in quarters) until the runs test accepts the residuals; ``used``
+    tells the caller how many to keep.
     With a single sample the slope is ``prior_slope`` (the last known frequency).
     ``floor`` is the path's queue-free delay (``SampleFilter.delay_floor``): it sets the
     weights and bounds each sample's error; without it the window's own smallest delays
@@ -307,12 +309,12 @@ def fit_window(win: FitWindow, at_x: float, runs_z: float = RUNS_Z,
     """:func:`fit` on a window of at least two rows; ``bounded`` applies the error bounds."""
     n = len(win)
     at = at_x - win.x0
-    fw, a, result = fit_window_choice.choose(win, at, runs_z, _regress, _runs_ok)
+    a, result = fit_window_choice.choose(win, at, runs_z, _regress, _runs_ok)
     offset, slope, offset_sd, slope_sd = result
     if bounded and math.isfinite(slope_sd):
-        offset, offset_sd = _bound_offset(fw, a, at, result)
+        offset, offset_sd = _bound_offset(win, a, at, result)
     base = win.y0 + win.s0 * at
-    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, len(fw.X) - a, n)
+    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, len(win.X) - a, n)
 
 
 class CorrectionModel:

@@ -9,7 +9,8 @@ Allan intercept of the two noises, for a fit). The window is therefore capped at
 own weights (a sample's weight is the inverse of its offset variance: ``n / sum(w)``) and ``q``
 at least :data:`MIN_WANDER` (a crystal's random walk); inside the cap chrony's runs test still
 shrinks the window when the residuals show a trend the noise cannot explain (load-driven
-wander, a frequency jump), down to ``MIN_ROWS`` samples or :data:`RUNS_MIN_S` seconds.
+wander, a frequency jump), down to :data:`RUNS_MIN_ROWS` samples (the cap alone goes down to
+``MIN_ROWS``: at long polls the runs test has too few samples to judge).
 
 Per-sample weights are capped: no sample carries more than :data:`MAX_WEIGHT_SHARE` of the
 chosen window's weight (more for windows of a few samples, which cannot all be under it), so
@@ -26,12 +27,10 @@ from collections.abc import Callable
 
 from timesyncd.filter import FitWindow
 
-#: Smallest window in samples: a slope needs two, noise a third.
+#: Smallest window the span cap leaves, samples: a slope needs two, the noise a few more.
 MIN_ROWS = 4
-#: The runs test keeps at least this many samples when they span less than RUNS_MIN_S.
+#: The runs test never shrinks a window below this many samples (below it has little power).
 RUNS_MIN_ROWS = 16
-#: ...and at least this long a span, when 16 samples take longer (long polls).
-RUNS_MIN_S = 0.0
 #: Smallest frequency random walk assumed, per second (intensity q = MIN_WANDER**2): 1e-9
 #: per sqrt second is a good crystal at constant temperature (chrony's test model).
 MIN_WANDER = 1e-9
@@ -64,11 +63,9 @@ def span_cap_s(win: FitWindow, a: int, wander: float = MIN_WANDER) -> float:
 def choose(win: FitWindow, at: float, runs_z: float,
            regress: Callable[[FitWindow, int, float], _Fit],
            runs_ok: Callable[[FitWindow, int, float, float, float, float], bool],
-           ) -> tuple[FitWindow, int, _Fit]:
-    """The window to fit, its first row (absolute) and its fit.
-
-    The window is ``win`` itself, or, when one row would carry more than its share of the
-    weight, a copy of the chosen rows (same origin) with the largest weights capped."""
+           ) -> tuple[int, _Fit]:
+    """First row (absolute) of the rows of ``win`` to fit, and their fit (with the largest
+    weights capped when one row would carry more than its share)."""
     n = len(win)
     lo = win.lo
     start = 0
@@ -81,7 +78,7 @@ def choose(win: FitWindow, at: float, runs_z: float,
         else:
             while lo + start < last and win.X[lo + start] < oldest:
                 start += 1
-    floor_rows = _runs_floor(win, lo + start)
+    floor_rows = min(n - start, RUNS_MIN_ROWS)
     result = regress(win, lo + start, at)
     while n - start > floor_rows and not runs_ok(win, lo + start, result[1], result[0], at,
                                                  runs_z):
@@ -89,22 +86,7 @@ def choose(win: FitWindow, at: float, runs_z: float,
         result = regress(win, lo + start, at)
     if n - start >= 2 and weight_capped(win, lo + start):
         result = regress(capped_moments(win, lo + start), 0, at)  # type: ignore[arg-type]
-    return win, lo + start, result
-
-
-def _runs_floor(win: FitWindow, a: int) -> int:
-    """Fewest rows the runs test may shrink to: RUNS_MIN_ROWS, or fewer when those span more
-    than RUNS_MIN_S seconds (long polls), never below MIN_ROWS."""
-    n = len(win.X) - a
-    if n <= RUNS_MIN_ROWS:
-        return n
-    if RUNS_MIN_S <= 0:
-        return RUNS_MIN_ROWS
-    X = win.X
-    k = MIN_ROWS
-    while k < RUNS_MIN_ROWS and X[-1] - X[-k] < RUNS_MIN_S:
-        k += 1
-    return k
+    return lo + start, result
 
 
 def _share(n: int) -> float:

@@ -17,6 +17,13 @@ from timesyncd.fit import MIN_WINDOW, PRIOR_SLOPE_SD, Estimate, fit_early, fit_f
 from timesyncd.selection import Candidate
 from timesyncd.trust import OUTSIDE_AUTHENTICATED_BOUNDS, bound_by_authenticated
 
+#: A filling window's floor is trusted (the regular fit takes over) from MIN_WINDOW samples,
+#: or from EARLY_SEEN once they span EARLY_SPAN_S: at long polls waiting for 16 samples
+#: (4.5 hours at 1024 s) left the early fit to follow the wander, and delay noise over such
+#: spans moves the slope by ppb, not the ppm it moves it by over seconds at short polls.
+EARLY_SEEN = 8
+EARLY_SPAN_S = 1000.0
+
 
 def refit(src: Source, x_now: float, prior_slope: float, cfg: DisciplineConfig,
           prior_sd: float = PRIOR_SLOPE_SD) -> Estimate | None:
@@ -25,9 +32,10 @@ def refit(src: Source, x_now: float, prior_slope: float, cfg: DisciplineConfig,
     if src.dirty or src.estimate is None:
         src.dirty = False
         n = len(src.filter)
-        # a filling window's floor is unknown: fit_early does not trust it
+        # a filling window's floor is unknown: fit_early does not trust it (a window the fit
+        # shortened at a long poll keeps the floor its earlier samples measured)
         est = (fit_early(src.filter.samples, x_now, prior_slope, prior_sd)
-               if 2 <= n < MIN_WINDOW
+               if 2 <= n < MIN_WINDOW and _early(src)
                else fit_filter(src.filter, x_now, prior_slope))
         if est is None:
             return None
@@ -39,6 +47,17 @@ def refit(src: Source, x_now: float, prior_slope: float, cfg: DisciplineConfig,
     est = src.estimate
     return Estimate(x_now, est.offset + est.slope * (x_now - est.x), est.slope,
                     est.offset_sd, est.slope_sd, est.used, est.total)
+
+
+def _early(src: Source) -> bool:
+    """Whether the source's path floor is still unknown (see EARLY_SEEN)."""
+    seen = src.filter.seen
+    if seen >= MIN_WINDOW:
+        return False
+    if seen < EARLY_SEEN:
+        return True
+    win = src.filter.window
+    return win.X[-1] - win.X[win.lo] < EARLY_SPAN_S
 
 
 def first_update_ready(sources: Iterable[Source], now: float, first_sample_t: float | None

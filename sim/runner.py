@@ -101,12 +101,18 @@ class _TokenOffsets:
         return out
 
 
-def run_lan_reference(seed: int) -> dict[str, object]:
-    """chrony's simulation-test model, run by the discipline engineer's ``sim.lan_reference``."""
+def run_lan_reference(seed: int, minpoll: int | None = None, maxpoll: int | None = None,
+                      noisy: bool = False) -> dict[str, object]:
+    """chrony's simulation-test model, run by the discipline engineer's ``sim.lan_reference``,
+    at the given polls (16 s when not given) with the model-aware reference beside it;
+    ``noisy`` takes the slow path (``lan-noisy``)."""
     from sim import lan_reference
 
-    r = lan_reference.run(seed)
-    return {"scenario": {"name": "lan-reference", "seed": seed},
+    r = lan_reference.run(seed, minpoll=minpoll, maxpoll=maxpoll,
+                          path=lan_reference.NOISY_PATH if noisy else lan_reference.LAN_PATH)
+    return {"scenario": {"name": "lan-noisy" if noisy else "lan-reference", "seed": seed,
+                         "minpoll": r.minpoll,
+                         "maxpoll": r.maxpoll, "duration_s": r.duration_s},
             "strategies": {"discipline": {
                 "rms_offset_s": r.rms_offset_s, "max_abs_offset_s": r.max_abs_offset_s,
                 "rms_freq_error_ppm": r.rms_freq_error_ppm,
@@ -115,6 +121,7 @@ def run_lan_reference(seed: int) -> dict[str, object]:
                 "max_true_over_bound": round(r.max_true_over_bound, 4),
                 "median_bound_s": r.median_bound_s, "median_rtt_s": r.median_rtt_s,
                 "bound_over_target": round(
-                    r.median_bound_s / (r.median_rtt_s / 2 + 2.0 ** lan_reference.CONFIG.maxpoll
-                                        * 1e-6), 3),
-                "max_freq_error_ppm": round(r.max_freq_error_ppm, 4)}}}
+                    r.median_bound_s / (r.median_rtt_s / 2 + 2.0 ** r.maxpoll * 1e-6), 3),
+                "max_freq_error_ppm": round(r.max_freq_error_ppm, 4)}},
+            "reference": {"rms_offset_s": r.ref_rms_offset_s,
+                          "max_abs_offset_s": r.ref_max_abs_offset_s}}

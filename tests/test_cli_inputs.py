@@ -123,20 +123,33 @@ def test_impossible_combinations_are_usage_errors(args: list[str], named: str) -
     _assert_refused(CliRunner().invoke(main, args), named)
 
 
-def test_lan_reference_still_accepts_the_poll_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The accuracy issue makes lan-reference honour --minpoll/--maxpoll: not refused."""
+def test_lan_reference_honours_the_poll_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accuracy issue: lan-reference runs at the given polls (one given fixes both)."""
     import sim.runner
 
-    seen: list[int] = []
-    monkeypatch.setattr(sim.runner, "run_lan_reference", lambda seed: seen.append(seed) or {
-        "scenario": {}, "strategies": {"discipline": {
+    seen: list[tuple[int, int | None, int | None, bool]] = []
+
+    def fake(seed: int, minpoll: int | None = None, maxpoll: int | None = None,
+             noisy: bool = False) -> dict[str, object]:
+        seen.append((seed, minpoll, maxpoll, noisy))
+        return {"scenario": {}, "strategies": {"discipline": {
             "rms_offset_s": 0.0, "max_abs_offset_s": 0.0, "rms_freq_error_ppm": 0.0,
             "converged_after_s": 1.0, "steps": 0, "bound_coverage": 1.0,
-            "max_true_over_bound": 0.5, "median_bound_s": 1e-4}}})
-    res = CliRunner().invoke(main, ["drift-sim", "--scenario", "lan-reference", "--minpoll", "4",
-                                    "--maxpoll", "4", "--seed", "5"])
+            "max_true_over_bound": 0.5, "median_bound_s": 1e-4}},
+            "reference": {"rms_offset_s": 0.0, "max_abs_offset_s": 0.0}}
+
+    monkeypatch.setattr(sim.runner, "run_lan_reference", fake)
+    for args in (["--minpoll", "6", "--maxpoll", "10"], ["--maxpoll", "8"], []):
+        res = CliRunner().invoke(main, ["drift-sim", "--scenario", "lan-reference", *args,
+                                        "--seed", "5"])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["drift-sim", "--scenario", "lan-noisy", "--seed", "2"])
     assert res.exit_code == 0, res.output
-    assert seen == [5]
+    assert seen == [(5, 6, 10, False), (5, 8, 8, False), (5, None, None, False),
+                    (2, None, None, True)]
+    res = CliRunner().invoke(main, ["drift-sim", "--scenario", "lan-reference", "--minpoll", "8",
+                                    "--maxpoll", "6"])
+    _assert_refused(res, "--minpoll")
 
 
 def test_no_python_internals_in_number_errors() -> None:

@@ -2,8 +2,9 @@
 
 The discipline itself is split one job per module (all sans-IO, no clock reads):
 
-* ``timesyncd.fit``: weighted regression over a source's samples with a runs test sizing the
-  window (chrony-like) and the samples' error bounds narrowing the offset.
+* ``timesyncd.fit``: weighted regression over a source's samples, the window sized by
+  ``timesyncd.fit_window`` (a span cap from the measured noise and the wander, then a runs
+  test on the residuals, chrony-like), and the samples' error bounds narrowing the offset.
 * ``timesyncd.correction``: ``CorrectionModel``, the exact record of the corrections applied
   (frequency x time, and steps). Subtracting them gives the *uncorrected* time scale, in which
   a source's samples lie on a straight line whose slope is the native rate error, so stored

@@ -51,7 +51,9 @@ def floor_weight(delay_s: float, dispersion_s: float, floor_s: float) -> tuple[f
     Queueing only adds delay, so the offset error lies within half the excess over the floor
     (plus the dispersion); as noise it is about uniform: variance ``excess**2 / 12``.
     """
-    excess = max(delay_s - floor_s, 0.0) + FLOOR_MARGIN_S
+    # A delay below the floor (a clamped zero: the timestamps disagree) is no better than
+    # one as far above it: |excess|, so such a sample cannot take the fit's whole weight.
+    excess = abs(delay_s - floor_s) + FLOOR_MARGIN_S
     return (1.0 / (ERROR_FLOOR_S * ERROR_FLOOR_S + dispersion_s * dispersion_s
                    + excess * excess / 12.0), excess / 2 + dispersion_s)
 
@@ -184,6 +186,9 @@ class SampleFilter:
         self._sorted_delays: list[float] = []
         self._recent: deque[float] = deque(maxlen=RECENT_DELAYS)
         self.window = FitWindow()
+        #: samples stored since the last clear (the window may have pruned most of them,
+        #: but the path floor learnt from them stands)
+        self.seen = 0
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -223,6 +228,7 @@ class SampleFilter:
         if len(self._samples) >= self.max_samples:
             self._drop_oldest(len(self._samples) - self.max_samples + 1)
         self._samples.append(sample)
+        self.seen += 1
         insort(self._sorted_delays, sample.delay_s)
         self._note_delay(sample.x, sample.delay_s)
         floor = self.delay_floor()
@@ -251,6 +257,8 @@ class SampleFilter:
 
     def _note_delay(self, x: float, delay: float) -> None:
         floor = self._floor
+        if delay <= 0.0 and floor:
+            return  # clamped to zero (timestamps disagree): not the path's real floor
         bucket = self.floor_span_s / 8
         if floor and x < floor[-1][0] + bucket:
             if delay < floor[-1][1]:
@@ -275,6 +283,7 @@ class SampleFilter:
         self._drop_oldest(len(self._samples) - max(keep, 0))
 
     def clear(self) -> None:
+        self.seen = 0
         self._samples.clear()
         self._sorted_delays.clear()
         self._recent.clear()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
 
+from timesyncd import fit_window as fit_window_choice
 from timesyncd.filter import (
     ERROR_FLOOR_S,
     FilteredSample,
@@ -164,8 +165,9 @@ def fit(samples: Sequence[FilteredSample], at_x: float, prior_slope: float = 0.0
         runs_z: float = RUNS_Z, floor: float | None = None) -> Estimate | None:
     """Estimate offset (at ``at_x``) and slope from a source's samples, oldest first.
 
-    The window starts at all samples and shrinks (oldest dropped, in quarters) until the
-    runs test accepts the residuals; ``used`` tells the caller how many to keep.
+    The window starts at the samples within :mod:`timesyncd.fit_window`'s span cap and
+    shrinks (oldest dropped, in quarters) until the runs test accepts the residuals; ``used``
+    tells the caller how many to keep.
     With a single sample the slope is ``prior_slope`` (the last known frequency).
     ``floor`` is the path's queue-free delay (``SampleFilter.delay_floor``): it sets the
     weights and bounds each sample's error; without it the window's own smallest delays
@@ -239,14 +241,9 @@ def fit_window(win: FitWindow, at_x: float, runs_z: float = RUNS_Z,
     """:func:`fit` on a window of at least two rows; ``bounded`` applies the error bounds."""
     n = len(win)
     at = at_x - win.x0
-    start = 0
-    result = _regress(win, win.lo, at)
-    while n - start > MIN_WINDOW and not _runs_ok(win, win.lo + start, result[1], result[0],
-                                                   at, runs_z):
-        start = min(start + max((n - start) // 4, 1), n - MIN_WINDOW)
-        result = _regress(win, win.lo + start, at)
+    a, result = fit_window_choice.choose(win, at, runs_z, _regress, _runs_ok)
     offset, slope, offset_sd, slope_sd = result
     if bounded and math.isfinite(slope_sd):
-        offset, offset_sd = _bound_offset(win, win.lo + start, at, result)
+        offset, offset_sd = _bound_offset(win, a, at, result)
     base = win.y0 + win.s0 * at
-    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, n - start, n)
+    return Estimate(at_x, base + offset, win.s0 + slope, offset_sd, slope_sd, len(win.X) - a, n)

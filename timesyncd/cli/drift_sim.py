@@ -146,8 +146,12 @@ def _strategies(text: str) -> tuple[str, ...]:
 @click.option("--relay-user-stamps", is_flag=True,
               help="Model the relay before kernel receive stamps (issue 18): the wait for "
                    "the relay to read an upstream reply is hidden return-path delay.")
-@click.option("--scenario", "scenario_name", type=click.Choice(["default", "lan-reference"]),
-              default="default", show_default=True)
+@click.option("--scenario", "scenario_name",
+              type=click.Choice(["default", "lan-reference", "lan-noisy"]),
+              default="default", show_default=True,
+              help="lan-reference: chrony's simulation model (honours --minpoll/--maxpoll, "
+              "16 s when not given); lan-noisy: the same on a slow path (0.5 ms + 2 ms "
+              "exponential each way).")
 @click.option("--json", "as_json", is_flag=True, help="Write results as JSON to stdout.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               show_default="none",
@@ -180,8 +184,10 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
         seed_list = parse_seeds(seeds) if seeds else [seed]
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("seeds: "), param_hint="--seeds") from None
-    if scenario_name == "lan-reference":
-        _lan_reference(seed_list, seeds is not None, as_json)
+    if scenario_name in ("lan-reference", "lan-noisy"):
+        _lan_reference(seed_list, seeds is not None, as_json,
+                       minpoll if "minpoll" in given else None,
+                       maxpoll if "maxpoll" in given else None, scenario_name == "lan-noisy")
         return
     spans = tuple(_outage(text, days) for text in outages)
     _check_load(load_spec, seed_list[0], days)
@@ -277,19 +283,27 @@ def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bo
         raise click.ClickException(str(exc)) from exc
 
 
-def _lan_reference(seed_list: list[int], multi: bool, as_json: bool) -> None:
+def _lan_reference(seed_list: list[int], multi: bool, as_json: bool, minpoll: int | None,
+                   maxpoll: int | None, noisy: bool) -> None:
+    """chrony's model at the given polls (each defaults to the other, then to 16 s)."""
     from sim.runner import run_lan_reference
 
-    docs = {s: run_lan_reference(s) for s in seed_list}
+    lo = minpoll if minpoll is not None else maxpoll
+    hi = maxpoll if maxpoll is not None else minpoll
+    if lo is not None and hi is not None and lo > hi:
+        raise click.UsageError(f"--minpoll {lo} exceeds --maxpoll {hi}: lower --minpoll")
+    docs = {s: run_lan_reference(s, minpoll=lo, maxpoll=hi, noisy=noisy) for s in seed_list}
     if as_json:
         doc = {"seeds": {str(s): d for s, d in docs.items()}} if multi else docs[seed_list[0]]
         click.echo(json.dumps(doc, indent=2))
         return
+    name = "lan-noisy" if noisy else "lan-reference"
     for s, d in docs.items():
         m: Any = d["strategies"]["discipline"]  # type: ignore[index]
-        click.echo(f"lan-reference seed {s}: rms {m['rms_offset_s'] * 1e6:.1f} us, max "
+        click.echo(f"{name} seed {s}: rms {m['rms_offset_s'] * 1e6:.1f} us, max "
                    f"{m['max_abs_offset_s'] * 1e6:.1f} us, rms freq error "
                    f"{m['rms_freq_error_ppm']:.4f} ppm, converged after "
                    f"{m['converged_after_s']} s, bound coverage {m['bound_coverage']:.6f} "
                    f"(max true/bound {m['max_true_over_bound']:.3f}), median bound "
-                   f"{m['median_bound_s'] * 1e6:.1f} us")
+                   f"{m['median_bound_s'] * 1e6:.1f} us; reference estimator rms "
+                   f"{d['reference']['rms_offset_s'] * 1e6:.1f} us")  # type: ignore[index]

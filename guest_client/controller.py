@@ -37,6 +37,7 @@ from guest_client.candidates import (
     sample_distance,
     trust_bound,
 )
+from guest_client.disruption import RESTORE_DETECTED, DisruptionState
 from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
 from guest_client.source import Source, SourceConfig
 from guest_client.step_policy import (
@@ -112,6 +113,8 @@ class GuestController:
         self._step_epoch = 0
         self._jumps = JumpState()
         self._verified = True  # False from a link loss until a sample after it agrees
+        self._disruption = DisruptionState()  # guest_client.disruption
+        self._last_decision = ""  # the step policy's last step or refusal, for status
         self._leap = 0
         self._last_offset: float | None = None
         self._offset_rms = OffsetRms()
@@ -215,6 +218,26 @@ class GuestController:
                          self._jump_tolerance())
         return []
 
+    def on_disruption(self, now_ns: int, cause: str) -> list[Action]:
+        """The clock may have moved (a VMClock marker or generation change, already
+        rate-limited by the driver; or a restore detected): disrupted at once (STA_UNSYNC,
+        maxerror at its ceiling), old samples dropped, polling sources re-armed in a burst;
+        a step follows only as the step policy allows (``Discontinuity.VMCLOCK``)."""
+        self._t(now_ns)
+        if cause != RESTORE_DETECTED:
+            self.on_discontinuity(now_ns, Discontinuity.VMCLOCK)
+        self._disruption.begin(cause)
+        log.warning("clock disrupted (%s): samples dropped, polling in a burst", cause)
+        for src in self._sources.values():
+            src.forget_samples()
+            if src.next_poll_ns is not None:
+                src.arm(self.config.burst, now_ns)
+        if self._basis is not None:
+            self._verified = False
+        actions: list[Action] = []
+        self._evaluate(self._t(now_ns), actions, kernel=True)
+        return actions
+
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:
         """The relay link dropped: stop polling its ``sources`` (all when None); a discontinuity.
@@ -238,6 +261,7 @@ class GuestController:
             now_ns = self._step(now_ns, -decision.size_s, actions)
             self._clear_samples()
             self._jumps.settle(self._sources.values())
+            self._disruption.end()
             self._evaluate(self._t(now_ns), actions, kernel=True)
         return actions, decision
 
@@ -277,9 +301,22 @@ class GuestController:
         """Estimated native rate error of the clock (positive: runs fast)."""
         return self._slope / (1.0 - self._slope) * 1e6
 
+    @property
+    def disrupted(self) -> bool:
+        """A disruption is unconfirmed (guest_client.disruption)."""
+        return self._disruption.active
+
+    @property
+    def disruption(self) -> DisruptionState:
+        """Read-only view for the driver: how many disruptions, the last one's cause."""
+        return self._disruption
+
     def error_bound(self, now_ns: int) -> ErrorBound:
         """The bound around the clock reading now (:mod:`guest_client.error_bound`)."""
         now = self._t(now_ns)
+        if self._disruption.active:  # no bound: the clock may be anywhere until confirmed
+            return ErrorBound(now_ns, MAX_BOUND_S, self._estimate(now), self.config.
+                              max_clock_error_ppm * 1e-6, False)
         return compute(self._basis, now, now_ns, self._estimate(now),
                        self.config.max_clock_error_ppm, self._jumps.disagreement_s, self._verified)
 
@@ -305,7 +342,9 @@ class GuestController:
             error_bound_s=bound.bound_s, error_bound_growth_ppm=bound.growth_ppm,
             bound_verified=bound.verified, state_reason=self._sm.reason.value,
             holdover_since=self._ns(since) / _NS if since is not None else None,
-            disagreement_s=self._jumps.disagreement_s)
+            disagreement_s=self._jumps.disagreement_s, disrupted=self._disruption.active,
+            disruption_cause=self._disruption.cause, disruptions=self._disruption.count,
+            step_decision=self._last_decision)
 
     def tracking(self, now_ns: int) -> Tracking:
         """The ``chronyc tracking``/``sources`` figures; fills the sources' reach/poll columns."""
@@ -354,6 +393,7 @@ class GuestController:
                 return self._large_jump(src, fs, jump, now_ns)
             self._jumps.settle(self._sources.values())
             self._verified = True
+            self._disruption.end()
         reason = src.filter.add(fs)
         if reason is not None:
             self._count(reason, src)
@@ -380,6 +420,9 @@ class GuestController:
                     now_ns: int) -> list[Action]:
         """A jump past the step threshold: the step policy says step or refuse."""
         cfg = self.config
+        actions: list[Action] = []
+        if not self._verified and not self._disruption.active:  # reset + a large offset:
+            actions += self.on_disruption(now_ns, RESTORE_DETECTED)  # a restore, it seems
         del src.jumps[:-(MAX_JUMPS - 1)]
         src.jumps.append(jump)
         auth = self._auth_names()
@@ -389,7 +432,7 @@ class GuestController:
                       tolerance_s=self._jump_tolerance(), discontinuity=self._jumps.discontinuity,
                       jump_before_discontinuity=self._jumps.jump_before)
         decision = decide(ev)
-        actions: list[Action] = []
+        self._last_decision = f"{decision.action}: {decision.reason}"
         now = self._t(now_ns)
         if decision.action != StepAction.STEP:
             self.refused_jumps += 1
@@ -404,6 +447,7 @@ class GuestController:
         now_ns = self._step(now_ns, -size, actions)
         self._clear_samples()
         self._jumps.settle(self._sources.values())
+        self._disruption.end()
         src.status.note = f"stepped {size:+.6f} s: {decision.reason}"
         log.warning("stepped the clock by %+.6f s (%s)", -size, decision.reason)
         src.filter.add(fs)
@@ -500,7 +544,7 @@ class GuestController:
             max_correction_s=self.config.sync_max_correction_s,
             age_s=now - last + 1e-6 if last is not None else math.inf,  # timer rounding
             holdover_after_s=holdover_after(self._sources.values(), self.config),
-            disagreeing=self._jumps.disagreement_s != 0.0)
+            disagreeing=self._jumps.disagreement_s != 0.0, disrupted=self._disruption.active)
 
     def _evaluate(self, now: float, actions: list[Action], kernel: bool = False) -> None:
         """Move to the state the bound calls for; one kernel status per call, when the state

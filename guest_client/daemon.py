@@ -27,6 +27,7 @@ from guest_client.clockbound_writer import ClockBoundWriter, SegmentPublisher
 from guest_client.clocks import SoftwareClock, SystemClock
 from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
+from guest_client.disruption import RESTORE_DETECTED
 from guest_client.forward_ntp import NtpForwarder
 from guest_client.freq_file import FreqRecord, StartFrequency, load, save, start_frequency
 from guest_client.health import HealthReporter
@@ -36,6 +37,7 @@ from guest_client.relay_link import RelayFailure, RelayLink, RelayReply, Upstrea
 from guest_client.settings import GuestSettings
 from guest_client.status_server import StatusServer
 from guest_client.udp_source import UdpSource
+from guest_client.vmclock_watch import Disruption, VmClockMonitor, open_monitor, reset_sessions
 from timesyncd.addresses import parse_address
 from timesyncd.clock import Clock
 from timesyncd.clockbound import CLOCK_MONOTONIC_COARSE
@@ -139,6 +141,8 @@ class GuestDaemon:
         self._running = False
         self._clock_touched = False  # start() wrote the clock: stop() must restore it
         self._freq_task: asyncio.Task[None] | None = None
+        self.vmclock: VmClockMonitor | None = None  # --vmclock (guest_client.vmclock_watch)
+        self._disruptions_seen = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -177,6 +181,8 @@ class GuestDaemon:
             if s.clockbound_shm:  # refuses an unsafe file or a second writer, naming it
                 self.clockbound = SegmentPublisher(ClockBoundWriter(
                     s.clockbound_shm, CLOCKBOUND_VOID_AFTER * CLOCKBOUND_REFRESH_S))
+            self.vmclock = open_monitor(s.vmclock, s.vmclock_testing_file,
+                                        s.vmclock_min_reset_interval_s, self._disrupted)
         except BaseException:
             await self.stop()
             raise
@@ -203,6 +209,8 @@ class GuestDaemon:
                     lambda: self.controller.status(self.clock.now_ns()).to_json(),
                     s.health_interval_s)
                 await self.health.start()
+        if self.vmclock is not None:
+            await self.vmclock.start()
         self._timer_task = asyncio.create_task(self._timer_loop(), name="guest-timer")
         if s.freq_file:
             self._freq_task = asyncio.create_task(self._freq_file_loop(s.freq_file),
@@ -221,6 +229,9 @@ class GuestDaemon:
         """Stop polling, put the clock back on its base frequency (no slew left behind), keep
         the frequency file, and close every socket. Safe to call more than once."""
         self._running = False
+        if self.vmclock is not None:
+            await self.vmclock.stop()
+            self.vmclock = None
         if self._timer_task is not None:
             await cancel_task(self._timer_task)
             self._timer_task = None
@@ -333,6 +344,8 @@ class GuestDaemon:
                 "pending": self.link.pending, "errors": dict(self.link.counters),
                 "last_error": self.link.last_error,
             }
+        if self.vmclock is not None:
+            st["vmclock"] = self.vmclock.status()
         if self.forwarder is not None:
             st["forward_ntp"] = self.forwarder.stats()
         if self.clockbound is not None:
@@ -367,6 +380,19 @@ class GuestDaemon:
                 "reason": decision.reason}
 
     # --- controller events ---------------------------------------------------------------
+
+    def _disrupted(self, found: Disruption) -> None:
+        """VMClock says the clock (or, by its generation, the whole VM) was disrupted."""
+        if not self._running:
+            return
+        if found.clone:
+            self._reset_sessions(found.cause)
+        self._apply(self.controller.on_disruption(self.clock.now_ns(), found.cause))
+
+    def _reset_sessions(self, cause: str) -> None:
+        reset_sessions(self.nts, self.link, cause)
+        for name in self.nts.sources:  # polled again once NTS-KE gave keys (_nts_ready)
+            self.controller.park(name)
 
     async def _timer_loop(self) -> None:
         """Drive the controller's timers. A bug that escapes here must not leave a daemon that
@@ -494,6 +520,10 @@ class GuestDaemon:
                 self._fail(exc)
                 return
         self._wake.set()
+        if self.controller.disruption.count != self._disruptions_seen:
+            self._disruptions_seen = self.controller.disruption.count
+            if self.controller.disruption.cause == RESTORE_DETECTED:  # no VMClock told us
+                self._reset_sessions(RESTORE_DETECTED)
         if len(actions) > sum(isinstance(a, SendRequest) for a in actions):
             self._publish_bound()  # a clock update: the segment must say so now
         self._log_changes()
@@ -545,7 +575,8 @@ class GuestDaemon:
         as_of = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)  # before the clock reading
         gb = guest_bound(self.controller, self.clock.now_ns())
         res = time.clock_getres(CLOCK_MONOTONIC_COARSE)
-        self.clockbound.submit(published_bound(gb, as_of, round(res * _NS)))
+        marker = self.vmclock.watch.marker if self.vmclock is not None else None
+        self.clockbound.submit(published_bound(gb, as_of, round(res * _NS), marker))
 
     async def _refresh_bound(self) -> None:
         while True:

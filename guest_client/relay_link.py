@@ -257,6 +257,14 @@ class RelayLink:
             transport.abort()  # close() would wait for the buffer to drain: never, here
         return False
 
+    def reset(self, reason: str) -> None:
+        """Drop the connection now and reconnect (a restore or clone: the old session's state
+        is shared with every copy of the guest)."""
+        if self._writer is not None and self._drop_reason is None:
+            self.counters["reset"] += 1
+            self._drop_reason = reason
+            self._writer.transport.abort()
+
     def new_request_id(self) -> int:
         """Next id, shared by requests and streams so an ERROR names exactly one of them."""
         rid = self._next_id

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     NO_RECENT_UPDATE = "no_recent_update"  # holdover: no update for holdover_polls polls
     BOUND_EXCEEDED = "bound_exceeded"  # error bound at or past max_error_s
     SOURCES_DISAGREE = "sources_disagree"  # every usable source reports a refused jump
+    DISRUPTED = "disrupted"  # VMClock disruption or restore, until a sample confirms the clock
 
 
 _U, _S, _H = SyncState.UNSYNCHRONISED, SyncState.SYNCHRONISED, SyncState.HOLDOVER
@@ -62,10 +63,13 @@ class Facts:
     age_s: float  # since the last clock update
     holdover_after_s: float
     disagreeing: bool
+    disrupted: bool = False  # guest_client.disruption
 
 
 def target(f: Facts) -> tuple[SyncState, Reason]:
     """The state the facts call for, and why. Order matters: the worst explanation wins."""
+    if f.disrupted:
+        return _U, Reason.DISRUPTED
     if not f.updated:
         return _U, Reason.STARTING
     if f.disagreeing:

@@ -8,8 +8,9 @@ selection distance, growing at the frequency-error allowance plus the frequency 
 uncertainty), so the adapter only maps the state. A link loss alone does not change the
 published status: the bound keeps growing at its rate, which is what makes it hold without
 samples. A disruption (a VMClock marker or generation change, or a restore detected from a
-link reset and a large consistent offset) publishes status Disrupted with no bound, until a
-sample confirms the clock or the step policy steps it.
+link reset and a large consistent offset) publishes no bound, status Disrupted when VMClock
+said so and Unknown when the restore was only inferred, until a sample confirms the clock or
+the step policy steps it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from guest_client.clockbound_writer import UNKNOWN_BOUND_NS, PublishedBound
 from guest_client.controller import GuestController
+from guest_client.disruption import RESTORE_DETECTED
 from timesyncd.clockbound import ClockStatus
 
 _NS = 1_000_000_000
@@ -41,11 +43,12 @@ class GuestBound:
 def guest_bound(controller: GuestController, now_ns: int) -> GuestBound:
     """The bound around the clock reading ``now_ns`` (see the module doc)."""
     eb = controller.error_bound(now_ns)
-    if controller.state == "unsynchronised" and controller.disrupted:
-        return GuestBound(str(controller.state), None, max(controller.config.
-                          max_clock_error_ppm * 1e-6, eb.growth), disrupted=True)
     allowance = controller.config.max_clock_error_ppm * 1e-6
     drift = max(allowance, eb.growth)
+    if controller.state == "unsynchronised" and controller.disrupted:
+        # VMClock said so: Disrupted; a restore only inferred (no VMClock): Unknown
+        vmclock = controller.disruption.cause != RESTORE_DETECTED
+        return GuestBound(str(controller.state), None, drift, disrupted=vmclock)
     if eb.estimate_s is None:
         return GuestBound(str(controller.state), None, drift)
     return GuestBound(str(controller.state), eb.at(now_ns), drift)

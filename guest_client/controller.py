@@ -421,7 +421,9 @@ class GuestController:
         """A jump past the step threshold: the step policy says step or refuse."""
         cfg = self.config
         actions: list[Action] = []
-        if not self._verified and not self._disruption.active:  # reset + a large offset:
+        before = self._jumps.jump_before
+        if not self._verified and not self._disruption.active and (  # reset + a new large
+                before is None or abs(jump - before) > self._jump_tolerance()):  # offset:
             actions += self.on_disruption(now_ns, RESTORE_DETECTED)  # a restore, it seems
         del src.jumps[:-(MAX_JUMPS - 1)]
         src.jumps.append(jump)
@@ -570,7 +572,7 @@ class GuestController:
         reaching ``max_error_s`` (re-planned at each evaluation, at least 1 s ahead)."""
         last = self._last_update_t
         if last is None or self.state == SyncState.UNSYNCHRONISED and self._sm.reason in (
-                "bound_exceeded", "sources_disagree"):
+                "bound_exceeded", "sources_disagree", "disrupted"):
             return None
         deadlines = [self._bound_deadline] if self._bound_deadline is not None else []
         if self.state != SyncState.HOLDOVER:

@@ -117,3 +117,25 @@ def test_health_report_carries_the_disrupted_state_old_and_new_relays() -> None:
     # an old guest's report (no new fields) still parses
     old = {k: v for k, v in report.to_json().items() if k not in ("disrupted", "disruptions")}
     assert parse_health(json.dumps(old).encode()).disrupted is None
+
+
+@pytest.mark.parametrize("vmclock", ["--vmclock", "--no-vmclock"])
+def test_drift_sim_snapshot_restore_scenario(vmclock: str) -> None:
+    """The scenario as users run it (default 2 h pause at 1 h): none never recovers, step at
+    its next 300 s step, discipline within seconds with one step; the bound holds."""
+    from click.testing import CliRunner
+
+    from timesyncd.cli import main
+
+    res = CliRunner().invoke(main, ["drift-sim", "--scenario", "snapshot-restore", vmclock,
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    s = doc["strategies"]
+    assert doc["pause_s"] == 7200.0 and doc["vmclock"] == (vmclock == "--vmclock")
+    assert not s["none"]["recovered"] and s["step"]["failing_for_s"] == 300.0
+    assert s["discipline"]["failing_for_s"] < 10.0 and s["discipline"]["steps"] == 1
+    assert s["discipline"]["bound_coverage"] == 1.0
+    assert any(st["reason"] == "disrupted" for st in s["discipline"]["states"])
+    bad = CliRunner().invoke(main, ["drift-sim", "--pause", "5m"])
+    assert bad.exit_code == 2 and "--pause not used" in bad.output

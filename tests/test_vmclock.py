@@ -4,6 +4,7 @@ rate-limited watch of its disruption marker and generation counter."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_client.disruption import VM_GENERATION, VMCLOCK_MARKER, VmClockWatch
+from guest_client.disruption import VM_GENERATION, VMCLOCK_MARKER, Disruption, VmClockWatch
 from guest_client.vmclock import (
     FLAG_VM_GEN_COUNTER_PRESENT,
     MAX_RETRIES,
@@ -21,7 +22,8 @@ from guest_client.vmclock import (
     check_path,
     encode_page,
 )
-from guest_client.vmclock_watch import open_monitor
+from guest_client.vmclock_watch import VmClockMonitor, open_monitor
+from tests.loops import LOOPS, run
 
 SEQ, MARKER, GEN = 12, 16, 104
 
@@ -162,3 +164,32 @@ def test_watch_acts_once_per_interval_and_never_drops_a_change() -> None:
     w2.observe(100.0, snap_of(2, 1))
     w2.observe(101.0, snap_of(3, 1))
     assert w2.observe(102.0, snap_of(2, 1)) is None
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_monitor_acts_on_a_marker_change_and_rate_limits_a_storm(tmp_path: Path,
+                                                                 loop_kind: str) -> None:
+    """The daemon's monitor over a fake device: one disruption for a change, one for a storm
+    of 200 flips inside the interval (the rest counted), the mapping closed on stop."""
+    path = fake(tmp_path, seq=2, marker=1, generation=1)
+    seen: list[Disruption] = []
+
+    async def main() -> None:
+        reader = VmClockReader(str(path), allow_regular_file=True)
+        mon = VmClockMonitor(reader, seen.append, min_interval_s=30.0, poll_s=0.01)
+        await mon.start()
+        try:
+            poke(path, MARKER, "<Q", 2)
+            for _ in range(200):
+                await asyncio.sleep(0.05 if not seen else 0.002)
+                if seen:
+                    poke(path, GEN, "<Q", 2 + len(seen) + _)  # the storm: generation flips
+            assert [d.cause for d in seen] == [VMCLOCK_MARKER]
+            st = mon.status()
+            assert st["resets"] == 1 and st["rate_limited"] >= 10 and st["errors"] == 0
+        finally:
+            await mon.stop()
+        with pytest.raises(ValueError):
+            reader._map[0]  # closed
+
+    run(main, loop_kind)

@@ -110,8 +110,9 @@ class Engine:
               on_resume: Callable[[Engine], Any] | None = None) -> None:
         def freeze(e: Engine) -> None:
             # the guest's timers and packets wait; replies in flight die with the transport
-            # (just after the resume: nothing of the guest's runs before its clock is back)
-            e._heap = [(t + duration_s + 1e-6 if kind in ("timer", "reply") else t, seq, kind,
+            # (just after the resume: nothing of the guest's runs before its clock is back;
+            # in place: run() holds the list)
+            e._heap[:] = [(t + duration_s + 1e-6 if kind in ("timer", "reply") else t, seq, kind,
                         data)
                        for t, seq, kind, data in e._heap]
             heapq.heapify(e._heap)

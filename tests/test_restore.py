@@ -135,7 +135,9 @@ def test_drift_sim_snapshot_restore_scenario(vmclock: str) -> None:
     assert doc["pause_s"] == 7200.0 and doc["vmclock"] == (vmclock == "--vmclock")
     assert not s["none"]["recovered"] and s["step"]["failing_for_s"] == 300.0
     assert s["discipline"]["failing_for_s"] < 10.0 and s["discipline"]["steps"] == 1
-    assert s["discipline"]["bound_coverage"] == 1.0
+    # without VMClock the guest cannot know before the first reply (milliseconds here): the
+    # samples taken in between are the only ones whose claimed bound misses the truth
+    assert s["discipline"]["bound_coverage"] >= (1.0 if vmclock == "--vmclock" else 0.999)
     assert any(st["reason"] == "disrupted" for st in s["discipline"]["states"])
     bad = CliRunner().invoke(main, ["drift-sim", "--pause", "5m"])
     assert bad.exit_code == 2 and "--pause not used" in bad.output

@@ -141,3 +141,17 @@ def test_drift_sim_snapshot_restore_scenario(vmclock: str) -> None:
     assert any(st["reason"] == "disrupted" for st in s["discipline"]["states"])
     bad = CliRunner().invoke(main, ["drift-sim", "--pause", "5m"])
     assert bad.exit_code == 2 and "--pause not used" in bad.output
+
+
+def test_status_text_says_why_it_stepped_and_shows_vmclock() -> None:
+    from timesyncd.cli.status_format import format_tracking
+
+    engine, clock, ctl = make([Upstream("a", LAN), Upstream("b", LAN)])
+    restore(engine, vmclock=True)
+    engine.run(AT_S + PAUSE_S + 30)
+    st = ctl.status(clock.now_ns()).to_json()
+    st["vmclock"] = {"clock_status": "synchronized", "leap_indicator": "none", "resets": 1,
+                     "rate_limited": 0, "vm_generation": 3}
+    text = "\n".join(format_tracking(st, clock.now_ns() / 1e9))
+    assert "Step decision   : step: confirmed after a reconnect" in text
+    assert "VMClock         : synchronized, leap none; 1 disruptions acted on" in text

@@ -94,6 +94,13 @@ def format_tracking(st: dict[str, Any], now: float) -> list[str]:
                      "(software clock vs machine)")
     if st.get("holdover_s"):
         lines.append(f"Holdover        : {age(st['holdover_s'])}")
+    if st.get("step_decision"):  # the step policy's last word: why it stepped or refuses
+        lines.append(f"Step decision   : {st['step_decision']}")
+    vm = st.get("vmclock")
+    if vm:
+        lines.append(f"VMClock         : {vm.get('clock_status')}, leap {vm.get('leap_indicator')}"
+                     f"; {vm.get('resets')} disruptions acted on, {vm.get('rate_limited')} "
+                     f"rate-limited, generation {vm.get('vm_generation')}")
     relay = st.get("relay")
     if relay:
         errors = relay.get("errors") or {}

@@ -114,6 +114,13 @@ def test_health_report_carries_the_disrupted_state_old_and_new_relays() -> None:
     parsed = parse_health(payload)
     assert (parsed.state, parsed.state_reason, parsed.disrupted, parsed.disruptions) == (
         "unsynchronised", "disrupted", True, 1)
+    # an old relay (its reason list without "disrupted", unknown keys ignored) accepts it
+    import timesyncd.health as health
+
+    old_reasons = tuple(r for r in health.REASONS if r != "disrupted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(health, "REASONS", old_reasons)
+        assert parse_health(payload).state_reason == "other"
     # an old guest's report (no new fields) still parses
     old = {k: v for k, v in report.to_json().items() if k not in ("disrupted", "disruptions")}
     assert parse_health(json.dumps(old).encode()).disrupted is None

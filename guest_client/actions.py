@@ -87,6 +87,10 @@ class ControllerStatus:
     state_reason: str = ""  # a guest_client.sync_state.Reason value
     holdover_since: float | None = None  # Unix seconds (clock) of entering holdover
     disagreement_s: float = 0.0  # jump all usable sources keep reporting, refused
+    disrupted: bool = False  # VMClock disruption / restore, until a sample confirms the clock
+    disruption_cause: str = ""  # the last one's cause (guest_client.disruption)
+    disruptions: int = 0
+    step_decision: str = ""  # the step policy's last step or refusal, and why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

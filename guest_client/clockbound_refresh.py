@@ -25,12 +25,13 @@ CLOCKBOUND_VOID_AFTER = 3
 
 
 def publish(publisher: SegmentPublisher, controller: GuestController,
-            now_ns: Callable[[], int]) -> None:
-    """Submit the bound now; its as-of is read before the clock, so it never looks fresher."""
+            now_ns: Callable[[], int], disruption_marker: int | None = None) -> None:
+    """Submit the bound now; its as-of is read before the clock, so it never looks fresher.
+    With VMClock, its ``disruption_marker`` is copied into the segment."""
     as_of = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)  # before the clock reading
     gb = guest_bound(controller, now_ns())
     res = time.clock_getres(CLOCK_MONOTONIC_COARSE)
-    publisher.submit(published_bound(gb, as_of, round(res * _NS)))
+    publisher.submit(published_bound(gb, as_of, round(res * _NS), disruption_marker))
 
 
 async def refresh(publish_now: Callable[[], None], counters: Counter[str]) -> None:

@@ -69,6 +69,9 @@ class PublishedBound:
     bound_ns: int
     max_drift_ppb: int
     status: ClockStatus
+    #: VMClock's marker, copied so readers see a disruption at once (support on with VMClock)
+    disruption_marker: int = 0
+    disruption_support: bool = False
 
 
 class Fence:
@@ -149,8 +152,8 @@ class ClockBoundWriter:
         body = BODY.pack(
             *divmod(b.as_of_monotonic_ns, _NS),
             *divmod(b.as_of_monotonic_ns + self.void_after_ns, _NS),
-            min(max(b.bound_ns, 0), 2**63 - 1), 0, min(max(b.max_drift_ppb, 0), 999_999_999),
-            int(b.status), 0)  # disruption marker 0, disruption support off (no VMClock)
+            min(max(b.bound_ns, 0), 2**63 - 1), b.disruption_marker & (2**64 - 1),
+            min(max(b.max_drift_ppb, 0), 999_999_999), int(b.status), int(b.disruption_support))
         self._gen.value = odd
         self._fence()
         self._map[HEADER.size:SEGMENT_SIZE] = body

@@ -35,6 +35,7 @@ from guest_client.candidates import (
     sample_distance,
     trust_bound,
 )
+from guest_client.disruption import DisruptionState
 from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
 from guest_client.source import Source, SourceConfig
 from guest_client.state_keeping import StateKeeping
@@ -107,6 +108,8 @@ class GuestController(StepHandling, StateKeeping):
         self._step_epoch = 0
         self._jumps = JumpState()
         self._verified = True  # False from a link loss until a sample after it agrees
+        self._disruption = DisruptionState()  # guest_client.disruption
+        self._last_decision = ""  # the step policy's last step or refusal, for status
         self._leap = 0
         self._last_offset: float | None = None
         self._offset_rms = OffsetRms()
@@ -238,9 +241,22 @@ class GuestController(StepHandling, StateKeeping):
         """Estimated native rate error of the clock (positive: runs fast)."""
         return self._slope / (1.0 - self._slope) * 1e6
 
+    @property
+    def disrupted(self) -> bool:
+        """A disruption is unconfirmed (guest_client.disruption)."""
+        return self._disruption.active
+
+    @property
+    def disruption(self) -> DisruptionState:
+        """Read-only view for the driver: how many disruptions, the last one's cause."""
+        return self._disruption
+
     def error_bound(self, now_ns: int) -> ErrorBound:
         """The bound around the clock reading now (:mod:`guest_client.error_bound`)."""
         now = self._t(now_ns)
+        if self._disruption.active:  # no bound: the clock may be anywhere until confirmed
+            return ErrorBound(now_ns, MAX_BOUND_S, self._estimate(now),
+                              self.config.max_clock_error_ppm * 1e-6, False)
         return compute(self._basis, now, now_ns, self._estimate(now),
                        self.config.max_clock_error_ppm, self._jumps.disagreement_s, self._verified)
 
@@ -266,7 +282,9 @@ class GuestController(StepHandling, StateKeeping):
             error_bound_s=bound.bound_s, error_bound_growth_ppm=bound.growth_ppm,
             bound_verified=bound.verified, state_reason=self._sm.reason.value,
             holdover_since=self._ns(since) / _NS if since is not None else None,
-            disagreement_s=self._jumps.disagreement_s)
+            disagreement_s=self._jumps.disagreement_s, disrupted=self._disruption.active,
+            disruption_cause=self._disruption.cause, disruptions=self._disruption.count,
+            step_decision=self._last_decision)
 
     def tracking(self, now_ns: int) -> Tracking:
         """The ``chronyc tracking``/``sources`` figures; fills the sources' reach/poll columns."""
@@ -315,6 +333,7 @@ class GuestController(StepHandling, StateKeeping):
                 return self._large_jump(src, fs, jump, now_ns)
             self._jumps.settle(self._sources.values())
             self._verified = True
+            self._disruption.end()
         reason = src.filter.add(fs)
         if reason is not None:
             self._count(reason, src)

@@ -30,6 +30,7 @@ from guest_client.clockbound_writer import ClockBoundWriter, SegmentPublisher
 from guest_client.clocks import SoftwareClock, SystemClock
 from guest_client.control_server import ControlServer
 from guest_client.controller import GuestController, SourceConfig
+from guest_client.disruption import RESTORE_DETECTED
 from guest_client.forward_ntp import NtpForwarder
 from guest_client.freq_file import StartFrequency
 from guest_client.freq_keeper import FrequencyKeeper
@@ -43,6 +44,7 @@ from guest_client.status_build import build_status
 from guest_client.status_server import StatusServer
 from guest_client.timer_driver import drive_timers
 from guest_client.udp_source import UdpSource
+from guest_client.vmclock_watch import Disruption, VmClockMonitor, open_monitor, reset_sessions
 from timesyncd.addresses import parse_address
 from timesyncd.aio import cancel_task
 from timesyncd.clock import Clock
@@ -142,6 +144,8 @@ class GuestDaemon:
         self._running = False
         self._clock_touched = False  # start() wrote the clock: stop() must restore it
         self._freq_task: asyncio.Task[None] | None = None
+        self.vmclock: VmClockMonitor | None = None  # --vmclock (guest_client.vmclock_watch)
+        self._disruptions_seen = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -180,6 +184,8 @@ class GuestDaemon:
             if s.clockbound_shm:  # refuses an unsafe file or a second writer, naming it
                 self.clockbound = SegmentPublisher(ClockBoundWriter(
                     s.clockbound_shm, CLOCKBOUND_VOID_AFTER * CLOCKBOUND_REFRESH_S))
+            self.vmclock = open_monitor(s.vmclock, s.vmclock_testing_file,
+                                        s.vmclock_min_reset_interval_s, self._disrupted)
         except BaseException:
             await self.stop()
             raise
@@ -206,6 +212,8 @@ class GuestDaemon:
                     lambda: self.controller.status(self.clock.now_ns()).to_json(),
                     s.health_interval_s)
                 await self.health.start()
+        if self.vmclock is not None:
+            await self.vmclock.start()
         self._timer_task = asyncio.create_task(self._timer_loop(), name="guest-timer")
         if s.freq_file:
             self._freq_task = asyncio.create_task(self.frequency.loop(
@@ -226,6 +234,9 @@ class GuestDaemon:
         """Stop polling, put the clock back on its base frequency (no slew left behind), keep
         the frequency file, and close every socket. Safe to call more than once."""
         self._running = False
+        if self.vmclock is not None:
+            await self.vmclock.stop()
+            self.vmclock = None
         if self._timer_task is not None:
             await cancel_task(self._timer_task)
             self._timer_task = None
@@ -282,7 +293,9 @@ class GuestDaemon:
         return build_status(
             self.controller, self.clock.now_ns(), clock=self.settings.clock, floor=self.floor,
             true_offset_ns=self.clock.true_offset_ns(), link=self.link,
-            forwarder=self.forwarder, clockbound=self.clockbound, nts=self.nts.status(),
+            forwarder=self.forwarder, clockbound=self.clockbound,
+            vmclock=self.vmclock.status() if self.vmclock is not None else None,
+            nts=self.nts.status(),
             start_frequency=self.start_frequency, daemon_errors=self.counters)
 
     def makestep(self) -> dict[str, Any]:
@@ -297,6 +310,19 @@ class GuestDaemon:
                 "reason": decision.reason}
 
     # --- controller events ---------------------------------------------------------------
+
+    def _disrupted(self, found: Disruption) -> None:
+        """VMClock says the clock (or, by its generation, the whole VM) was disrupted."""
+        if not self._running:
+            return
+        if found.clone:
+            self._reset_sessions(found.cause)
+        self._apply(self.controller.on_disruption(self.clock.now_ns(), found.cause))
+
+    def _reset_sessions(self, cause: str) -> None:
+        reset_sessions(self.nts, self.link, cause)
+        for name in self.nts.sources:  # polled again once NTS-KE gave keys (_nts_ready)
+            self.controller.park(name)
 
     async def _timer_loop(self) -> None:
         """Drive the controller's timers. A bug that escapes here must not leave a daemon that
@@ -408,6 +434,11 @@ class GuestDaemon:
                 self._fail(exc)
                 return
         self._wake.set()
+        disruption = getattr(self.controller, "disruption", None)  # (scripted test doubles)
+        if disruption is not None and disruption.count != self._disruptions_seen:
+            self._disruptions_seen = disruption.count
+            if disruption.cause == RESTORE_DETECTED:  # no VMClock told us: clone-safe anyway
+                self._reset_sessions(RESTORE_DETECTED)
         if len(actions) > sum(isinstance(a, SendRequest) for a in actions):
             self._publish_bound()  # a clock update: the segment must say so now
         self._state_log.log_changes(self.controller, self.clock.now_ns)
@@ -451,7 +482,8 @@ class GuestDaemon:
 
     def _publish_bound(self) -> None:
         if self.clockbound is not None and self.fatal is None:
-            publish(self.clockbound, self.controller, self.clock.now_ns)
+            marker = self.vmclock.watch.marker if self.vmclock is not None else None
+            publish(self.clockbound, self.controller, self.clock.now_ns, marker)
 
     async def wait_failed(self) -> BaseException:
         """Return the fatal error once the daemon stopped working on its own (a clock write

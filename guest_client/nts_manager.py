@@ -180,6 +180,20 @@ class NtsManager:
             src.remap(upstreams)
             self._maybe_ke(src)
 
+    def discard_secrets(self, reason: str) -> None:
+        """A restore or clone: every copy of this guest holds the same keys and cookies, and a
+        cookie must never be sent twice. Drop them all (and any KE in flight) and run NTS-KE
+        again at once; the driver rate-limits how often this may happen."""
+        for name, task in list(self._tasks.items()):
+            task.cancel()
+            del self._tasks[name]
+        self._last_request.clear()
+        self._outstanding.clear()
+        for src in self.sources.values():
+            src.discard(reason)
+            self._not_before[src.name] = 0.0
+            self._maybe_ke(src)
+
     def on_relay_down(self) -> None:
         self._last_request.clear()
         self._outstanding.clear()
@@ -331,7 +345,8 @@ class NtsManager:
             log.warning("NTS-KE for %s failed unexpectedly: %s", name, src.note, exc_info=exc)
             return
         finally:
-            self._tasks.pop(name, None)
+            if self._tasks.get(name) is asyncio.current_task():  # not a KE started after us
+                del self._tasks[name]
             if not src.ready:
                 self._retry_later(src)  # after the backoff; cancelled below if this succeeds
         upstreams = {u.name: u.index for u in link.upstreams}

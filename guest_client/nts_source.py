@@ -196,6 +196,13 @@ class NtsSource:
             self.note = f"relay no longer offers {self._candidates[-1]}: NTS-KE again"
         self.upstream = index
 
+    def discard(self, reason: str) -> None:
+        """Forget keys and cookies (restore or clone): NTS-KE again before the next request."""
+        if self.state is not None:
+            self.counters["discarded_on_restore"] += 1
+        self.state = None
+        self.note = f"NTS keys and cookies discarded ({reason}): NTS-KE again"
+
     def on_ke_error(self, reason: str, detail: str) -> None:
         self.counters[f"ke_{reason}"] += 1
         self.note = f"NTS-KE failed: {reason}" + (f" ({detail})" if detail else "")

@@ -227,6 +227,14 @@ class RelayLink:
             transport.abort()  # close() would wait for the buffer to drain: never, here
         return False
 
+    def reset(self, reason: str) -> None:
+        """Drop the connection now and reconnect (a restore or clone: the old session's state
+        is shared with every copy of the guest)."""
+        if self._transport is not None and self._drop_reason is None:
+            self.counters["reset"] += 1
+            self._drop_reason = reason
+            self._transport.abort()
+
     def open_stream(self, handler: StreamHandler) -> int | None:
         """Register a stream id whose STREAM_*/ERROR frames go to ``handler``; None if down.
 

@@ -71,6 +71,17 @@ class GuestSettings:
         "help": "Publish the error bound as a ClockBound shared-memory segment (protocol 2) "
                 "at this path, e.g. /var/run/clockbound/shm0 (ClockBound's default, which its "
                 "clients read unchanged); empty: off. See docs/CLOCKBOUND.md."})
+    vmclock: str = field(default="/dev/vmclock0", metadata={
+        "help": "VMClock device (Linux 6.13+): watch its disruption marker and VM generation "
+                "counter (snapshot restore, clone, migration); used when present, must be a "
+                "character device; empty: off. See docs/DEPLOYMENT.md."})
+    vmclock_testing_file: bool = field(default=False, metadata={
+        "help": "Accept a regular file as the VMClock device (tests with a fake page only)."})
+    vmclock_min_reset_interval_s: float = field(default=60.0, metadata={
+        "min": 0.0, "max": 86400.0,
+        "help": "Act on VMClock marker or generation changes at most once per this many "
+                "seconds (later changes are counted and acted on once after it): a host "
+                "cannot keep the guest disrupted or force NTS-KE in a loop."})
     name: str = field(default="", metadata={
         "help": "Guest name announced to the relay (default: the host name)."})
     # --- NTS (see docs/SECURITY.md) ---

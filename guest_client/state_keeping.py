@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from guest_client.actions import Action, SetKernelStatus
 from guest_client.candidates import holdover_after
+from guest_client.disruption import DisruptionState
 from guest_client.error_bound import BoundBasis, ErrorBound
 from guest_client.source import Source
 from guest_client.step_policy import JumpState
@@ -35,6 +36,7 @@ class StateKeeping:
     _sm: StateMachine
     _basis: BoundBasis | None
     _jumps: JumpState
+    _disruption: DisruptionState
     _leap: int
     _est_error_s: float
     _bound_deadline: float | None
@@ -66,7 +68,7 @@ class StateKeeping:
             max_correction_s=self.config.sync_max_correction_s,
             age_s=now - last + 1e-6 if last is not None else math.inf,  # timer rounding
             holdover_after_s=holdover_after(self._sources.values(), self.config),
-            disagreeing=self._jumps.disagreement_s != 0.0)
+            disagreeing=self._jumps.disagreement_s != 0.0, disrupted=self._disruption.active)
 
     def _evaluate(self, now: float, actions: list[Action], kernel: bool = False) -> None:
         """Move to the state the bound calls for; one kernel status per call, when the state
@@ -92,7 +94,7 @@ class StateKeeping:
         reaching ``max_error_s`` (re-planned at each evaluation, at least 1 s ahead)."""
         last = self._last_update_t
         if last is None or self.state == SyncState.UNSYNCHRONISED and self._sm.reason in (
-                "bound_exceeded", "sources_disagree"):
+                "bound_exceeded", "sources_disagree", "disrupted"):
             return None
         deadlines = [self._bound_deadline] if self._bound_deadline is not None else []
         if self.state != SyncState.HOLDOVER:

@@ -34,6 +34,7 @@ def build_status(controller: GuestController, now_ns: int, *, clock: str,
                  floor: TimeFloor, true_offset_ns: int | None = None,
                  link: RelayLink | None = None, forwarder: NtpForwarder | None = None,
                  clockbound: SegmentPublisher | None = None,
+                 vmclock: Mapping[str, Any] | None = None,
                  nts: Mapping[str, dict[str, Any]] | None = None,
                  start_frequency: StartFrequency | None = None,
                  daemon_errors: Mapping[str, int] | None = None) -> StatusReport:
@@ -62,6 +63,8 @@ def build_status(controller: GuestController, now_ns: int, *, clock: str,
             address=link.address, connected=link.connected, connects=link.connects,
             upstreams=[u.name for u in link.upstreams], pending=link.pending,
             errors=dict(link.counters), last_error=link.last_error)
+    if vmclock is not None:
+        report.vmclock = dict(vmclock)
     if forwarder is not None:
         report.forward_ntp = forwarder.stats()
     if clockbound is not None:

@@ -44,6 +44,9 @@ class Discontinuity(StrEnum):
     SUSPEND = "suspend"  # a suspend/resume or snapshot restore the guest observed (VMClock)
     RECONNECT = "reconnect"  # the relay link dropped and came back
     OUTAGE = "outage"  # no usable sample for ``outage_s``
+    #: a VMClock disruption marker or generation change: the host's word (it writes the
+    #: page), so it weighs exactly what a reconnect does and nothing in authenticated mode
+    VMCLOCK = "vmclock disruption"
 
 
 @dataclass(frozen=True, slots=True)

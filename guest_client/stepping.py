@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from guest_client.actions import Action, StepClock
+from guest_client.disruption import RESTORE_DETECTED, DisruptionState
 from guest_client.error_bound import BoundBasis
 from guest_client.source import Source
 from guest_client.step_policy import (
@@ -44,6 +45,9 @@ class StepHandling:
     _sources: dict[str, Source]
     _model: CorrectionModel
     _jumps: JumpState
+    _disruption: DisruptionState
+    _last_decision: str
+    _verified: bool
     _sm: StateMachine
     _basis: BoundBasis | None
     _sys: tuple[float, float] | None
@@ -70,6 +74,26 @@ class StepHandling:
                          self._jump_tolerance())
         return []
 
+    def on_disruption(self, now_ns: int, cause: str) -> list[Action]:
+        """The clock may have moved (a VMClock marker or generation change, already
+        rate-limited by the driver; or a restore detected): disrupted at once (STA_UNSYNC,
+        maxerror at its ceiling), old samples dropped, polling sources re-armed in a burst;
+        a step follows only as the step policy allows (``Discontinuity.VMCLOCK``)."""
+        self._t(now_ns)
+        if cause != RESTORE_DETECTED:
+            self.on_discontinuity(now_ns, Discontinuity.VMCLOCK)
+        self._disruption.begin(cause)
+        log.warning("clock disrupted (%s): samples dropped, polling in a burst", cause)
+        for src in self._sources.values():
+            src.forget_samples()
+            if src.next_poll_ns is not None:
+                src.arm(self.config.burst, now_ns)
+        if self._basis is not None:
+            self._verified = False
+        actions: list[Action] = []
+        self._evaluate(self._t(now_ns), actions, kernel=True)
+        return actions
+
     def make_step(self, now_ns: int) -> tuple[list[Action], Decision]:
         """An operator accepts the step now (``timesync makestep``; step_policy.operator_step)."""
         pool = counted(self._sources.values(), self._auth_names())
@@ -79,6 +103,7 @@ class StepHandling:
             now_ns = self._step(now_ns, -decision.size_s, actions)
             self._clear_samples()
             self._jumps.settle(self._sources.values())
+            self._disruption.end()
             self._evaluate(self._t(now_ns), actions, kernel=True)
         return actions, decision
 
@@ -95,6 +120,11 @@ class StepHandling:
                     now_ns: int) -> list[Action]:
         """A jump past the step threshold: the step policy says step or refuse."""
         cfg = self.config
+        actions: list[Action] = []
+        before = self._jumps.jump_before
+        if not self._verified and not self._disruption.active and (  # reset + a new large
+                before is None or abs(jump - before) > self._jump_tolerance()):  # offset:
+            actions += self.on_disruption(now_ns, RESTORE_DETECTED)  # a restore, it seems
         del src.jumps[:-(MAX_JUMPS - 1)]
         src.jumps.append(jump)
         auth = self._auth_names()
@@ -104,7 +134,7 @@ class StepHandling:
                       tolerance_s=self._jump_tolerance(), discontinuity=self._jumps.discontinuity,
                       jump_before_discontinuity=self._jumps.jump_before)
         decision = decide(ev)
-        actions: list[Action] = []
+        self._last_decision = f"{decision.action}: {decision.reason}"
         now = self._t(now_ns)
         if decision.action != StepAction.STEP:
             self.refused_jumps += 1
@@ -119,6 +149,7 @@ class StepHandling:
         now_ns = self._step(now_ns, -size, actions)
         self._clear_samples()
         self._jumps.settle(self._sources.values())
+        self._disruption.end()
         src.status.note = f"stepped {size:+.6f} s: {decision.reason}"
         log.warning("stepped the clock by %+.6f s (%s)", -size, decision.reason)
         src.filter.add(fs)

@@ -56,10 +56,13 @@ class Facts:
     age_s: float  # since the last clock update
     holdover_after_s: float
     disagreeing: bool
+    disrupted: bool = False  # guest_client.disruption
 
 
 def target(f: Facts) -> tuple[SyncState, Reason]:
     """The state the facts call for, and why. Order matters: the worst explanation wins."""
+    if f.disrupted:
+        return _U, Reason.DISRUPTED
     if not f.updated:
         return _U, Reason.STARTING
     if f.disagreeing:

@@ -141,6 +141,12 @@ class SimClock(Clock):
         self.steps.append((self._t, offset_ns))
         self._anchor()
 
+    def resume_after_pause(self, pause_s: float) -> None:
+        """A snapshot restore: the clock stood still for ``pause_s`` true seconds and resumes
+        where it stopped (no step of the guest's: not recorded in :attr:`steps`)."""
+        self._reading_s -= pause_s
+        self._anchor()
+
     def set_kernel_status(self, status: KernelStatus) -> None:
         self.kernel_status = status
 

@@ -14,6 +14,9 @@ Hooks for scenarios built on top (e.g. the 7-day token run):
 * ``engine.call_at(true_s, fn)``: run ``fn(engine)`` at a true time (token events, faults).
 * ``engine.disconnect(start_s, duration_s)``: relay link down (``on_connection_lost``), then
   reconnect (``add_source`` for every upstream), as the daemon does.
+* ``engine.pause(start_s, duration_s, on_resume)``: a snapshot and its restore: nothing runs
+  meanwhile, the guest clock resumes where it stopped, the vsock transport is reset
+  (``on_connection_lost``, reconnect) after ``on_resume(engine)`` (e.g. a VMClock disruption).
 * Load coupling goes into the ``Oscillator`` (``extra_ppm``/``extra_mean_ppm``) and vsock
   queueing into ``Hop(load=..., queue_s=...)``; the engine itself is load-agnostic.
 """
@@ -102,6 +105,29 @@ class Engine:
     def disconnect(self, start_s: float, duration_s: float) -> None:
         self._push(start_s, "call", lambda e: e._link(False))
         self._push(start_s + duration_s, "call", lambda e: e._link(True))
+
+    def pause(self, start_s: float, duration_s: float,
+              on_resume: Callable[[Engine], Any] | None = None) -> None:
+        def freeze(e: Engine) -> None:
+            # the guest's timers and packets wait; replies in flight die with the transport
+            # (just after the resume: nothing of the guest's runs before its clock is back;
+            # in place: run() holds the list)
+            e._heap[:] = [(t + duration_s + 1e-6 if kind in ("timer", "reply") else t, seq, kind,
+                        data)
+                       for t, seq, kind, data in e._heap]
+            heapq.heapify(e._heap)
+            e._link_gen += 1
+            e.link_up = False
+            e._push(start_s + duration_s, "call", resume)
+
+        def resume(e: Engine) -> None:
+            e.clock.resume_after_pause(duration_s)
+            if on_resume is not None:
+                on_resume(e)
+            e._apply(e.controller.on_connection_lost(e.clock.now_ns()))
+            e._link(True)
+
+        self._push(start_s, "call", freeze)
 
     # --- loop --------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, data: Any) -> None:

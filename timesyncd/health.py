@@ -22,7 +22,10 @@ from timesyncd.reasons import StateReason
 
 #: Version 1 reports may carry the optional fields added later (error_bound_s and friends):
 #: old relays ignore unknown keys, new relays treat missing ones as unknown (None), so the
-#: version stays 1 and old and new guests and relays keep working together.
+#: version stays 1 and old and new guests and relays keep working together. The disrupted
+#: state (VMClock, restore) travels the same way: state ``unsynchronised`` (which every relay
+#: accepts) with reason ``disrupted`` (an older relay shows it as ``other``) and the optional
+#: ``disrupted``/``disruptions`` fields.
 SCHEMA_VERSION = 1
 STATES = ("unsynchronised", "synchronised", "holdover")
 #: the state reasons (timesyncd.reasons); anything else is reported as "other".
@@ -68,6 +71,8 @@ class HealthReport:
     bound_verified: bool | None = None
     holdover_since: float | None = None
     disagreement_s: float | None = None
+    disrupted: bool | None = None  # None from older guests
+    disruptions: int = 0  # disruptions acted on (VMClock marker/generation, restores)
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> HealthReport:
@@ -88,6 +93,8 @@ class HealthReport:
             bound_verified=status.get("bound_verified"),
             holdover_since=status.get("holdover_since"),
             disagreement_s=status.get("disagreement_s"),
+            disrupted=status.get("disrupted"),
+            disruptions=int(status.get("disruptions") or 0),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -152,7 +159,7 @@ def parse_health(payload: bytes) -> HealthReport:
         if not _is_finite(value):
             raise HealthError("bad_field", f"{key} is not a finite number")
         values[key] = float(value)
-    for key in ("steps", "refused_jumps"):
+    for key in ("steps", "refused_jumps", "disruptions"):
         value = obj.get(key, 0)
         if not _is_count(value):
             raise HealthError("bad_field", f"{key} is not a count (0 to 2**53 - 1)")
@@ -164,11 +171,12 @@ def parse_health(payload: bytes) -> HealthReport:
     reason = obj.get("state_reason")
     if reason is not None:
         values["state_reason"] = reason if reason in REASONS else "other"
-    verified = obj.get("bound_verified")
-    if verified is not None:
-        if not isinstance(verified, bool):
-            raise HealthError("bad_field", "bound_verified is not a boolean")
-        values["bound_verified"] = verified
+    for key in ("bound_verified", "disrupted"):
+        flag = obj.get(key)
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise HealthError("bad_field", f"{key} is not a boolean")
+            values[key] = flag
     return HealthReport(**values)
 
 

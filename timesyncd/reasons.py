@@ -23,6 +23,7 @@ class StateReason(StrEnum):
     NO_RECENT_UPDATE = "no_recent_update"  # holdover: no update for holdover_polls polls
     BOUND_EXCEEDED = "bound_exceeded"  # error bound at or past max_error_s
     SOURCES_DISAGREE = "sources_disagree"  # every usable source reports a refused jump
+    DISRUPTED = "disrupted"  # VMClock disruption or restore, until a sample confirms the clock
 
 
 class ExchangeReason(StrEnum):
@@ -83,6 +84,7 @@ class NtsReason(StrEnum):
     NTP_SERVER_NOT_ALLOWLISTED = "ntp_server_not_allowlisted"
     KE_SERVER_MISCONFIGURED = "ke_server_misconfigured"
     KE_PATH_SUSPECT = "ke_path_suspect"
+    DISCARDED_ON_RESTORE = "discarded_on_restore"  # keys and cookies dropped (restore, clone)
 
 
 class LinkReason(StrEnum):
@@ -100,6 +102,7 @@ class LinkReason(StrEnum):
     UNSOLICITED_FRAME = "unsolicited_frame"
     UNSOLICITED_REPLY = "unsolicited_reply"
     ERROR_UNKNOWN_ID = "error_unknown_id"
+    RESET = "reset"  # dropped on purpose after a restore or clone (sessions are shared)
 
 
 class DaemonReason(StrEnum):

@@ -92,8 +92,8 @@ class StartFrequencyReport:
 
 
 #: optional sections: left out of the JSON form when None (daemon_errors: when empty)
-_OPTIONAL = ("true_offset_s", "relay", "forward_ntp", "clockbound", "start_frequency",
-             "daemon_errors")
+_OPTIONAL = ("true_offset_s", "relay", "forward_ntp", "vmclock", "clockbound",
+             "start_frequency", "daemon_errors")
 
 
 @dataclass(slots=True)
@@ -117,6 +117,10 @@ class StatusReport:
     state_reason: str = ""
     holdover_since: float | None = None
     disagreement_s: float = 0.0
+    disrupted: bool = False  # VMClock disruption / restore, until a sample confirms the clock
+    disruption_cause: str = ""  # the last one's cause (guest_client.disruption)
+    disruptions: int = 0
+    step_decision: str = ""  # the step policy's last step or refusal, and why
     # the chronyc-tracking fields (guest_client.tracking)
     stratum: int | None = None
     reference: str | None = None
@@ -131,6 +135,7 @@ class StatusReport:
     true_offset_s: float | None = None  # software clock only: its offset from the machine's
     relay: RelayLinkReport | None = None
     forward_ntp: dict[str, Any] | None = None
+    vmclock: dict[str, Any] | None = None  # the VMClock monitor (guest_client.vmclock_watch)
     clockbound: dict[str, Any] | None = None
     start_frequency: StartFrequencyReport | None = None
     daemon_errors: dict[str, int] = field(default_factory=dict)

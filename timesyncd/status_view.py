@@ -114,6 +114,13 @@ def format_tracking(st: StatusReport, now: float) -> list[str]:
                      "(software clock vs machine)")
     if st.holdover_s:
         lines.append(f"Holdover        : {age(st.holdover_s)}")
+    if st.step_decision:  # the step policy's last word: why it stepped or refuses
+        lines.append(f"Step decision   : {st.step_decision}")
+    vm = st.vmclock
+    if vm:
+        lines.append(f"VMClock         : {vm.get('clock_status')}, leap {vm.get('leap_indicator')}"
+                     f"; {vm.get('resets')} disruptions acted on, {vm.get('rate_limited')} "
+                     f"rate-limited, generation {vm.get('vm_generation')}")
     relay = st.relay
     if relay:
         lines.append(

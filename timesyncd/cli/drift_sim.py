@@ -18,6 +18,7 @@ from sim.scenario import (
     STRATEGIES,
     NetworkParams,
     Scenario,
+    parse_duration,
     parse_outage,
     parse_seeds,
 )
@@ -147,11 +148,18 @@ def _strategies(text: str) -> tuple[str, ...]:
               help="Model the relay before kernel receive stamps (issue 18): the wait for "
                    "the relay to read an upstream reply is hidden return-path delay.")
 @click.option("--scenario", "scenario_name",
-              type=click.Choice(["default", "lan-reference", "lan-noisy"]),
+              type=click.Choice(["default", "lan-reference", "lan-noisy", "snapshot-restore"]),
               default="default", show_default=True,
               help="lan-reference: chrony's simulation model (honours --minpoll/--maxpoll, "
               "16 s when not given); lan-noisy: the same on a slow path (0.5 ms + 2 ms "
-              "exponential each way).")
+              "exponential each way); snapshot-restore: a paused guest resumed (--pause, "
+              "--pause-at, --vmclock).")
+@click.option("--pause", "pause", default="2h", show_default=True, metavar="DURATION",
+              help="snapshot-restore: how long the guest stays paused (units s/m/h/d).")
+@click.option("--pause-at", "pause_at", default="1h", show_default=True, metavar="DURATION",
+              help="snapshot-restore: when the snapshot is taken, after start.")
+@click.option("--vmclock/--no-vmclock", default=True, show_default=True,
+              help="snapshot-restore: a VMClock device reports the restore (disruption marker).")
 @click.option("--json", "as_json", is_flag=True, help="Write results as JSON to stdout.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               show_default="none",
@@ -165,8 +173,8 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
               vsock_jitter: float, vsock_queue: float, upstream_delay: float,
               upstream_jitter: float, asymmetry: float, loss: float, outages: tuple[str, ...],
               host_load: str, relay_sched: float, relay_user_stamps: bool,
-              scenario_name: str, as_json: bool, csv_path: str | None,
-              plot_path: str | None) -> None:
+              scenario_name: str, pause: str, pause_at: str, vmclock: bool, as_json: bool,
+              csv_path: str | None, plot_path: str | None) -> None:
     """Simulate a drifting guest clock under none/step/discipline and count broken tokens.
 
     Defaults: 7 days, diurnal traffic, all strategies, JWT/X.509/TOTP tokens (docs/SIMULATOR.md).
@@ -175,7 +183,10 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
     if "seed" in given and "seeds" in given:
         raise click.UsageError("--seed and --seeds: give one (--seeds runs several seeds)")
     unused = [f"--{n.removesuffix('_spec').removesuffix('_path').replace('_', '-')}"
-              for n in DEFAULT_SCENARIO_ONLY if n in given and scenario_name != "default"]
+              for n in DEFAULT_SCENARIO_ONLY if n in given and scenario_name != "default"
+              and not (scenario_name == "snapshot-restore" and n in ("leeway", "token_rate"))]
+    unused += [f"--{n.replace('_', '-')}" for n in ("pause", "pause_at", "vmclock")
+               if n in given and scenario_name != "snapshot-restore"]
     unused = [u if u != "--outages" else "--outage" for u in unused]
     if unused:
         raise click.UsageError(f"--scenario {scenario_name}: {', '.join(unused)} not used by "
@@ -184,6 +195,9 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
         seed_list = parse_seeds(seeds) if seeds else [seed]
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("seeds: "), param_hint="--seeds") from None
+    if scenario_name == "snapshot-restore":
+        _snapshot_restore(seed_list[0], pause, pause_at, vmclock, leeway, token_rate, as_json)
+        return
     if scenario_name in ("lan-reference", "lan-noisy"):
         _lan_reference(seed_list, seeds is not None, as_json,
                        minpoll if "minpoll" in given else None,
@@ -281,6 +295,20 @@ def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bo
                        f"{first_sc.load}, seed {first_sc.seed}")
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _snapshot_restore(seed: int, pause: str, pause_at: str, vmclock: bool, leeway: float,
+                      token_rate: float, as_json: bool) -> None:
+    from sim.restore import RestoreScenario, format_restore, run_restore
+
+    try:
+        sc = RestoreScenario(pause_s=parse_duration(pause), at_s=parse_duration(pause_at),
+                             vmclock=vmclock, seed=seed, leeway_s=leeway,
+                             token_rate=token_rate)
+    except ValueError as exc:
+        raise click.UsageError(f"--pause/--pause-at: {exc}") from None
+    doc = run_restore(sc)
+    click.echo(json.dumps(doc, indent=2) if as_json else format_restore(doc))
 
 
 def _lan_reference(seed_list: list[int], multi: bool, as_json: bool, minpoll: int | None,

@@ -20,6 +20,11 @@ converted with the two clocks' difference read at the same moment (:func:`realti
 the difference only moves by the host clock's slew (ppm over the microseconds involved) or a
 step, and a step makes a stamp implausible (in the future or older than :data:`MAX_AGE_NS`),
 which falls back to the user-space stamp.
+
+The kernel switches software receive stamping on lazily, system-wide, when the first socket
+asks for it (a static key flipped from a work queue): a reply arriving in the first moments
+after the relay opens its only stamping socket may carry no stamp and gets the user-space
+one, exactly as on a kernel without stamps.
 """
 
 from __future__ import annotations

@@ -18,8 +18,30 @@ from timesyncd.addresses import parse_address
 STALL_S = 0.3
 
 
+def stamping_on() -> socket.socket:
+    """A socket that keeps the kernel's receive stamping on, returned once it stamps.
+
+    The kernel turns software receive stamps on for everyone when the first socket asks, but
+    lazily (a static key flipped from a work queue): a datagram that arrives first is not
+    stamped and the relay falls back to its read time, as it should. That race is not what
+    this test is about, so it waits for stamping to be live before the exchange."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    assert kernel_stamps.enable_rx_stamps(probe)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        for _ in range(200):
+            tx.sendto(b"x", probe.getsockname())
+            _, anc, _, _ = probe.recvmsg(10, kernel_stamps.CMSG_SPACE)
+            if kernel_stamps.stamp_from_ancillary(anc) is not None:
+                return probe
+            time.sleep(0.01)
+    probe.close()
+    raise AssertionError("the kernel never stamped a UDP datagram in 2 s")
+
+
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_reply_waiting_while_the_relay_is_busy_is_stamped_at_arrival(loop_kind: str) -> None:
+    probe = stamping_on()
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("127.0.0.1", 0))
     srv.settimeout(5)
@@ -49,6 +71,7 @@ def test_reply_waiting_while_the_relay_is_busy_is_stamped_at_arrival(loop_kind: 
         run(main, loop_kind)
     finally:
         srv.close()
+        probe.close()
 
 
 def test_implausible_or_missing_stamps_fall_back_to_the_read_time() -> None:

@@ -3,10 +3,11 @@
 adding the socket, per-request timers, the stall guard and reconnect with backoff.
 
 One stream carries every upstream's requests; the link never interprets NTP. Receive stamps
-are taken in one place, ``_Wire.data_received``, when the transport hands the bytes over, not
-when a reading task wakes up: that is one event-loop iteration later, and everything the loop
-runs in between would otherwise be counted as return-path delay (measured: +10..+25 us on
-loopback). Transmit stamps (``last_tx_ns``) are taken just before the write.
+are taken in one place, ``SessionWire.data_received`` (:mod:`guest_client.link_session`), when
+the transport hands the bytes over, not when a reading task wakes up: that is one event-loop
+iteration later, and everything the loop runs in between would otherwise be counted as
+return-path delay (measured: +10..+25 us on loopback). Transmit stamps (``last_tx_ns``) are
+taken just before the write.
 
 A relay that stops reading must not grow the guest's memory: once more than
 :data:`MAX_WRITE_BUFFER` bytes wait unsent, sends are refused (``send_busy``) and the link is
@@ -36,6 +37,7 @@ from guest_client.link_protocol import (
     StreamFrame,
     Upstream,
 )
+from guest_client.link_session import LinkSession, SessionWire
 from timesyncd.aio import cancel_task
 from timesyncd.framing import Frame, FramingError
 from timesyncd.transport import TransportError, open_stream
@@ -63,44 +65,6 @@ Connector = Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.Stream
 class _Pending:
     callback: ReplyCallback
     timer: asyncio.TimerHandle
-
-
-class _Wire(asyncio.Protocol):
-    """The transport's protocol for one session. :meth:`data_received` is the one place
-    receive stamps are taken: when the transport hands the bytes over, before any task runs."""
-
-    def __init__(self, clock: Callable[[], int], on_data: Callable[[bytes, int], None],
-                 on_lost: Callable[[Exception | None], None]) -> None:
-        self._clock = clock
-        self._on_data = on_data
-        self._on_lost = on_lost
-
-    def data_received(self, data: bytes) -> None:
-        self._on_data(data, self._clock())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._on_lost(exc)
-
-
-class _Session:
-    """One connection's outcome for the driver's task: HELLO answered, then ended."""
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.hello: asyncio.Future[list[Upstream]] = loop.create_future()
-        self.ended: asyncio.Future[str] = loop.create_future()
-
-    def fail(self, exc: BaseException) -> None:
-        for fut in (self.hello, self.ended):
-            if not fut.done():
-                fut.set_exception(exc)
-                return
-
-    def end(self, reason: str) -> None:
-        if not self.hello.done():
-            self.hello.set_exception(RelayProtocolError("closed", reason))
-        elif not self.ended.done():
-            self.ended.set_result(reason)
 
 
 class RelayLink:
@@ -139,7 +103,7 @@ class RelayLink:
             address=address)
         self._transport: Any = None
         self._up = False  # HELLO answered and on_up run: requests may go
-        self._session_state: _Session | None = None
+        self._session_state: LinkSession | None = None
         #: set when we gave up on the current connection (stalled relay); its session ends soon
         self._drop_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -289,7 +253,7 @@ class RelayLink:
                 self.upstreams, self.hello_info = event.upstreams, event.info
                 self._session_state.hello.set_result(event.upstreams)
 
-    def _data_received(self, session: _Session, data: bytes, rx_ns: int) -> None:
+    def _data_received(self, session: LinkSession, data: bytes, rx_ns: int) -> None:
         if session is not self._session_state or session.ended.done():
             return
         try:
@@ -307,7 +271,7 @@ class RelayLink:
         except Exception as exc:  # a bug in a callback: the driver's task must see it
             session.fail(exc)
 
-    def _connection_lost(self, session: _Session, exc: Exception | None) -> None:
+    def _connection_lost(self, session: LinkSession, exc: Exception | None) -> None:
         if session.hello.done():
             session.end(f"connection error: {exc}" if exc is not None else "closed by relay")
         elif exc is not None:
@@ -343,8 +307,8 @@ class RelayLink:
 
     async def _session(self, transport: Any) -> float | None:
         """Run one connection; how long it was up after HELLO (s), None if it never was."""
-        session = self._session_state = _Session()
-        transport.set_protocol(_Wire(
+        session = self._session_state = LinkSession()
+        transport.set_protocol(SessionWire(
             self._clock, lambda data, rx_ns: self._data_received(session, data, rx_ns),
             lambda exc: self._connection_lost(session, exc)))
         self._transport = transport

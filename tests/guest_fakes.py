@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ class FakeRelay:
     hellos: list[dict[str, object]] = field(default_factory=list)
     requests: int = 0
     _server: asyncio.base_events.Server | None = None
+    _own_dir: str = ""
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def start(self) -> None:
-        if not self.path:
-            self.path = os.path.join(tempfile.mkdtemp(prefix="ts-fake-relay-"), "relay.sock")
+        if not self.path:  # a folder of its own, removed at stop
+            self._own_dir = tempfile.mkdtemp(prefix="ts-fake-relay-")
+            self.path = os.path.join(self._own_dir, "relay.sock")
         self._server = await asyncio.start_unix_server(self._handle, path=self.path)
 
     @property
@@ -50,6 +53,9 @@ class FakeRelay:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        if self._own_dir:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = ""
 
     async def drop_clients(self) -> None:
         for w in self._writers:

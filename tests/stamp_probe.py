@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -173,6 +174,7 @@ async def probe(path: str, samples: int = 200, interval_s: float = 0.01,
         await daemon.stop()
         if relay is not None:
             await relay.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     assert not clock.steps and clock.correction_ppm == 0.0
     return controller.result
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -131,6 +132,7 @@ async def run_guest(relay_settings: RelaySettings, until: Callable[[GuestDaemon,
     finally:
         await daemon.stop()
         await relay.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return daemon, clock, trace
 
 

@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,8 +261,8 @@ class ScriptedController:
         return [e for e in self.events if e[0] == kind]
 
 
-def test_daemon_drives_controller_over_relay() -> None:
-    tmp = tempfile.mkdtemp(prefix="ts-daemon-")
+def test_daemon_drives_controller_over_relay(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
 
     async def main() -> None:
         relay = FakeRelay(upstreams=["udp:192.0.2.1:123", "local"])
@@ -371,13 +371,13 @@ def test_clock_failure_at_runtime_ends_the_timer_loop_and_wait_failed() -> None:
     asyncio.run(main())
 
 
-def test_relay_drop_keeps_polling_direct_udp_servers() -> None:
+def test_relay_drop_keeps_polling_direct_udp_servers(tmp_path: Path) -> None:
     """Losing the relay stops only the sources it carried; a direct UDP server keeps the guest
     synchronised through the outage and after the reconnect."""
 
     async def main() -> None:
         ntp = await start_ntp_server()
-        relay = FakeRelay()
+        relay = FakeRelay(path=str(tmp_path / "relay.sock"))
         await relay.start()
         settings = GuestSettings(relay=relay.address, servers=(ntp.address,), clock="software",
                                  status_socket="", minpoll=-1, maxpoll=0, burst=2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import pytest
 from guest_fakes import FakeRelay
@@ -17,7 +18,8 @@ from guest_client.settings import GuestSettings
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_relay_restart_keeps_state_and_the_bound_covers_the_truth(loop: str) -> None:
+def test_relay_restart_keeps_state_and_the_bound_covers_the_truth(loop: str,
+                                                                  tmp_path: Path) -> None:
     rows: list[tuple[str, float, float, bool]] = []  # state, |true|, bound, verified
 
     async def sample(daemon: GuestDaemon, seconds: float) -> None:
@@ -28,7 +30,7 @@ def test_relay_restart_keeps_state_and_the_bound_covers_the_truth(loop: str) -> 
             await asyncio.sleep(0.05)
 
     async def main() -> None:
-        relay = FakeRelay()
+        relay = FakeRelay(path=str(tmp_path / "relay.sock"))
         await relay.start()
         settings = GuestSettings(relay=relay.address, clock="software", status_socket="",
                                  minpoll=0, maxpoll=1, burst=2, health_interval_s=0,

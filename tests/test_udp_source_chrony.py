@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from chrony_fixture import ChronyServer, chrony_server  # noqa: F401 - pytest fixture
@@ -19,9 +19,10 @@ from guest_client.settings import GuestSettings
 pytestmark = pytest.mark.timeout(90)
 
 
-def test_udp_server_path_converges_on_chronyd(chrony_server: ChronyServer) -> None:  # noqa: F811
+def test_udp_server_path_converges_on_chronyd(chrony_server: ChronyServer,  # noqa: F811
+                                                tmp_path: Path) -> None:
     async def main() -> tuple[GuestDaemon, SoftwareClock, float | None, float]:
-        tmp = tempfile.mkdtemp(prefix="ts-udp-")
+        tmp = str(tmp_path)
         clock = SoftwareClock(200.0, 0.5)
         settings = GuestSettings(servers=(chrony_server.address,), clock="software",
                                  software_freq_ppm=200.0, software_offset_s=0.5,

@@ -207,10 +207,8 @@ class GuestDaemon:
             await self.link.start(lambda exc: self._fail(exc, "relay link failed"))
             if s.health_interval_s > 0:
                 link = self.link
-                self.health = HealthReporter(
-                    link.send_frame,
-                    lambda: self.controller.status(self.clock.now_ns()).to_json(),
-                    s.health_interval_s)
+                self.health = HealthReporter(link.send_frame, self.status_report,
+                                             s.health_interval_s)
                 await self.health.start()
         if self.vmclock is not None:
             await self.vmclock.start()

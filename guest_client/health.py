@@ -13,21 +13,21 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from timesyncd.aio import cancel_task
 from timesyncd.framing import Frame, FramingError
 from timesyncd.health import HealthPacer, HealthReport
+from timesyncd.status_report import StatusReport
 
 log = logging.getLogger(__name__)
 
 
 class HealthReporter:
     """``send(frame) -> bool`` writes a frame on the relay link (False when it is down);
-    ``status()`` returns the controller status object (``ControllerStatus.to_json()``)."""
+    ``status()`` returns the guest's typed status report (what ``timesync status`` shows)."""
 
-    def __init__(self, send: Callable[[Frame], bool], status: Callable[[], Mapping[str, Any]],
+    def __init__(self, send: Callable[[Frame], bool], status: Callable[[], StatusReport],
                  interval_s: float, min_interval_s: float = 1.0,
                  clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._send = send
@@ -58,11 +58,11 @@ class HealthReporter:
         """Send a report if one is due; True if one was sent."""
         now = self._clock()
         status = self._status()
-        state = str(status.get("state"))
+        state = status.state
         if not self.pacer.due(now, state):
             return False
         try:
-            report = HealthReport.from_status(status)
+            report = HealthReport.from_report(status)
             frame = report.frame()
         except (FramingError, TypeError, ValueError) as exc:  # never let a report hurt sync
             self.counters["encode_failed"] += 1

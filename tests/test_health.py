@@ -19,6 +19,7 @@ from timesyncd.health import (
     bound_reasons,
     parse_health,
 )
+from timesyncd.status_report import StatusReport
 
 S = 1_000_000_000
 STATUS = {"state": "synchronised", "offset_s": -2.5e-6, "frequency_ppm": 12.75,
@@ -97,7 +98,8 @@ def test_reporter_sends_at_a_bounded_rate_and_skips_while_down() -> None:
     link = FakeLink()
     now = [0]
     status = dict(STATUS)
-    rep = HealthReporter(link.send, lambda: status, interval_s=10, clock=lambda: now[0])
+    rep = HealthReporter(link.send, lambda: StatusReport.from_json(status), interval_s=10,
+                         clock=lambda: now[0])
     sent_at = []
     for t in range(0, 60 * S, S // 4):  # one minute, checked four times a second
         now[0] = t
@@ -127,7 +129,8 @@ def test_reporter_task_runs_and_stops() -> None:
             sent_at.append(round(loop.time(), 6))
             return link.send(frame)
 
-        rep = HealthReporter(send, lambda: STATUS, interval_s=0.05, min_interval_s=0.01,
+        rep = HealthReporter(send, lambda: StatusReport.from_json(STATUS), interval_s=0.05,
+                             min_interval_s=0.01,
                              clock=loop.clock_ns)
         await rep.start()
         await asyncio.sleep(0.32)
@@ -147,7 +150,7 @@ def test_reporter_cancel_right_after_link_up_is_not_swallowed(spins: int) -> Non
 
     async def main() -> None:
         link = FakeLink()
-        rep = HealthReporter(link.send, lambda: STATUS, interval_s=10.0)
+        rep = HealthReporter(link.send, lambda: StatusReport.from_json(STATUS), interval_s=10.0)
         await rep.start()
         task = rep._task
         assert task is not None
@@ -161,7 +164,7 @@ def test_reporter_cancel_right_after_link_up_is_not_swallowed(spins: int) -> Non
         assert task.cancelled()
         await asyncio.wait_for(rep.stop(), 2.0)
 
-        again = HealthReporter(link.send, lambda: STATUS, interval_s=10.0)
+        again = HealthReporter(link.send, lambda: StatusReport.from_json(STATUS), interval_s=10.0)
         await again.start()
         await asyncio.sleep(0.05)
         again.link_up()

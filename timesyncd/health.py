@@ -19,6 +19,7 @@ from typing import Any
 from timesyncd import framing
 from timesyncd.framing import Frame, FrameType
 from timesyncd.reasons import StateReason
+from timesyncd.status_report import StatusReport
 
 #: Version 1 reports may carry the optional fields added later (error_bound_s and friends):
 #: old relays ignore unknown keys, new relays treat missing ones as unknown (None), so the
@@ -75,27 +76,32 @@ class HealthReport:
     disruptions: int = 0  # disruptions acted on (VMClock marker/generation, restores)
 
     @classmethod
-    def from_status(cls, status: Mapping[str, Any]) -> HealthReport:
-        """Build from a guest status object (``ControllerStatus.to_json()`` and friends)."""
+    def from_report(cls, report: StatusReport) -> HealthReport:
+        """The part of the guest's typed status report the relay turns into metrics."""
         return cls(
-            state=str(status.get("state", "unsynchronised")),
-            offset_s=status.get("offset_s"),
-            frequency_ppm=status.get("frequency_ppm"),
-            root_distance_s=status.get("root_distance_s"),
-            last_update=status.get("last_update"),
-            poll_s=status.get("poll_s"),
-            holdover_s=float(status.get("holdover_s") or 0.0),
-            steps=int(status.get("steps") or 0),
-            refused_jumps=int(status.get("refused_jumps") or 0),
-            rejected=bound_reasons(status.get("rejected") or {}),
-            error_bound_s=status.get("error_bound_s"),
-            state_reason=status.get("state_reason"),
-            bound_verified=status.get("bound_verified"),
-            holdover_since=status.get("holdover_since"),
-            disagreement_s=status.get("disagreement_s"),
-            disrupted=status.get("disrupted"),
-            disruptions=int(status.get("disruptions") or 0),
+            state=report.state,
+            offset_s=report.offset_s,
+            frequency_ppm=report.frequency_ppm,
+            root_distance_s=report.root_distance_s,
+            last_update=report.last_update,
+            poll_s=report.poll_s,
+            holdover_s=float(report.holdover_s or 0.0),
+            steps=int(report.steps or 0),
+            refused_jumps=int(report.refused_jumps or 0),
+            rejected=bound_reasons(report.rejected or {}),
+            error_bound_s=report.error_bound_s,
+            state_reason=report.state_reason or None,
+            bound_verified=report.bound_verified,
+            holdover_since=report.holdover_since,
+            disagreement_s=report.disagreement_s,
+            disrupted=report.disrupted,
+            disruptions=int(report.disruptions or 0),
         )
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> HealthReport:
+        """Build from a status object in JSON form (``timesync status --json``)."""
+        return cls.from_report(StatusReport.from_json(status))
 
     def to_json(self) -> dict[str, Any]:
         return {"version": SCHEMA_VERSION, **asdict(self)}

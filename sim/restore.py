@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -138,7 +138,8 @@ def format_restore(doc: dict[str, Any], show_seed: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _spread(values: list[float], worst: Any = max) -> dict[str, float | None]:
+def _spread(values: list[float],
+            worst: Callable[[list[float]], float] = max) -> dict[str, float | None]:
     """Median and worst; ``inf`` (never recovered) is reported as None, as per seed."""
     if not values:
         return {"median": None, "worst": None}
@@ -174,7 +175,7 @@ def format_restore_summary(summary: Mapping[str, Any]) -> str:
     def secs(v: float | None) -> str:
         return "never" if v is None else f"{v:.2f} s"
 
-    def pair(d: Mapping[str, Any], fmt: Any = lambda v: f"{v:g}") -> str:
+    def pair(d: Mapping[str, Any], fmt: Callable[[float], str] = lambda v: f"{v:g}") -> str:
         return " / ".join("n/a" if d[k] is None else fmt(d[k]) for k in ("median", "worst"))
 
     n = max((s["seeds"] for s in summary.values()), default=0)

@@ -272,6 +272,9 @@ class RelayCollector(Collector):
                                     labels=lbl)
         jumps = CounterMetricFamily("timesync_guest_refused_jumps",
                                     "Time jumps the guest refused to follow.", labels=lbl)
+        disruptions = CounterMetricFamily(
+            "timesync_guest_disruptions", "Clock disruptions the guest acted on (VMClock "
+            "marker or generation change, detected restore; 0 from older guests).", labels=lbl)
         rej = CounterMetricFamily("timesync_guest_rejected_samples",
                                   "Samples the guest rejected, by reason.", labels=lbl + ["reason"])
         reports = CounterMetricFamily("timesync_guest_reports",
@@ -306,10 +309,11 @@ class RelayCollector(Collector):
             hold.add_metric(key, r.holdover_s)
             steps.add_metric(key, r.steps)
             jumps.add_metric(key, r.refused_jumps)
+            disruptions.add_metric(key, r.disruptions)
             for reason, n in sorted(r.rejected.items()):
                 rej.add_metric([*key, reason], n)
         yield from (up, seen, info, conn_age, age, state, why, offset, freq, bound, dist,
-                    disagree, last, poll, hold, steps, jumps, rej, reports)
+                    disagree, last, poll, hold, steps, jumps, disruptions, rej, reports)
 
 
 def guest_error_bound_s(report: HealthReport) -> float | None:

@@ -11,7 +11,10 @@ its next step, counted in guest uptime, which the pause does not advance.
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,12 +118,13 @@ def run_restore(sc: RestoreScenario) -> dict[str, Any]:
             "strategies": {"none": none, "step": step, "discipline": disc}}
 
 
-def format_restore(doc: dict[str, Any]) -> str:
-    """The text report of :func:`run_restore`."""
+def format_restore(doc: dict[str, Any], show_seed: bool = False) -> str:
+    """The text report of :func:`run_restore` (``show_seed``: name the seed, for --seeds)."""
+    seed = f", seed {doc['seed']}" if show_seed else ""
     lines = [f"snapshot-restore: paused {doc['pause_s']:.0f} s at {doc['at_s']:.0f} s, "
              f"{'with' if doc['vmclock'] else 'without'} VMClock; JWT leeway "
              f"{doc['leeway_s']:.0f} s, {doc['token_rate']:g} tokens/s; watched "
-             f"{doc['after_s']:.0f} s after resume"]
+             f"{doc['after_s']:.0f} s after resume{seed}"]
     for name, r in doc["strategies"].items():
         failing = ("never recovered" if not r["recovered"]
                    else f"tokens fail for {r['failing_for_s']:.2f} s")
@@ -131,4 +135,59 @@ def format_restore(doc: dict[str, Any]) -> str:
                  f"coverage after resume {cov} ({d['samples_without_bound']} samples with no "
                  "bound claimed); states: " + ", ".join(
                      f"{s['after_s']:g} s {s['state']} ({s['reason']})" for s in d["states"]))
+    return "\n".join(lines)
+
+
+def _spread(values: list[float],
+            worst: Callable[[list[float]], float] = max) -> dict[str, float | None]:
+    """Median and worst; ``inf`` (never recovered) is reported as None, as per seed."""
+    if not values:
+        return {"median": None, "worst": None}
+    out = {"median": float(statistics.median(values)), "worst": float(worst(values))}
+    return {k: None if math.isinf(v) else v for k, v in out.items()}
+
+
+def restore_summary(docs: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per strategy, the median and worst over seeds of what :func:`format_restore` shows:
+    how long tokens fail after resume (None: not recovered in the watched window) and how
+    many; for discipline also its steps, bound coverage (worst: the lowest) and the samples
+    taken while no bound was claimed."""
+    out: dict[str, Any] = {}
+    runs = list(docs.values())
+    for name in runs[0]["strategies"] if runs else ():
+        rs = [d["strategies"][name] for d in runs]
+        failing = [math.inf if r["failing_for_s"] is None else r["failing_for_s"] for r in rs]
+        row: dict[str, Any] = {
+            "seeds": len(rs), "recovered": sum(bool(r["recovered"]) for r in rs),
+            "failing_for_s": _spread(failing),
+            "tokens_failed": _spread([r["tokens_failed"] for r in rs])}
+        if name == "discipline":
+            row["steps"] = _spread([r["steps"] for r in rs])
+            row["bound_coverage"] = _spread(
+                [r["bound_coverage"] for r in rs if r["bound_coverage"] is not None], min)
+            row["samples_without_bound"] = _spread([r["samples_without_bound"] for r in rs])
+        out[name] = row
+    return out
+
+
+def format_restore_summary(summary: Mapping[str, Any]) -> str:
+    """The table under the per-seed reports of ``--seeds``."""
+    def secs(v: float | None) -> str:
+        return "never" if v is None else f"{v:.2f} s"
+
+    def pair(d: Mapping[str, Any], fmt: Callable[[float], str] = lambda v: f"{v:g}") -> str:
+        return " / ".join("n/a" if d[k] is None else fmt(d[k]) for k in ("median", "worst"))
+
+    n = max((s["seeds"] for s in summary.values()), default=0)
+    lines = [f"summary over {n} seeds (median / worst)",
+             f"  {'strategy':<12}{'tokens fail for':>24}{'tokens failed':>16}  recovered"]
+    for name, s in summary.items():
+        fail = " / ".join(secs(s["failing_for_s"][k]) for k in ("median", "worst"))
+        lines.append(f"  {name:<12}{fail:>24}{pair(s['tokens_failed']):>16}  "
+                     f"{s['recovered']} of {s['seeds']} seeds")
+    d = summary.get("discipline")
+    if d is not None:
+        lines.append(f"  discipline: steps {pair(d['steps'])}; bound coverage after resume "
+                     f"{pair(d['bound_coverage'], lambda v: f'{v:.4f}')}; samples with no "
+                     f"bound claimed {pair(d['samples_without_bound'])}")
     return "\n".join(lines)

@@ -235,6 +235,39 @@ async def test_a_guest_that_leaves_keeps_only_presence_series_and_churn_keeps_no
 
 
 @with_relay
+async def test_disruptions_a_guest_acted_on_are_a_counter_and_old_guests_show_zero(
+        relay: Any) -> None:
+    """A restored guest's disruption count reaches /metrics (the fleet alert on a host
+    flipping VMClock markers counts on it); a guest from before the field reports none."""
+    new = await Guest.connect(relay.test_address, name="restored")
+    new.send(_report("unsynchronised", -7200.0, 12.0, state_reason="disrupted",
+                     disrupted=True, disruptions=3))
+    old = await Guest.connect(relay.test_vm_address, name="old")
+    old.send(framing.Frame(FrameType.HEALTH, 0, json.dumps(
+        {"version": 1, "state": "synchronised", "offset_s": 1e-6, "steps": 2,
+         "refused_jumps": 0}).encode()))
+    await _until(lambda: len(relay.guests) == 2 and all(
+        g.reports for g in relay.guests.records()))
+    ids = {g.name: g.guest for g in relay.guests.records()}
+    m = await scrape(relay)
+    assert value(m, "timesync_guest_disruptions_total", guest=ids["restored"]) == 3
+    assert value(m, "timesync_guest_state_reason", guest=ids["restored"],
+                 reason="disrupted") == 1
+    assert value(m, "timesync_guest_disruptions_total", guest=ids["old"]) == 0
+    assert value(m, "timesync_guest_steps_total", guest=ids["old"]) == 2
+    assert relay.stats.errors["health_bad_field"] == 0
+
+    new.send(_report("synchronised", 1e-6, 12.0, state_reason="tracking", disrupted=False,
+                     disruptions=4))
+    await _until(lambda: next(g for g in relay.guests.records()
+                              if g.name == "restored").reports == 2)
+    m = await scrape(relay)
+    assert value(m, "timesync_guest_disruptions_total", guest=ids["restored"]) == 4
+    await new.close()
+    await old.close()
+
+
+@with_relay
 async def test_bad_and_excess_health_reports_are_counted_and_never_affect_forwarding(
         relay: Any) -> None:
     g = await Guest.connect(relay.test_address, name="noisy")

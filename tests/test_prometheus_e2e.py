@@ -182,7 +182,8 @@ def test_alerts_fire_for_an_odd_guest_a_stopped_upstream_and_a_missing_guest(
     # the others are within a few ppm of their median; nothing else is wrong yet
     for quiet in ("TimesyncUpstreamUnreachable", "TimesyncGuestMissing", "TimesyncRelayDown",
                   "TimesyncGuestNotSynchronised", "TimesyncGuestErrorBoundHigh",
-                  "TimesyncGuestNotReporting"):
+                  "TimesyncGuestNotReporting", "TimesyncGuestDisrupted",
+                  "TimesyncHostDisruptionStorm"):
         assert prom.firing(quiet) == [], quiet
 
     stack.stop_upstream(1)

@@ -163,3 +163,55 @@ def test_status_text_says_why_it_stepped_and_shows_vmclock() -> None:
     text = "\n".join(format_tracking(StatusReport.from_json(st), clock.now_ns() / 1e9))
     assert "Step decision   : step: confirmed after a reconnect" in text
     assert "VMClock         : synchronized, leap none; 1 disruptions acted on" in text
+
+
+def test_drift_sim_snapshot_restore_seeds_runs_each_seed_and_summarises() -> None:
+    """``--seeds`` runs every seed (each as its own ``--seed`` run would) and adds the median
+    and worst over them, in JSON and text; a single seed prints no summary."""
+    from click.testing import CliRunner
+
+    from timesyncd.cli import main
+
+    args = ["drift-sim", "--scenario", "snapshot-restore", "--pause", "20m", "--pause-at", "15m"]
+    multi = CliRunner().invoke(main, [*args, "--seeds", "1-2", "--json"])
+    assert multi.exit_code == 0, multi.output
+    doc = json.loads(multi.stdout)
+    assert list(doc["seeds"]) == ["1", "2"]
+    single = json.loads(CliRunner().invoke(main, [*args, "--seed", "2", "--json"]).stdout)
+    assert doc["seeds"]["2"] == single and single["seed"] == 2
+    runs = [doc["seeds"][k]["strategies"] for k in ("1", "2")]
+    assert runs[0]["discipline"]["final_offset_s"] != runs[1]["discipline"]["final_offset_s"]
+    s = doc["summary"]
+    assert s["none"]["recovered"] == 0 and s["none"]["failing_for_s"]["worst"] is None
+    # paused at 900 s of uptime: the 300 s step timer still has 300 s to run after resume
+    assert s["step"]["failing_for_s"] == {"median": 300.0, "worst": 300.0}
+    fails = [r["discipline"]["failing_for_s"] for r in runs]
+    assert s["discipline"]["failing_for_s"]["worst"] == max(fails) < 10.0
+    assert s["discipline"]["recovered"] == 2 and s["discipline"]["steps"]["worst"] == 1
+
+    text = CliRunner().invoke(main, [*args, "--seeds", "1-2"]).output
+    assert "watched 1800 s after resume, seed 1" in text and ", seed 2" in text
+    assert "summary over 2 seeds (median / worst)" in text
+    table = text[text.index("summary over"):]
+    assert "0 of 2 seeds" in next(x for x in table.splitlines() if x.startswith("  none "))
+    one = CliRunner().invoke(main, [*args, "--seed", "2"]).output
+    assert "summary" not in one and ", seed" not in one
+
+
+def test_restore_summary_takes_median_and_worst_and_never_recovered_as_worst() -> None:
+    from sim.restore import format_restore_summary, restore_summary
+
+    def run(failing: float | None, failed: int, coverage: float | None) -> dict[str, object]:
+        disc = {"failing_for_s": failing, "tokens_failed": failed,
+                "recovered": failing is not None, "steps": 1, "bound_coverage": coverage,
+                "samples_without_bound": 3}
+        return {"strategies": {"discipline": disc}}
+
+    docs = {1: run(2.0, 0, 1.0), 2: run(4.0, 1, 0.98), 3: run(None, 30, None)}
+    s = restore_summary(docs)["discipline"]
+    assert s["failing_for_s"] == {"median": 4.0, "worst": None}  # seed 3 never recovered
+    assert s["tokens_failed"] == {"median": 1.0, "worst": 30.0}
+    assert s["bound_coverage"] == {"median": 0.99, "worst": 0.98}  # worst is the lowest
+    assert s["recovered"] == 2 and s["seeds"] == 3
+    text = format_restore_summary({"discipline": s})
+    assert "4.00 s / never" in text and "2 of 3 seeds" in text and "0.9900 / 0.9800" in text

@@ -196,7 +196,8 @@ def drift_sim(days: float, load_spec: str, seed: int, seeds: str | None, leeway:
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("seeds: "), param_hint="--seeds") from None
     if scenario_name == "snapshot-restore":
-        _snapshot_restore(seed_list[0], pause, pause_at, vmclock, leeway, token_rate, as_json)
+        _snapshot_restore(seed_list, seeds is not None, pause, pause_at, vmclock, leeway,
+                          token_rate, as_json)
         return
     if scenario_name in ("lan-reference", "lan-noisy"):
         _lan_reference(seed_list, seeds is not None, as_json,
@@ -297,18 +298,37 @@ def _emit(runs: dict[int, tuple[Scenario, dict[str, StrategyResult]]], multi: bo
         raise click.ClickException(str(exc)) from exc
 
 
-def _snapshot_restore(seed: int, pause: str, pause_at: str, vmclock: bool, leeway: float,
-                      token_rate: float, as_json: bool) -> None:
-    from sim.restore import RestoreScenario, format_restore, run_restore
+def _snapshot_restore(seed_list: list[int], multi: bool, pause: str, pause_at: str,
+                      vmclock: bool, leeway: float, token_rate: float, as_json: bool) -> None:
+    """One report per seed; with ``--seeds`` (``multi``) also the median and worst over them,
+    as the default scenario does."""
+    from sim.restore import (
+        RestoreScenario,
+        format_restore,
+        format_restore_summary,
+        restore_summary,
+        run_restore,
+    )
 
     try:
-        sc = RestoreScenario(pause_s=parse_duration(pause), at_s=parse_duration(pause_at),
-                             vmclock=vmclock, seed=seed, leeway_s=leeway,
-                             token_rate=token_rate)
+        base = RestoreScenario(pause_s=parse_duration(pause), at_s=parse_duration(pause_at),
+                               vmclock=vmclock, seed=seed_list[0], leeway_s=leeway,
+                               token_rate=token_rate)
     except ValueError as exc:
         raise click.UsageError(f"--pause/--pause-at: {exc}") from None
-    doc = run_restore(sc)
-    click.echo(json.dumps(doc, indent=2) if as_json else format_restore(doc))
+    docs = {s: run_restore(replace(base, seed=s)) for s in seed_list}
+    if not multi:
+        doc = docs[seed_list[0]]
+        click.echo(json.dumps(doc, indent=2) if as_json else format_restore(doc))
+        return
+    summary = restore_summary(docs)
+    if as_json:
+        click.echo(json.dumps({"seeds": {str(s): d for s, d in docs.items()},
+                               "summary": summary}, indent=2))
+        return
+    for doc in docs.values():
+        click.echo(format_restore(doc, show_seed=True) + "\n")
+    click.echo(format_restore_summary(summary))
 
 
 def _lan_reference(seed_list: list[int], multi: bool, as_json: bool, minpoll: int | None,

@@ -289,7 +289,7 @@ class GuestDaemon:
 
     def status_report(self) -> StatusReport:
         return build_status(
-            self.controller, self.clock.now_ns(), clock=self.settings.clock, floor=self.floor,
+            self.controller, self.clock.now_ns(), clock=self.settings.clock or "", floor=self.floor,
             true_offset_ns=self.clock.true_offset_ns(), link=self.link,
             forwarder=self.forwarder, clockbound=self.clockbound,
             vmclock=self.vmclock.status() if self.vmclock is not None else None,

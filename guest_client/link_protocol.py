@@ -260,17 +260,17 @@ class LinkProtocol(Generic[R, S]):
                 del self._closed_streams[rid]
             return None
         if frame.type == FrameType.NTP_REPLY:
-            token = self._pending.pop(rid, None)
-            if token is None:
+            request = self._pending.pop(rid, None)
+            if request is None:
                 self.counters["unsolicited_reply"] += 1
                 return None
             try:
                 packet, r_in, r_out = framing.parse_ntp_reply(frame)
             except FramingError as exc:
                 self.counters[f"reply_{exc.reason}"] += 1
-                return RequestDone(rid, token,
+                return RequestDone(rid, request,
                                    RelayFailure(f"malformed_reply:{exc.reason}", str(exc)))
-            return RequestDone(rid, token, RelayReply(packet, r_in, r_out, rx_ns))
+            return RequestDone(rid, request, RelayReply(packet, r_in, r_out, rx_ns))
         if frame.type == FrameType.ERROR:
             return self._on_error(frame)
         self.counters[f"ignored_frame_{frame.type}"] += 1

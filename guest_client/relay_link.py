@@ -159,13 +159,16 @@ class RelayLink:
         after framing and just before the write, so it is never later than the bytes left
         (a stamp after the write could be, and made the first exchanges' delay negative)."""
         if not self.connected:
-            return self._refused(self.proto.refuse("send_not_connected", "relay_not_connected"))
+            self._refused(self.proto.refuse("send_not_connected", "relay_not_connected"))
+            return None
         prepared = self.proto.prepare_request(upstream, packet)
         if isinstance(prepared, Refused):
-            return self._refused(prepared)
+            self._refused(prepared)
+            return None
         rid, data = prepared
         if not self._room_for(len(data)):
-            return self._refused(self.proto.refuse("send_busy", "send_busy"))
+            self._refused(self.proto.refuse("send_busy", "send_busy"))
+            return None
         timer = asyncio.get_running_loop().call_later(self.request_timeout_s, self._expire, rid)
         self.proto.track(rid, _Pending(callback, timer))
         self.last_tx_ns = self._clock()
@@ -318,13 +321,15 @@ class RelayLink:
             async with asyncio.timeout(self.request_timeout_s):  # wait_for may swallow cancel
                 upstreams = await session.hello
         except TimeoutError:
-            return self._hello_failed("hello_timeout", f"relay {self.address} did not answer HELLO")
+            self._hello_failed("hello_timeout", f"relay {self.address} did not answer HELLO")
+            return None
         except (RelayProtocolError, FramingError) as exc:
-            return self._hello_failed(f"hello_{exc.reason}",
-                                      f"relay {self.address} HELLO failed: {exc}")
+            self._hello_failed(f"hello_{exc.reason}", f"relay {self.address} HELLO failed: {exc}")
+            return None
         except (ConnectionError, OSError) as exc:
-            return self._hello_failed("hello_connection_lost",
-                                      f"relay {self.address} closed during HELLO: {exc}")
+            self._hello_failed("hello_connection_lost",
+                               f"relay {self.address} closed during HELLO: {exc}")
+            return None
         self.connects += 1
         self._up = True
         self.last_error = ""

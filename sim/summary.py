@@ -11,7 +11,7 @@ import importlib.util
 import math
 import os
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,7 +36,7 @@ def check_outputs(csv_path: str | None, plot_path: str | None) -> None:
             raise ValueError(f"{option}: {path} is not writable")
 
 
-def _median(values: list[float]) -> float:
+def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 

@@ -76,8 +76,8 @@ def scenario_from_options(**options: Any) -> tuple[Scenario, str]:
     outages = opts.pop("outage", ())
     if isinstance(outages, str):
         outages = (outages,)
-    net = NetworkParams(**{net_names[k]: float(v) for k, v in opts.items() if k in net_names},
-                        outages=tuple(parse_outage(o) for o in outages))
+    net_kw: dict[str, Any] = {net_names[k]: float(v) for k, v in opts.items() if k in net_names}
+    net = NetworkParams(**net_kw, outages=tuple(parse_outage(o) for o in outages))
     sc_kw: dict[str, Any] = {sc_names[k]: v for k, v in opts.items() if k in sc_names}
     if isinstance(sc_kw.get("days"), str):
         sc_kw["days"] = parse_duration(sc_kw["days"]) / DAY_S
@@ -166,6 +166,7 @@ class GuestTimeline:
 
     def _use_anchors(self) -> None:
         anchors, osc = self._anchors, self.inputs.rate.oscillator
+        assert anchors is not None
         self._offset_at = lambda t: offsets_from_anchors(*anchors, osc, t)
 
     def offsets_s(self, true_s: FloatArray) -> FloatArray:

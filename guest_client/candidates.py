@@ -65,7 +65,7 @@ def first_update_ready(sources: Iterable[Source], now: float, first_sample_t: fl
     """Hold the first update until every armed source answered (or a burst interval passed)
     so a single falseticker cannot take the initial step."""
     pending = [s for s in sources
-               if not s.disabled and s.next_poll_ns is not None and s.last_sample is None]
+               if not s.disabled and s.next_poll is not None and s.last_sample is None]
     return not pending or (first_sample_t is not None
                            and now - first_sample_t >= BURST_INTERVAL_S)
 

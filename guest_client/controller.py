@@ -2,7 +2,9 @@
 
 All times passed in are readings of the clock being disciplined (Unix ns). The controller
 never reads a clock: the driver applies the returned actions to its ``Clock`` at once, in
-order, and reports replies with the clock reading at arrival.
+order, and reports replies with the clock reading at arrival. Inside, times are elapsed
+seconds that a step does not move (:mod:`guest_client.timebase`); clock readings go out
+in ``next_timer_ns``, actions and status.
 
 Flow per reply: ``ClientExchange`` checks it -> step policy on a large jump (slew / step /
 refuse, :mod:`guest_client.step_policy`) -> per-source ``SampleFilter`` -> regression fit and
@@ -52,6 +54,7 @@ from guest_client.sync_state import (
     StateMachine,
     SyncState,
 )
+from guest_client.timebase import TimeBase
 from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from timesyncd.clock import KernelStatus
 from timesyncd.correction import CorrectionModel
@@ -81,7 +84,7 @@ class GuestController(StepHandling, StateKeeping):
         self.config = config
         self._rng = rng
         self._sources: dict[str, Source] = {}
-        self._epoch_ns: int | None = None
+        self._tb = TimeBase()  # the one base of every time kept below
         self._model = CorrectionModel(0.0, initial_frequency_ppm * 1e-6)
         self._started = False
         self._sm = StateMachine()
@@ -116,16 +119,6 @@ class GuestController(StepHandling, StateKeeping):
         for source in sources:
             self._add(source)
 
-    # --- time helpers -------------------------------------------------------------------
-    def _t(self, ns: int) -> float:
-        if self._epoch_ns is None:
-            self._epoch_ns = ns
-        return (ns - self._epoch_ns) / _NS
-
-    def _ns(self, t: float) -> int:
-        assert self._epoch_ns is not None
-        return self._epoch_ns + round(t * _NS)
-
     # --- sources --------------------------------------------------------------------------
     def _add(self, source: SourceConfig) -> Source:
         src = self._sources[source.name] = Source.new(source, self.config)
@@ -133,10 +126,10 @@ class GuestController(StepHandling, StateKeeping):
 
     def add_source(self, source: SourceConfig, now_ns: int) -> list[Action]:
         """Add a source (or re-arm an existing one after a reconnect, keeping its samples)."""
-        self._t(now_ns)
+        at = self._tb.base_ns(now_ns)
         src = self._sources.get(source.name) or self._add(source)
         if self._started:
-            src.arm(self.config.burst, now_ns)
+            src.arm(self.config.burst, at)
         return []
 
     def park(self, name: str) -> None:
@@ -144,28 +137,28 @@ class GuestController(StepHandling, StateKeeping):
         for its keys: a poll that cannot be sent is not a missed reply)."""
         src = self._sources.get(name)
         if src is not None:
-            src.next_poll_ns, src.burst_left = None, 0
+            src.next_poll, src.burst_left = None, 0
 
     def remove_source(self, name: str) -> None:
         self._sources.pop(name, None)
 
     def start(self, now_ns: int) -> list[Action]:
         """Begin polling every source (a burst first)."""
-        self._t(now_ns)
+        at = self._tb.base_ns(now_ns)
         self._started = True
         for src in self._sources.values():
-            src.arm(self.config.burst, now_ns)
+            src.arm(self.config.burst, at)
         return [SetKernelStatus(KernelStatus(synchronised=False))]
 
     # --- events ---------------------------------------------------------------------------
     def on_timer(self, now_ns: int) -> list[Action]:
-        now = self._t(now_ns)
+        now, at = self._tb.t(now_ns), self._tb.base_ns(now_ns)
         actions: list[Action] = []
         if self._slew_end_t is not None and now >= self._slew_end_t - 1e-9:
-            self._set_frequency(now, -self._slope, actions)
-        self._evaluate(now, actions, kernel=self._sm.state == SyncState.HOLDOVER)
+            self._set_frequency(now_ns, -self._slope, actions)
+        self._evaluate(now_ns, actions, kernel=self._sm.state == SyncState.HOLDOVER)
         for src in self._sources.values():
-            if src.next_poll_ns is not None and now_ns >= src.next_poll_ns:
+            if src.next_poll is not None and at >= src.next_poll:
                 actions.append(self._request(src, now_ns))
         return actions
 
@@ -211,13 +204,15 @@ class GuestController(StepHandling, StateKeeping):
         return self.on_discontinuity(now_ns, Discontinuity.RECONNECT)
 
     def next_timer_ns(self) -> int | None:
-        times = [s.next_poll_ns for s in self._sources.values() if s.next_poll_ns is not None]
-        if self._epoch_ns is not None:
+        tb = self._tb
+        times = [tb.reading_ns(s.next_poll) for s in self._sources.values()
+                 if s.next_poll is not None]
+        if tb.epoch_ns is not None:
             if self._slew_end_t is not None:
-                times.append(self._ns(self._slew_end_t))
+                times.append(tb.reading_of(self._slew_end_t))
             deadline = self._state_deadline()
             if deadline is not None:
-                times.append(self._ns(deadline))
+                times.append(tb.reading_of(deadline))
         return min(times) if times else None
 
     # --- status ---------------------------------------------------------------------------
@@ -228,13 +223,14 @@ class GuestController(StepHandling, StateKeeping):
         sd = self._slope_sd * 1e6 if math.isfinite(self._slope_sd) else None
         return -self._slope * 1e6, sd
 
-    def _estimate(self, now: float) -> float | None:
+    def _estimate(self, now_ns: int) -> float | None:
         """Estimated clock minus reference now (``error_bound(now_ns).estimate_s``)."""
         if self._sys is None:
             return None
         x, y = self._sys
-        x_now = self._model.uncorrected(now)
-        return y + self._slope * (x_now - x) + self._model.correction_at(now)
+        clock = self._tb.clock_s(now_ns)
+        x_now = self._model.uncorrected(clock)
+        return y + self._slope * (x_now - x) + self._model.correction_at(clock)
 
     @property
     def frequency_ppm(self) -> float:
@@ -253,17 +249,17 @@ class GuestController(StepHandling, StateKeeping):
 
     def error_bound(self, now_ns: int) -> ErrorBound:
         """The bound around the clock reading now (:mod:`guest_client.error_bound`)."""
-        now = self._t(now_ns)
+        now = self._tb.t(now_ns)
         if self._disruption.active:  # no bound: the clock may be anywhere until confirmed
-            return ErrorBound(now_ns, MAX_BOUND_S, self._estimate(now),
+            return ErrorBound(now_ns, MAX_BOUND_S, self._estimate(now_ns),
                               self.config.max_clock_error_ppm * 1e-6, False)
-        return compute(self._basis, now, now_ns, self._estimate(now),
+        return compute(self._basis, now, now_ns, self._estimate(now_ns),
                        self.config.max_clock_error_ppm, self._jumps.disagreement_s, self._verified)
 
     def status(self, now_ns: int) -> ControllerStatus:
         """Current state; ``offset_s`` is the offset estimated at the last update (chrony's
         "last offset"); the offset now is ``error_bound(now_ns).estimate_s``."""
-        now = self._t(now_ns)
+        now, tb = self._tb.t(now_ns), self._tb
         polls = [s.poll.poll for s in self._sources.values() if not s.disabled]
         for src in self._sources.values():
             src.status.samples = len(src.filter)
@@ -275,13 +271,13 @@ class GuestController(StepHandling, StateKeeping):
             state=self.state.value, offset_s=self._last_offset, frequency_ppm=self.frequency_ppm,
             root_distance_s=root_distance(self._basis, now, self.config.holdover_drift_ppm),
             poll_s=float(2 ** min(polls)) if polls else float(2**self.config.minpoll),
-            last_update=self._ns(last) / _NS if last is not None else None,
+            last_update=tb.reading_of(last) / _NS if last is not None else None,
             steps=self.steps, refused_jumps=self.refused_jumps, rejected=dict(self.rejected),
             sources=[s.status for s in self._sources.values()],
             holdover_s=now - last if since is not None and last is not None else 0.0,
             error_bound_s=bound.bound_s, error_bound_growth_ppm=bound.growth_ppm,
             bound_verified=bound.verified, state_reason=self._sm.reason.value,
-            holdover_since=self._ns(since) / _NS if since is not None else None,
+            holdover_since=tb.reading_of(since) / _NS if since is not None else None,
             disagreement_s=self._jumps.disagreement_s, disrupted=self._disruption.active,
             disruption_cause=self._disruption.cause, disruptions=self._disruption.count,
             step_decision=self._last_decision)
@@ -289,15 +285,16 @@ class GuestController(StepHandling, StateKeeping):
     def tracking(self, now_ns: int) -> Tracking:
         """The ``chronyc tracking``/``sources`` figures; fills the sources' reach/poll columns."""
         return build_tracking(
-            self._sources.values(), lambda t: self._ns(t) / _NS,
+            self._sources.values(), lambda t: self._tb.reading_of(t) / _NS,
             synced=self.state != "unsynchronised" and self._sys is not None, slope=self._slope,
             slope_sd=self._slope_sd, leap=self._leap, leap_mode=self.config.leap_mode,
-            rms_offset_s=self._offset_rms.rms_s, remaining_s=self._estimate(self._t(now_ns)))
+            rms_offset_s=self._offset_rms.rms_s, remaining_s=self._estimate(now_ns))
 
     # --- internals: requests and rejections -------------------------------------------------
     def _request(self, src: Source, now_ns: int) -> SendRequest:
         cookie = self._rng.getrandbits(64) or 1
-        return SendRequest(src.name, src.request(cookie, self._step_epoch, now_ns))
+        return SendRequest(src.name, src.request(cookie, self._step_epoch, now_ns,
+                                                 self._tb.base_ns(now_ns)))
 
     def _count(self, reason: str, src: Source | None) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -306,13 +303,13 @@ class GuestController(StepHandling, StateKeeping):
 
     def _rejected(self, src: Source, rej: Rejection, now_ns: int) -> None:
         self._count(rej.reason, src)
-        src.obey_kiss(rej, now_ns)
+        src.obey_kiss(rej, self._tb.base_ns(now_ns))
 
     # --- internals: the clock update ------------------------------------------------------
     def _process(self, src: Source, sample: Sample, now_ns: int) -> list[Action]:
         actions: list[Action] = []
-        now = self._t(now_ns)
-        t_mid = self._t((sample.t1_ns + sample.t4_ns) // 2)
+        now = self._tb.t(now_ns)
+        t_mid = self._tb.clock_s((sample.t1_ns + sample.t4_ns) // 2)  # the model's scale
         last_rx = self._last_sample_rx_t
         if last_rx is not None and now - last_rx > self.config.outage_s:
             self.on_discontinuity(now_ns, Discontinuity.OUTAGE)
@@ -348,11 +345,11 @@ class GuestController(StepHandling, StateKeeping):
             self._first_sample_t = now
 
     def _update(self, now_ns: int, actions: list[Action]) -> None:
-        now = self._t(now_ns)
+        now, clock = self._tb.t(now_ns), self._tb.clock_s(now_ns)
         if self._sys is None and not first_update_ready(self._sources.values(), now,
                                                          self._first_sample_t):
             return
-        x_now = self._model.uncorrected(now)
+        x_now = self._model.uncorrected(clock)
         cands, live = gather(self._sources.values(), now, x_now, self._slope, self.config,
                              self._prior_sd)
         cands, live = trust_bound(cands, live, self._sources, self._auth_names(), self._count)
@@ -360,7 +357,7 @@ class GuestController(StepHandling, StateKeeping):
         if sel is None:
             self._count("no_majority", None)
             return
-        offset = sel.offset + self._model.correction_at(now)
+        offset = sel.offset + self._model.correction_at(clock)
         step = abs(offset) > self.config.step_threshold_s and self.updates < self.config.step_limit
         if step and decide(boot_evidence(
                 self._sources.values(), self._auth_names(), offset, sel.selected, live,
@@ -377,8 +374,8 @@ class GuestController(StepHandling, StateKeeping):
         self._sys = (x_now, sel.offset)
         if step:
             now_ns = self._step(now_ns, -offset, actions)
-            now = self._t(now_ns)
-            offset = sel.offset + self._model.correction_at(now)
+            clock = self._tb.clock_s(now_ns)  # ``now`` (elapsed) is where it was
+            offset = sel.offset + self._model.correction_at(clock)
         guaranteed = min((sample_distance(s, sel.offset, sel.slope, x_now) for s in live
                           if s.config.name in sel.selected), default=math.inf)
         self._basis = BoundBasis(now, max(sel.distance, guaranteed), self._slope_sd)
@@ -390,12 +387,12 @@ class GuestController(StepHandling, StateKeeping):
         self.updates += 1
         freq, duration = slew_plan(offset * gain(offset, self._est_error_s, live), self._slope,
                                    self.config.max_slew_ppm, self.config.slew_time_s)
-        self._model.set_frequency(now, freq)
+        self._model.set_frequency(clock, freq)
         actions.append(SetFrequency(freq * 1e6))
         self._slew_end_t = now + duration if duration > 0 else None
-        self._evaluate(now, actions, kernel=True)
+        self._evaluate(now_ns, actions, kernel=True)
 
-    def _set_frequency(self, now: float, freq: float, actions: list[Action]) -> None:
-        self._model.set_frequency(now, freq)
+    def _set_frequency(self, now_ns: int, freq: float, actions: list[Action]) -> None:
+        self._model.set_frequency(self._tb.clock_s(now_ns), freq)
         self._slew_end_t = None
         actions.append(SetFrequency(freq * 1e6))

@@ -2,7 +2,8 @@
 reachability and the consecutive jumps it reported (for the jump guard).
 
 Sans-IO like the controller: it builds request bytes and schedules the next poll in the
-disciplined clock's nanoseconds; it never sends or sleeps.
+controller's elapsed ns (:class:`guest_client.timebase.TimeBase`, which a step does not
+move); it never sends or sleeps.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Source:
     filter: SampleFilter
     poll: PollState
     status: SourceStatus
-    next_poll_ns: int | None = None
+    next_poll: int | None = None  # elapsed ns (TimeBase.base_ns)
     burst_left: int = 0
     request_epoch: int = -1  # the controller's step epoch when the last request left
     reach: int = 0
@@ -48,7 +49,7 @@ class Source:
     min_poll: int = -99  # raised by KoD RATE
     estimate: Estimate | None = None
     last_sample: FilteredSample | None = None
-    last_sample_t: float | None = None
+    last_sample_t: float | None = None  # controller (elapsed) seconds
     jumps: list[float] = field(default_factory=list)  # consecutive refused jumps, seconds
     dirty: bool = False  # a sample arrived since the last fit
 
@@ -70,14 +71,16 @@ class Source:
         """log2 of the poll interval in use: the adaptive one, or more if a KoD asked."""
         return max(self.poll.poll, self.min_poll)
 
-    def arm(self, burst: int, now_ns: int) -> None:
-        """Poll now, starting with a burst of ``burst`` closely spaced requests."""
+    def arm(self, burst: int, at: int) -> None:
+        """Poll now (elapsed ns ``at``), starting with a burst of ``burst`` closely spaced
+        requests."""
         if not self.disabled:
             self.burst_left = burst
-            self.next_poll_ns = now_ns
+            self.next_poll = at
 
-    def request(self, cookie: int, step_epoch: int, now_ns: int) -> bytes:
-        """The next request's bytes; schedules the poll after it."""
+    def request(self, cookie: int, step_epoch: int, now_ns: int, at: int) -> bytes:
+        """The next request's bytes, sent at clock reading ``now_ns`` (elapsed ns ``at``);
+        schedules the poll after it."""
         if self.exchange.outstanding:
             self.count("no_reply")
         self.reach = (self.reach << 1) & 0xFF
@@ -88,23 +91,24 @@ class Source:
         if self.burst_left > 0:
             self.burst_left -= 1
             interval = min(BURST_INTERVAL_S, interval)
-        self.next_poll_ns = now_ns + round(interval * _NS)
+        self.next_poll = at + round(interval * _NS)
         return data
 
     def count(self, reason: str) -> None:
         self.status.rejected[reason] = self.status.rejected.get(reason, 0) + 1
 
-    def obey_kiss(self, rej: Rejection, now_ns: int) -> None:
-        """RATE: poll less often for good; DENY/RSTR: stop using this source."""
+    def obey_kiss(self, rej: Rejection, at: int) -> None:
+        """RATE: poll less often for good; DENY/RSTR: stop using this source (``at``:
+        elapsed ns now)."""
         if rej.reason == "kod_rate":
             self.min_poll = min(self.effective_poll + 1, 17)
             self.poll.poll = self.effective_poll
-            self.next_poll_ns = now_ns + round(2.0**self.min_poll * _NS)
+            self.next_poll = at + round(2.0**self.min_poll * _NS)
             self.burst_left = 0
             self.status.note = f"server asked to slow down (KoD RATE); poll 2^{self.min_poll} s"
         elif rej.reason in ("kod_deny", "kod_rstr"):
             self.disabled = True
-            self.next_poll_ns = None
+            self.next_poll = None
             self.forget_samples()
             self.status.selected = False
             self.status.note = f"server refused service (KoD {rej.kiss_code}); source disabled"
@@ -112,7 +116,7 @@ class Source:
 
     def disconnect(self, max_root_distance_s: float) -> None:
         """The link dropped: no polling, not reachable, no request in flight."""
-        self.next_poll_ns = None
+        self.next_poll = None
         self.reach = 0
         self.status.reachable = False
         self.exchange = ClientExchange(max_root_distance_s=max_root_distance_s)
@@ -123,10 +127,3 @@ class Source:
         self.estimate = None
         self.last_sample = None
         self.jumps.clear()
-
-    def shift(self, delta_ns: int) -> None:
-        """The clock was stepped by ``delta_ns``: move this source's clock readings with it."""
-        if self.next_poll_ns is not None:
-            self.next_poll_ns += delta_ns
-        if self.last_sample_t is not None:
-            self.last_sample_t += delta_ns / _NS

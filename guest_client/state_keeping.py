@@ -24,6 +24,7 @@ from guest_client.sync_state import (
     kernel_status,
     target,
 )
+from guest_client.timebase import TimeBase
 from timesyncd.discipline import DisciplineConfig
 
 
@@ -42,9 +43,9 @@ class StateKeeping:
     _bound_deadline: float | None
     _slope: float
     events: list[StateEvent]
-    _ns: Callable[[float], int]
+    _tb: TimeBase
     error_bound: Callable[[int], ErrorBound]
-    _set_frequency: Callable[[float, float, list[Action]], None]
+    _set_frequency: Callable[[int, float, list[Action]], None]
 
     @property
     def state(self) -> SyncState:
@@ -59,8 +60,9 @@ class StateKeeping:
         events, self.events = self.events, []
         return events
 
-    def _facts(self, now: float) -> Facts:
-        bound = self.error_bound(self._ns(now))
+    def _facts(self, now_ns: int) -> Facts:
+        now = self._tb.t(now_ns)
+        bound = self.error_bound(now_ns)
         last = self._last_update_t
         return Facts(
             updated=last is not None, bound_s=bound.bound_s, max_error_s=self.config.max_error_s,
@@ -70,12 +72,13 @@ class StateKeeping:
             holdover_after_s=holdover_after(self._sources.values(), self.config),
             disagreeing=self._jumps.disagreement_s != 0.0, disrupted=self._disruption.active)
 
-    def _evaluate(self, now: float, actions: list[Action], kernel: bool = False) -> None:
+    def _evaluate(self, now_ns: int, actions: list[Action], kernel: bool = False) -> None:
         """Move to the state the bound calls for; one kernel status per call, when the state
         changed or ``kernel`` asks for a fresh bound."""
-        facts = self._facts(now)
+        now = self._tb.t(now_ns)
+        facts = self._facts(now_ns)
         new, reason = target(facts)
-        growth = self.error_bound(self._ns(now)).growth
+        growth = self.error_bound(now_ns).growth
         self._bound_deadline = (now + max((facts.max_error_s - facts.bound_s) / growth, 1.0)
                                 if growth > 0 and facts.updated else None)
         event = self._sm.move(new, reason, now)
@@ -83,11 +86,11 @@ class StateKeeping:
             del self.events[:-63]  # bounded for a driver that never drains them
             self.events.append(event)
             if new == SyncState.HOLDOVER:  # keep the learned frequency, stop slewing phase
-                self._set_frequency(now, -self._slope, actions)
+                self._set_frequency(now_ns, -self._slope, actions)
         if event is not None or kernel:
             actions.append(SetKernelStatus(kernel_status(
                 self.state, self._leap, self.config.leap_mode,
-                self.error_bound(self._ns(now)).bound_s, self._est_error_s)))
+                self.error_bound(now_ns).bound_s, self._est_error_s)))
 
     def _state_deadline(self) -> float | None:
         """When the state may next change without a sample: entering holdover, or the bound

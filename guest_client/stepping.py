@@ -1,16 +1,16 @@
 """Discontinuities, clock jumps and steps: the controller's step handling (sans-IO).
 
 A jump past the step threshold goes to the step policy (:mod:`guest_client.step_policy`:
-slew, step or refuse); a step moves every time the controller keeps by the step, so the
-times stay on the clock's base. Mixed into :class:`guest_client.controller.GuestController`,
-whose state it shares.
+slew, step or refuse). A step changes the clock's readings, not the controller's times:
+those are elapsed time on its :class:`guest_client.timebase.TimeBase`, which only learns
+the step's size (as does the ``CorrectionModel``). Mixed into
+:class:`guest_client.controller.GuestController`, whose state it shares.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 from guest_client.actions import Action, StepClock
 from guest_client.disruption import RESTORE_DETECTED, DisruptionState
@@ -27,7 +27,7 @@ from guest_client.step_policy import (
     evidence,
     operator_step,
 )
-from guest_client.sync_state import StateMachine
+from guest_client.timebase import TimeBase
 from timesyncd.correction import CorrectionModel
 from timesyncd.discipline import DisciplineConfig
 from timesyncd.filter import FilteredSample
@@ -48,19 +48,14 @@ class StepHandling:
     _disruption: DisruptionState
     _last_decision: str
     _verified: bool
-    _sm: StateMachine
     _basis: BoundBasis | None
     _sys: tuple[float, float] | None
     _step_epoch: int
     steps: int
     updates: int
     refused_jumps: int
-    _last_sample_rx_t: float | None
-    _first_sample_t: float | None
-    _slew_end_t: float | None
-    _bound_deadline: float | None
-    _t: Callable[[int], float]
-    _estimate: Callable[[float], float | None]
+    _tb: TimeBase
+    _estimate: Callable[[int], float | None]
     _use: Callable[[Source, FilteredSample, float], None]
     _update: Callable[[int, list[Action]], None]
     _evaluate: Callable[..., None]
@@ -69,7 +64,7 @@ class StepHandling:
         """The guest has reason to believe its clock moved (suspend/restore, reconnect, long
         silence): a later jump may then be stepped once confirmed (step_policy); one already
         being refused now is not explained by it."""
-        self._t(now_ns)
+        self._tb.t(now_ns)
         self._jumps.mark(kind, counted(self._sources.values(), self._auth_names()),
                          self._jump_tolerance())
         return []
@@ -79,32 +74,32 @@ class StepHandling:
         rate-limited by the driver; or a restore detected): disrupted at once (STA_UNSYNC,
         maxerror at its ceiling), old samples dropped, polling sources re-armed in a burst;
         a step follows only as the step policy allows (``Discontinuity.VMCLOCK``)."""
-        self._t(now_ns)
+        at = self._tb.base_ns(now_ns)
         if cause != RESTORE_DETECTED:
             self.on_discontinuity(now_ns, Discontinuity.VMCLOCK)
         self._disruption.begin(cause)
         log.warning("clock disrupted (%s): samples dropped, polling in a burst", cause)
         for src in self._sources.values():
             src.forget_samples()
-            if src.next_poll_ns is not None:
-                src.arm(self.config.burst, now_ns)
+            if src.next_poll is not None:
+                src.arm(self.config.burst, at)
         if self._basis is not None:
             self._verified = False
         actions: list[Action] = []
-        self._evaluate(self._t(now_ns), actions, kernel=True)
+        self._evaluate(now_ns, actions, kernel=True)
         return actions
 
     def make_step(self, now_ns: int) -> tuple[list[Action], Decision]:
         """An operator accepts the step now (``timesync makestep``; step_policy.operator_step)."""
         pool = counted(self._sources.values(), self._auth_names())
-        decision = operator_step(pool, self._jump_tolerance(), self._estimate(self._t(now_ns)))
+        decision = operator_step(pool, self._jump_tolerance(), self._estimate(now_ns))
         actions: list[Action] = []
         if decision.action == StepAction.STEP:
             now_ns = self._step(now_ns, -decision.size_s, actions)
             self._clear_samples()
             self._jumps.settle(self._sources.values())
             self._disruption.end()
-            self._evaluate(self._t(now_ns), actions, kernel=True)
+            self._evaluate(now_ns, actions, kernel=True)
         return actions, decision
 
     def _auth_names(self) -> frozenset[str]:
@@ -135,7 +130,6 @@ class StepHandling:
                       jump_before_discontinuity=self._jumps.jump_before)
         decision = decide(ev)
         self._last_decision = f"{decision.action}: {decision.reason}"
-        now = self._t(now_ns)
         if decision.action != StepAction.STEP:
             self.refused_jumps += 1
             src.status.note = f"refused jump of {jump:+.6f} s: {decision.reason}"
@@ -143,7 +137,7 @@ class StepHandling:
                         decision.reason)
             if ev.agreeing >= cfg.jump_confirm_samples:  # every counted source keeps saying so
                 self._jumps.disagreement_s = ev.jump_s
-            self._evaluate(now, actions)
+            self._evaluate(now_ns, actions)
             return actions
         size = decision.size_s
         now_ns = self._step(now_ns, -size, actions)
@@ -153,29 +147,21 @@ class StepHandling:
         src.status.note = f"stepped {size:+.6f} s: {decision.reason}"
         log.warning("stepped the clock by %+.6f s (%s)", -size, decision.reason)
         src.filter.add(fs)
-        self._use(src, fs, self._t(now_ns))
+        self._use(src, fs, self._tb.t(now_ns))
         self._update(now_ns, actions)
         return actions
 
     def _step(self, now_ns: int, delta_s: float, actions: list[Action]) -> int:
-        """Step the clock by ``delta_s``; returns the clock reading right after the step."""
-        now = self._t(now_ns)
+        """Step the clock by ``delta_s``; returns the clock reading right after the step.
+        Only the time base and the correction record learn of it: every time the controller
+        keeps is elapsed time, as far from now after the step as before."""
         delta_ns = round(delta_s * _NS)
-        self._model.step(now, delta_ns / _NS)
-        self._step_epoch += 1
+        self._model.step(self._tb.clock_s(now_ns), delta_ns / _NS)
+        self._tb.step(delta_ns)
+        self._step_epoch += 1  # replies to requests sent before it measured across it
         self.steps += 1
         actions.append(StepClock(delta_ns))
         log.warning("stepped the clock by %+.9f s", delta_ns / _NS)
-        for src in self._sources.values():
-            src.shift(delta_ns)
-        shift = delta_ns / _NS
-        for attr in ("_last_sample_rx_t", "_first_sample_t", "_slew_end_t", "_bound_deadline"):
-            value = getattr(self, attr)
-            if value is not None:
-                setattr(self, attr, value + shift)
-        if self._basis is not None:
-            self._basis = replace(self._basis, t=self._basis.t + shift)
-        self._sm.shift(shift)
         return now_ns + delta_ns
 
     def _clear_samples(self) -> None:

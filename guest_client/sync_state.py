@@ -78,7 +78,7 @@ def target(f: Facts) -> tuple[SyncState, Reason]:
 
 @dataclass(frozen=True, slots=True)
 class StateEvent:
-    """A transition: ``name`` from ``TRANSITIONS``, at controller seconds ``t``."""
+    """A transition: ``name`` from ``TRANSITIONS``, at controller (elapsed) seconds ``t``."""
 
     name: str
     old: SyncState
@@ -106,11 +106,6 @@ class StateMachine:
         self.state = new
         self.since = t
         return event
-
-    def shift(self, delta_s: float) -> None:
-        """The clock was stepped: keep ``since`` on the same base as the other times."""
-        if self.since is not None:
-            self.since += delta_s
 
 
 def kernel_status(state: SyncState, leap: int, leap_mode: str, bound_s: float,

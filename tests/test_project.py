@@ -28,6 +28,14 @@ def test_ruff_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_mypy_clean(tmp_path: Path) -> None:
+    """The packages type-check (tests are not held to it); cache under tmp_path."""
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path),
+                           "timesyncd", "guest_client", "host_relay", "sim"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def _readme_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
     return re.findall(r"```(?:sh|bash|console)?\n(.*?)```", text, re.S)

@@ -30,11 +30,11 @@ from guest_client.actions import (
     SetKernelStatus,
 )
 from guest_client.candidates import (
+    bound_terms,
     first_update_ready,
     freq_uncertainty,
     gain,
     gather,
-    sample_distance,
     trust_bound,
 )
 from guest_client.disruption import DisruptionState
@@ -376,9 +376,9 @@ class GuestController(StepHandling, StateKeeping):
             now_ns = self._step(now_ns, -offset, actions)
             clock = self._tb.clock_s(now_ns)  # ``now`` (elapsed) is where it was
             offset = sel.offset + self._model.correction_at(clock)
-        guaranteed = min((sample_distance(s, sel.offset, sel.slope, x_now) for s in live
-                          if s.config.name in sel.selected), default=math.inf)
-        self._basis = BoundBasis(now, max(sel.distance, guaranteed), self._slope_sd)
+        bound_sd, guaranteed = bound_terms((s for s in live if s.config.name in sel.selected),
+                                           sel.offset, sel.slope, x_now)
+        self._basis = BoundBasis(now, max(sel.distance, guaranteed), bound_sd)
         self._last_offset = offset
         self._offset_rms.add(offset)
         self._est_error_s = min(sel.distance, max(

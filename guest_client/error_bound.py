@@ -7,10 +7,14 @@ now, not around the controller's estimate of its offset. So the bound adds up:
   rest of any slew still being applied;
 * the selection distance at the last update: root delay / 2 + root dispersion of the
   sources, each sample's own delay / 2 and dispersion, and the estimate's uncertainty
-  (:func:`timesyncd.selection.select` combines the truechimers' intervals);
+  (:func:`timesyncd.selection.select` combines the truechimers' intervals), and at least
+  what the recent samples guarantee, each carried to now at PHI + the frequency sd below;
 * time since that update x (the frequency-error allowance ``max_clock_error_ppm`` + the
-  frequency estimate's own standard error): what an oscillator that wanders, or a drift
-  model whose load changed, can add while no sample arrives;
+  frequency estimate's standard error): what an oscillator that wanders, or a drift
+  model whose load changed, can add while no sample arrives. The sd is the larger of the
+  fit's own and its distance to a line that trusts no path floor
+  (:func:`guest_client.candidates.bound_terms`): with the floor overestimated the fit's
+  own sd said 4 ppm of a slope 35 ppm off;
 * a disagreement the guest refuses to follow: when every usable source keeps reporting a
   jump beyond the step limit, the truth as those sources define it is that far away.
 

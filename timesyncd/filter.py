@@ -58,7 +58,14 @@ def floor_weight(delay_s: float, dispersion_s: float, floor_s: float) -> tuple[f
                    + excess * excess / 12.0), excess / 2 + dispersion_s)
 
 
-def _slope(rows: list[tuple[float, float, float, float]]) -> float:
+def plain_weight(sample: FilteredSample) -> float:
+    """Regression weight of a sample when nothing is known of the path floor (it may be
+    zero): the offset error within half the whole delay, variance ``delay**2 / 12``."""
+    return 1.0 / (ERROR_FLOOR_S * ERROR_FLOOR_S + sample.dispersion_s * sample.dispersion_s
+                  + sample.delay_s * sample.delay_s / 12.0)
+
+
+def _slope(rows: list[tuple[float, ...]]) -> float:
     """Weighted least-squares slope of (x, y, weight, _) rows (two passes: well conditioned)."""
     sw = math.fsum(r[2] for r in rows)
     if len(rows) < 2 or sw <= 0:
@@ -77,18 +84,21 @@ class FitWindow:
     ``X = x - x0`` and ``Y = y - y0 - s0 * X``. Uncorrected time runs for days and the
     uncorrected offset drifts at the native rate (seconds per day), so raw moments would
     cancel catastrophically; near a line through the data they stay small. ``YLO``/``YHI``
-    are ``Y`` minus/plus each sample's error half-width (for the bound intersection).
+    are ``Y`` minus/plus each sample's error half-width (for the bound intersection). ``q``
+    is a second, floor-free weight per row (:func:`plain_weight`) with its own prefix sums,
+    for the error bound's check of the fit (:meth:`plain_moments`).
     """
 
     __slots__ = ("x0", "y0", "s0", "x_max", "X", "Y", "w", "YLO", "YHI", "lo", "sorted_w",
                  "lo_order", "hi_order", "monotonic",
-                 "pw", "pwx", "pwy", "pwxx", "pwxy", "pwyy")
+                 "pw", "pwx", "pwy", "pwxx", "pwxy", "pwyy", "pq", "pqx", "pqy", "pqxx", "pqxy")
 
-    def __init__(self, rows: Iterable[tuple[float, float, float, float]] = ()) -> None:
+    def __init__(self, rows: Iterable[tuple[float, ...]] = ()) -> None:
         self.reset(rows)
 
-    def reset(self, rows: Iterable[tuple[float, float, float, float]]) -> None:
-        """Rebuild from (x, y, weight, half-width) rows, oldest first, with a fresh origin."""
+    def reset(self, rows: Iterable[tuple[float, ...]]) -> None:
+        """Rebuild from (x, y, weight, half-width[, floor-free weight]) rows, oldest first,
+        with a fresh origin."""
         rows = list(rows)
         self.x0 = rows[0][0] if rows else 0.0
         self.y0 = rows[0][1] if rows else 0.0
@@ -111,13 +121,18 @@ class FitWindow:
         self.pwxx = [0.0]
         self.pwxy = [0.0]
         self.pwyy = [0.0]
-        for x, y, w, half in rows:
-            self.append(x, y, w, half)
+        self.pq = [0.0]
+        self.pqx = [0.0]
+        self.pqy = [0.0]
+        self.pqxx = [0.0]
+        self.pqxy = [0.0]
+        for row in rows:
+            self.append(*row)
 
     def __len__(self) -> int:
         return len(self.X) - self.lo
 
-    def append(self, x: float, y: float, w: float, half: float) -> None:
+    def append(self, x: float, y: float, w: float, half: float, q: float = 0.0) -> None:
         X = x - self.x0
         Y = y - self.y0 - self.s0 * X
         row = len(self.X)
@@ -141,6 +156,12 @@ class FitWindow:
         self.pwxx.append(self.pwxx[-1] + wx * X)
         self.pwxy.append(self.pwxy[-1] + wx * Y)
         self.pwyy.append(self.pwyy[-1] + wy * Y)
+        qx = q * X
+        self.pq.append(self.pq[-1] + q)
+        self.pqx.append(self.pqx[-1] + qx)
+        self.pqy.append(self.pqy[-1] + q * Y)
+        self.pqxx.append(self.pqxx[-1] + qx * X)
+        self.pqxy.append(self.pqxy[-1] + qx * Y)
 
     def drop_front(self, k: int) -> None:
         """Forget the ``k`` oldest rows (their prefix sums stay; only ``lo`` moves)."""
@@ -158,6 +179,12 @@ class FitWindow:
         return (self.pw[-1] - self.pw[a], self.pwx[-1] - self.pwx[a],
                 self.pwy[-1] - self.pwy[a], self.pwxx[-1] - self.pwxx[a],
                 self.pwxy[-1] - self.pwxy[a], self.pwyy[-1] - self.pwyy[a])
+
+    def plain_moments(self, a: int) -> tuple[float, float, float, float, float]:
+        """Sums (q, qX, qY, qXX, qXY) of the floor-free weights over rows ``[a, len(X))``."""
+        return (self.pq[-1] - self.pq[a], self.pqx[-1] - self.pqx[a],
+                self.pqy[-1] - self.pqy[a], self.pqxx[-1] - self.pqxx[a],
+                self.pqxy[-1] - self.pqxy[a])
 
 
 class SampleFilter:
@@ -239,14 +266,14 @@ class SampleFilter:
             self._rebuild()
         else:
             w, half = floor_weight(sample.delay_s, sample.dispersion_s, floor)
-            win.append(sample.x, sample.y, w, half)
+            win.append(sample.x, sample.y, w, half, plain_weight(sample))
         return None
 
     def _rebuild(self) -> None:
         """Weights for the current floor and a fresh origin for the window."""
         floor = self._floor_s if self._floor_s is not None else 0.0
-        self.window.reset((s.x, s.y) + floor_weight(s.delay_s, s.dispersion_s, floor)
-                          for s in self._samples)
+        self.window.reset((s.x, s.y, *floor_weight(s.delay_s, s.dispersion_s, floor),
+                           plain_weight(s)) for s in self._samples)
 
     def _drop_oldest(self, k: int) -> None:
         delays = self._sorted_delays

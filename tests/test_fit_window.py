@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from sim.runner import run_scenario
+from sim.scenario import NetworkParams, Scenario, parse_outage
 from timesyncd import fit_window
 from timesyncd.filter import FilteredSample, SampleFilter
 from timesyncd.fit import fit, fit_filter
@@ -25,7 +27,8 @@ def test_a_clamped_zero_delay_cannot_hold_the_fit() -> None:
         if i == 30:
             s = FilteredSample(x, 2e-6 * x + 300e-6, 0.0, 1e-7, 1e-4)
         assert f.add(s) is None
-    assert f.delay_floor() is not None and f.delay_floor() > 150e-6  # not the clamped zero
+    floor = f.delay_floor()
+    assert floor is not None and floor > 150e-6  # not the clamped zero
     est = fit_filter(f, 39 * 16.0)
     assert est is not None
     assert abs(est.offset - 2e-6 * 39 * 16.0) < 40e-6, est
@@ -75,3 +78,61 @@ def test_window_stays_long_on_a_straight_line_at_a_short_poll() -> None:
     est = fit(samples, 127 * 16.0, floor=200e-6)
     assert est is not None and est.used >= 32
     assert abs(est.offset - 1e-6 * 127 * 16.0) < 20e-6
+
+
+def _queued_sample(rng: random.Random, x: float, truth: float) -> FilteredSample:
+    """A vsock exchange with a few ms of queueing, as in the default drift-sim scenario."""
+    out, ret = rng.expovariate(1 / 1e-3), rng.expovariate(1 / 1e-3)
+    return FilteredSample(x, truth + (out - ret) / 2, 100e-6 + out + ret, 1e-7, 1e-3)
+
+
+def test_a_gap_does_not_leave_the_slope_to_the_first_samples_after_it() -> None:
+    """128 polls of 32 s, 6 hours of silence (a relay outage), then a burst 2-4 s apart and
+    32 s polls again, fitted and pruned as the controller does at each reply. The span cap
+    used to cut the rows from before the gap and leave the burst: 4 samples over 8 s, slope
+    off by 100 ppm or more. The slope must stay near the clock's 12 ppm throughout."""
+    rng = random.Random(8)
+    rate = 12e-6
+    f = SampleFilter()
+    xs = [i * 32.0 for i in range(128)]
+    end = xs[-1] + 6 * 3600.0
+    xs += [end, end + 2.0, end + 6.0, end + 8.0] + [end + 8.0 + 32.0 * k for k in range(1, 40)]
+    errors = []
+    for x in xs:
+        assert f.add(_queued_sample(rng, x, rate * x)) is None
+        est = fit_filter(f, x)
+        assert est is not None
+        f.prune(est.used)
+        if x >= end:
+            errors.append(abs(est.slope - rate))
+    assert max(errors) < 0.5e-6, [round(e * 1e6, 2) for e in errors]
+
+
+def test_uniform_rows_never_reach_back_past_the_span_cap() -> None:
+    """keep_baseline acts only after a gap: rows at a steady poll inside the cap always
+    span at least half of it (the window with and without it is the same)."""
+    rng = random.Random(9)
+    for poll in (16.0, 32.0, 64.0, 256.0, 1024.0):
+        f = SampleFilter(max_samples=128)
+        for i in range(128):
+            f.add(_lan_sample(rng, i * poll, 0.0))
+        win = f.window
+        cap = fit_window.span_cap_s(win, win.lo)
+        oldest = win.X[-1] - cap  # the cap's own cut, as fit_window.choose makes it
+        start = min(next(i for i in range(len(win)) if win.X[win.lo + i] >= oldest),
+                    len(win) - fit_window.MIN_ROWS)
+        assert start > 0, poll  # the cap does cut here
+        assert fit_window.keep_baseline(win, win.lo, start, cap) == start, poll
+
+
+def test_drift_sim_outage_keeps_the_frequency() -> None:
+    """drift-sim --days 0.3 --outage 1h:6h (and 1h:2h), seed 6: after the relay came back
+    the discipline took a slope from the first post-outage samples as the clock's frequency,
+    199 ppm (61 ppm) off (the full week with --outage 2d:6h: 126.6 ppm). Now under 1 ppm,
+    and the error bound still covers the truth."""
+    for days, outage in ((0.3, "1h:6h"), (0.2, "1h:2h")):
+        r = run_scenario(Scenario(days=days, seed=6, strategies=("discipline",),
+                                  network=NetworkParams(outages=(parse_outage(outage),))))
+        j = r["discipline"].to_json()
+        assert j["max_freq_error_ppm"] < 1.0, (outage, j["max_freq_error_ppm"])
+        assert j["bound_coverage"] == 1.0, (outage, j["bound_coverage"])

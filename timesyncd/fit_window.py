@@ -10,7 +10,9 @@ own weights (a sample's weight is the inverse of its offset variance: ``n / sum(
 at least :data:`MIN_WANDER` (a crystal's random walk); inside the cap chrony's runs test still
 shrinks the window when the residuals show a trend the noise cannot explain (load-driven
 wander, a frequency jump), down to :data:`RUNS_MIN_ROWS` samples (the cap alone goes down to
-``MIN_ROWS``: at long polls the runs test has too few samples to judge).
+``MIN_ROWS``: at long polls the runs test has too few samples to judge). After a gap in the
+samples (a relay outage) the cap keeps rows from before the gap until the new ones span half
+of it (:func:`keep_baseline`): a slope needs a baseline, not just a count of rows.
 
 Per-sample weights are capped: no sample carries more than :data:`MAX_WEIGHT_SHARE` of the
 chosen window's weight (more for windows of a few samples, which cannot all be under it), so
@@ -42,6 +44,11 @@ SPAN_FACTOR = 2.0
 #: queueing-heavy path 0.14 ms of max offset on seed 3, 1/4 0.012 ms on seed 5: there a few
 #: queue-free samples legitimately carry most of the information.)
 MAX_WEIGHT_SHARE = 1.0 / 2.0
+
+#: After a gap, the span cap keeps rows from before it until the rows inside the cap span at
+#: least this share of the cap (see :func:`keep_baseline`). Without a gap the rows inside the
+#: cap always span at least ``cap - poll`` or ``MIN_ROWS - 1`` polls, never less than half.
+GAP_SPAN_SHARE = 0.5
 
 _Fit = tuple[float, float, float, float]
 
@@ -78,6 +85,7 @@ def choose(win: FitWindow, at: float, runs_z: float,
         else:
             while lo + start < last and win.X[lo + start] < oldest:
                 start += 1
+        start = keep_baseline(win, lo, start, cap)
     floor_rows = min(n - start, RUNS_MIN_ROWS)
     result = regress(win, lo + start, at)
     while n - start > floor_rows and not runs_ok(win, lo + start, result[1], result[0], at,
@@ -87,6 +95,26 @@ def choose(win: FitWindow, at: float, runs_z: float,
     if n - start >= 2 and weight_capped(win, lo + start):
         result = regress(capped_moments(win, lo + start), 0, at)  # type: ignore[arg-type]
     return lo + start, result
+
+
+def keep_baseline(win: FitWindow, lo: int, start: int, cap: float) -> int:
+    """``start`` moved back (towards ``lo``) until rows ``[lo + start, end)`` span at least
+    :data:`GAP_SPAN_SHARE` of ``cap``.
+
+    The cap trades the noise a longer span averages away against the wander it lets in; it
+    assumes the rows fill the span. After a gap (a relay outage) they do not: the rows inside
+    the cap are the few taken since the reconnect, seconds apart, and a line through them
+    has a slope off by a hundred ppm (``--outage 2d:6h`` seed 6: 4 samples over 8 s gave
+    +114 ppm, sd 177 ppm, for a clock at -12 ppm, and the discipline took it as the clock's
+    frequency). The rows from before the gap
+    give the slope a baseline of the gap's length (chrony keeps its samples, and so its
+    frequency, through a gap in the same way); they leave once the new rows span half the
+    cap. Without a gap this never moves ``start`` (see :data:`GAP_SPAN_SHARE`)."""
+    end = win.X[-1]
+    floor = GAP_SPAN_SHARE * cap
+    while start > 0 and end - win.X[lo + start] < floor:
+        start -= 1
+    return start
 
 
 def _share(n: int) -> float:

@@ -34,13 +34,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from chrony_fixture import chronyd  # noqa: E402
+from guest_rig import start_relay, wait_synchronised  # noqa: E402
 
 from guest_client.clocks import SoftwareClock  # noqa: E402
 from guest_client.controller import GuestController  # noqa: E402
 from guest_client.daemon import GuestDaemon  # noqa: E402
 from guest_client.settings import GuestSettings  # noqa: E402
-from host_relay.service import RelayService  # noqa: E402
-from host_relay.settings import RelaySettings  # noqa: E402
 
 _NS = 1_000_000_000
 
@@ -96,10 +95,7 @@ async def run_one(sc: Scenario, relay_addr: str, tmp: str, args: argparse.Namesp
         if sc.freq_file else None, freq_file_interval_s=5.0)
     first = make_daemon(settings, clock, 1, sc.legacy)
     await first.start()
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not (
-            first.status()["state"] == "synchronised" and abs(clock.true_offset_ns()) < 100_000):
-        await asyncio.sleep(0.1)
+    await wait_synchronised(first, clock, 90.0)
     await asyncio.sleep(args.settle_s)
     steady, _, _ = await watch(first, clock, args.steady_s)
     if sc.killed or sc.legacy:
@@ -123,9 +119,7 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with chronyd() as server, tempfile.TemporaryDirectory(prefix="ts-bench-restart-") as tmp:
         sock = os.path.join(tmp, "relay.sock")
-        relay = RelayService(RelaySettings(upstreams=(server.address,), listen=(f"unix:{sock}",),
-                                           rate_limit=1000.0, rate_burst=1000))
-        await relay.start()
+        relay = await start_relay(server.address, sock)
         try:
             for sc in SCENARIOS:
                 if args.only and args.only not in sc.name:

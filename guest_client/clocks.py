@@ -110,9 +110,14 @@ class KernelClockState:
 def split_frequency(ppm: float, nominal_tick_us: int) -> tuple[int, int]:
     """Split a total correction into ``(tick_us, scaled freq)``.
 
-    One tick unit (1 us per tick) is ``1e6 / nominal_tick_us`` ppm (100 ppm at USER_HZ=100);
-    rounding to the nearest tick keeps ``|freq|`` at half a unit, well inside the kernel's 500.
+    One tick unit (1 us per tick) is ``1e6 / nominal_tick_us`` ppm (100 ppm at USER_HZ=100).
+    Up to the kernel's 500 ppm the whole correction goes in ``freq`` with a nominal tick: that
+    is what a clean stop leaves (a base frequency), and the next start keeps only a nominal
+    tick (a moved tick means a slew left behind). Beyond, rounding to the nearest tick keeps
+    ``|freq|`` at half a unit.
     """
+    if abs(ppm) <= MAX_FREQ_PPM:
+        return nominal_tick_us, round(ppm * _FREQ_SCALE)
     unit_ppm = 1e6 / nominal_tick_us
     ticks = round(ppm / unit_ppm)
     freq_ppm = ppm - ticks * unit_ppm
@@ -228,7 +233,7 @@ class SoftwareClock(Clock):
         self._real = real_ns
         self._anchor_mono = mono_ns()
         self._anchor_reading = real_ns() + round(offset_s * _NS)
-        #: Like a kernel at USER_HZ=100: corrections of 50 ppm or more would move the tick.
+        #: Like a kernel at USER_HZ=100: corrections beyond 500 ppm move the tick.
         self.nominal_tick_us = 10_000
 
     @property

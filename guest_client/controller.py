@@ -254,7 +254,7 @@ class GuestController(StepHandling, StateKeeping):
             return ErrorBound(now_ns, MAX_BOUND_S, self._estimate(now_ns),
                               self.config.max_clock_error_ppm * 1e-6, False)
         return compute(self._basis, now, now_ns, self._estimate(now_ns),
-                       self.config.max_clock_error_ppm, self._jumps.disagreement_s, self._verified)
+                       self.config.max_clock_error_ppm, self._jumps.widening_s, self._verified)
 
     def status(self, now_ns: int) -> ControllerStatus:
         """Current state; ``offset_s`` is the offset estimated at the last update (chrony's

@@ -165,6 +165,24 @@ class JumpState:
     discontinuity: Discontinuity | None = None
     jump_before: float | None = None
     disagreement_s: float = 0.0
+    #: a refused jump every usable counted source reports, not yet confirmed by enough
+    #: samples: the reference may really be there, so the bound covers it at once
+    pending_s: float = 0.0
+
+    @property
+    def widening_s(self) -> float:
+        """What refused jumps add to the error bound (the state follows only once confirmed:
+        ``disagreement_s``)."""
+        return max(abs(self.disagreement_s), abs(self.pending_s))
+
+    def refused(self, ev: Evidence, counted_source: bool) -> None:
+        """Remember a refused jump: confirmed (every counted source keeps saying so) or
+        pending (every usable counted source says so, too few samples yet; ``counted_source``:
+        it came from a source whose jumps count)."""
+        if ev.agreeing >= ev.confirm_samples:
+            self.disagreement_s = ev.jump_s
+        elif counted_source and ev.sources_confirming >= max(ev.sources_usable, 1):
+            self.pending_s = ev.jump_s
 
     def mark(self, kind: Discontinuity, pool: Iterable[Source], tolerance_s: float) -> None:
         n, median = agreeing_jumps(pool, tolerance_s)
@@ -178,6 +196,7 @@ class JumpState:
         self.discontinuity = None
         self.jump_before = None
         self.disagreement_s = 0.0
+        self.pending_s = 0.0
 
 
 def operator_step(pool: Iterable[Source], tolerance_s: float,

@@ -135,8 +135,7 @@ class StepHandling:
             src.status.note = f"refused jump of {jump:+.6f} s: {decision.reason}"
             log.warning("refused clock jump of %+.6f s from %s: %s", jump, src.config.name,
                         decision.reason)
-            if ev.agreeing >= cfg.jump_confirm_samples:  # every counted source keeps saying so
-                self._jumps.disagreement_s = ev.jump_s
+            self._jumps.refused(ev, not auth or src.config.name in auth)
             self._evaluate(now_ns, actions)
             return actions
         size = decision.size_s

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay_helpers import FakeUpstream, start_fake_upstream
@@ -103,14 +104,17 @@ class FakeRelay:
         writer.write(framing.ntp_reply(frame.request_id, reply, 1000, 2000).encode())
 
 
-def machine_clock_reply(request: bytes) -> bytes:
-    """A server reply answered from the machine clock (stratum 2, reference 1 s old)."""
-    now = time.time_ns()
-    return build_server_reply(request, now, time.time_ns(), stratum=2, reference_id=b"FAKE",
-                              reference_ns=now - 1_000_000_000)
+def machine_clock_reply(request: bytes, shift_ns: int = 0) -> bytes:
+    """A server reply answered from the machine clock plus ``shift_ns`` (stratum 2, reference
+    1 s old)."""
+    now = time.time_ns() + shift_ns
+    return build_server_reply(request, now, time.time_ns() + shift_ns, stratum=2,
+                              reference_id=b"FAKE", reference_ns=now - 1_000_000_000)
 
 
-async def start_ntp_server() -> FakeUpstream:
-    """A loopback UDP NTP server answering from the machine clock, for direct ``servers``;
+async def start_ntp_server(shift_ns: Callable[[], int] = lambda: 0) -> FakeUpstream:
+    """A loopback UDP NTP server answering from the machine clock plus ``shift_ns()`` (read
+    per request: an upstream that jumps), for direct ``servers`` or a relay's upstream;
     ``received`` lists the requests it got."""
-    return await start_fake_upstream(reply_for=machine_clock_reply)
+    return await start_fake_upstream(
+        reply_for=lambda request: machine_clock_reply(request, shift_ns()))

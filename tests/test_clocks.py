@@ -60,12 +60,13 @@ def test_timex_layout_matches_linux_uapi() -> None:
     "ppm, tick, freq_ppm",
     [
         (0.0, 10000, 0.0),
-        (200.0, 10002, 0.0),
-        (-200.0, 9998, 0.0),
+        (200.0, 10000, 200.0),
+        (-200.0, 10000, -200.0),
         (1234.5, 10012, 34.5),
         (-1234.5, 9988, -34.5),
-        (149.0, 10001, 49.0),
-        (151.0, 10002, -49.0),
+        (149.0, 10000, 149.0),
+        (500.0, 10000, 500.0),
+        (551.0, 10006, -49.0),
         (83_333.0, 10833, 33.0),
     ],
 )
@@ -90,6 +91,21 @@ def test_frequency_clamped_to_kernel_tick_range() -> None:
     assert fake.last.tick == 11000 and fake.last.freq == 0
     clock.set_frequency(-250_000.0)
     assert fake.last.tick == 9000
+
+
+def test_a_clean_stop_base_frequency_is_kept_by_the_next_start() -> None:
+    """A 150 ppm clock's base frequency (what a clean stop restores) used to move the tick
+    (USER_HZ=100: one unit is 100 ppm), so the next start took it for a slew left behind and
+    reset it to 0 (bench_restart, clean stop without a file: 203 us after the restart against
+    a 192 us target). Up to 500 ppm the tick stays nominal; a slew still moves it."""
+    from guest_client.freq_file import start_frequency
+
+    clock = SoftwareClock(150.0)
+    clock.set_frequency(-149.5)
+    kept = start_frequency(None, clock.read_frequency())
+    assert kept.set_kernel is False and kept.ppm == -149.5
+    clock.set_frequency(-47_611.0)  # a start-up slew, left by a kill
+    assert start_frequency(None, clock.read_frequency()).ppm == 0.0
 
 
 def test_split_frequency_other_user_hz() -> None:

@@ -117,6 +117,30 @@ def test_refused_upstream_jump_then_reconnect_is_not_stepped() -> None:
     assert len(misses) <= 0.01 * len(watch.rows)
 
 
+def test_refused_jump_widens_the_bound_from_the_first_refused_sample() -> None:
+    """A refused jump is evidence the reference may be that far away: the bound must say so
+    at once, not after the jump_confirm_samples polls the step policy waits for (on
+    loopback, bench/loopback_coverage.py: 4.0 s of 'synchronised, bound 0.3 ms' while 2 s
+    off the upstream's time after the guest had refused it). The only misses left are
+    before the guest's first sample of the change (nobody can see it earlier)."""
+    lie = {"s": 0.0}
+    up = Upstream("a", LAN, error_s=lambda t: lie["s"])
+    engine, clock, ctl = make([up], minpoll=2, maxpoll=2)
+    watch = Watch(engine, clock, ctl, reference_s=lambda t: lie["s"])
+    watch.run(600.0, 1.0)
+    lie["s"] = 2.0
+    refused_at = None
+    while refused_at is None and engine.now_s < 620.0:
+        watch.run(engine.now_s + 0.25, 0.25)
+        if ctl.refused_jumps:
+            refused_at = engine.now_s
+    assert refused_at is not None and refused_at <= 605.0  # one poll of 4 s
+    assert ctl.status(clock.now_ns()).state == "unsynchronised"  # 2 s > max_error_s
+    watch.run(650.0, 0.25)
+    assert ctl.refused_jumps >= 3 and ctl.steps == 0
+    assert watch.uncovered(start_s=refused_at) == []
+
+
 @pytest.mark.parametrize("seed", range(1, 11))
 def test_lying_host_source_never_steps_an_nts_guest(seed: int) -> None:
     """Issue 10 item 1: one correct authenticated source and one host source lying by +1000 s.

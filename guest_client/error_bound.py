@@ -15,8 +15,10 @@ now, not around the controller's estimate of its offset. So the bound adds up:
   fit's own and its distance to a line that trusts no path floor
   (:func:`guest_client.candidates.bound_terms`): with the floor overestimated the fit's
   own sd said 4 ppm of a slope 35 ppm off;
-* a disagreement the guest refuses to follow: when every usable source keeps reporting a
-  jump beyond the step limit, the truth as those sources define it is that far away.
+* a jump the guest refuses to follow: from the first refused sample on which every usable
+  source whose jumps count reports it (not before ``jump_confirm_samples`` agree, which
+  would leave the bound wrong for several polls), the truth as those sources define it is
+  that far away. A lone liar among agreeing sources does not widen it.
 
 ``root_distance_s`` keeps chrony's meaning beside it: the distance plus a slow growth, around
 the *estimate*. One definition, read by the kernel status, ``timesync status``, the health

@@ -100,9 +100,14 @@ def decide(ev: Evidence) -> Decision:
     return Decision(StepAction.STEP, f"confirmed after a {ev.discontinuity}", ev.jump_s)
 
 
+def counts(name: str, auth_names: Collection[str]) -> bool:
+    """Whether a source's jumps count: the authenticated ones in authenticated mode, else all."""
+    return not auth_names or name in auth_names
+
+
 def counted(sources: Iterable[Source], auth_names: Collection[str]) -> list[Source]:
-    """The sources whose jumps count: the authenticated ones in authenticated mode, else all."""
-    return [s for s in sources if not auth_names or s.config.name in auth_names]
+    """The sources whose jumps count (:func:`counts`)."""
+    return [s for s in sources if counts(s.config.name, auth_names)]
 
 
 def agreeing_jumps(sources: Iterable[Source], tolerance_s: float) -> tuple[int, float]:

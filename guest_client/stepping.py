@@ -23,6 +23,7 @@ from guest_client.step_policy import (
     JumpState,
     StepAction,
     counted,
+    counts,
     decide,
     evidence,
     operator_step,
@@ -135,7 +136,7 @@ class StepHandling:
             src.status.note = f"refused jump of {jump:+.6f} s: {decision.reason}"
             log.warning("refused clock jump of %+.6f s from %s: %s", jump, src.config.name,
                         decision.reason)
-            self._jumps.refused(ev, not auth or src.config.name in auth)
+            self._jumps.refused(ev, counts(src.config.name, auth))
             self._evaluate(now_ns, actions)
             return actions
         size = decision.size_s

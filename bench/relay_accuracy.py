@@ -142,8 +142,14 @@ def _ntp_ts(raw: bytes) -> int:
     return (sec - NTP_UNIX) * 1_000_000_000 + (frac * 1_000_000_000 >> 32)
 
 
-def probe_legs(sock: Path, count: int, interval: float) -> dict[str, float]:
-    """Exchanges through the relay, split per direction with the server's own stamps."""
+def probe_legs(sock: Path, count: int, interval: float, per_round: int = 1) -> dict[str, float]:
+    """Exchanges through the relay, split per direction with the server's own stamps.
+
+    ``per_round`` exchanges go back to back each round (each sent the moment the previous
+    reply is read, as the guest's follow-ups are): the first one's legs keep the plain key
+    names, the last one's get ``warm_``, and ``best_asym_*`` is the asymmetry of each round's
+    least-delay exchange (what the guest uses with ``relay_poll_exchanges``).
+    """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(sock))
     dec = FrameDecoder()
@@ -157,38 +163,57 @@ def probe_legs(sock: Path, count: int, interval: float) -> dict[str, float]:
             if got:
                 return got
 
+    def exchange(rid: int) -> dict[str, float] | None:
+        pkt = bytes([0x23]) + bytes(39) + os.urandom(8)
+        t1 = time.time_ns()
+        s.sendall(framing.ntp_request(rid, 0, pkt).encode())
+        got = frames()
+        t4 = time.time_ns()
+        if got[0].type != FrameType.NTP_REPLY:
+            return None
+        reply, r_in, r_out = framing.parse_ntp_reply(got[0])
+        t2, t3 = _ntp_ts(reply[32:40]), _ntp_ts(reply[40:48])
+        out, inb = t2 - t1, t4 - t3
+        if not 0 < t4 - t1 < 1_000_000_000 or abs(out) > 1_000_000_000:
+            return None  # an unsynchronised reply: not a sample
+        return {k: v / 1e3 for k, v in (("rtt", t4 - t1 - (t3 - t2)), ("out", out), ("in", inb),
+                                        ("r_in", r_in), ("r_out", r_out),
+                                        ("hid_out", out - r_in), ("hid_in", inb - r_out))}
+
     s.sendall(framing.json_frame(FrameType.HELLO, 0, {"version": 1, "name": "probe"}).encode())
     frames()
-    rows: dict[str, list[float]] = {k: [] for k in
-                                    ("rtt", "out", "in", "r_in", "r_out", "hid_out", "hid_in")}
+    rounds: list[list[dict[str, float]]] = []
+    rid = 0
     try:
-        for rid in range(1, count + 1):
-            xmt = os.urandom(8)
-            pkt = bytes([0x23]) + bytes(39) + xmt
-            t1 = time.time_ns()
-            s.sendall(framing.ntp_request(rid, 0, pkt).encode())
-            got = frames()
-            t4 = time.time_ns()
-            if got[0].type != FrameType.NTP_REPLY:
-                continue
-            reply, r_in, r_out = framing.parse_ntp_reply(got[0])
-            t2, t3 = _ntp_ts(reply[32:40]), _ntp_ts(reply[40:48])
-            out, inb = t2 - t1, t4 - t3
-            if got[0].type != FrameType.NTP_REPLY or not 0 < t4 - t1 < 1_000_000_000 \
-                    or abs(out) > 1_000_000_000:
-                continue  # an ERROR frame or an unsynchronised reply: not a sample
-            for k, v in (("rtt", t4 - t1 - (t3 - t2)), ("out", out), ("in", inb),
-                         ("r_in", r_in), ("r_out", r_out), ("hid_out", out - r_in),
-                         ("hid_in", inb - r_out)):
-                rows[k].append(v / 1e3)
+        for _ in range(count):
+            got = []
+            for _ in range(per_round):
+                rid += 1
+                row = exchange(rid)
+                if row is not None:
+                    got.append(row)
+            if len(got) == per_round:
+                rounds.append(got)
             time.sleep(interval)
     finally:
         s.close()
-    res = {f"{k}_median_us": statistics.median(v) for k, v in rows.items()}
-    res.update({f"{k}_p90_us": sorted(v)[int(0.9 * len(v))] for k, v in rows.items()})
-    asym = [(a - b) / 2 for a, b in zip(rows["hid_out"], rows["hid_in"], strict=True)]
-    res["asym_mean_us"] = statistics.fmean(asym)
-    res["asym_rms_us"] = math.sqrt(statistics.fmean(x * x for x in asym))
+
+    def asym(r: dict[str, float]) -> float:
+        return (r["hid_out"] - r["hid_in"]) / 2
+
+    res: dict[str, float] = {}
+    for prefix, rows in (("", [r[0] for r in rounds]), ("warm_", [r[-1] for r in rounds])):
+        if prefix and per_round == 1:
+            continue
+        for k in rows[0]:
+            vals = sorted(r[k] for r in rows)
+            res[f"{prefix}{k}_median_us"] = statistics.median(vals)
+            res[f"{prefix}{k}_p90_us"] = vals[int(0.9 * len(vals))]
+        res[f"{prefix}asym_mean_us"] = statistics.fmean(asym(r) for r in rows)
+        res[f"{prefix}asym_rms_us"] = math.sqrt(statistics.fmean(asym(r) ** 2 for r in rows))
+    best = [asym(min(r, key=lambda x: x["rtt"] - x["r_in"] - x["r_out"])) for r in rounds]
+    res["best_asym_mean_us"] = statistics.fmean(best)
+    res["best_asym_rms_us"] = math.sqrt(statistics.fmean(b * b for b in best))
     return res
 
 
@@ -197,7 +222,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=90, help="samples per cell after sync")
     ap.add_argument("--sync-timeout", type=float, default=240)
     ap.add_argument("--busy", type=int, default=3, help="busy loops in the loaded cells")
-    ap.add_argument("--legs", type=int, default=0, help="probe exchanges per load (0: skip)")
+    ap.add_argument("--legs", type=int, default=0, help="probe rounds per load (0: skip)")
+    ap.add_argument("--legs-per-round", type=int, default=3,
+                    help="exchanges back to back per probe round (the guest's default poll)")
     ap.add_argument("--relay-arg", action="append", default=[], help="extra relay option")
     ap.add_argument("--guest-arg", action="append", default=[], help="extra guest option")
     ap.add_argument("--only", choices=("direct", "relay"), help="run one path only")
@@ -211,7 +238,8 @@ def main() -> None:
                 cell_max = args.sync_timeout + args.seconds + 30
                 with busy_loops(n, cell_max):
                     if args.legs:
-                        out[f"legs {load}"] = probe_legs(rsock, args.legs, 0.05)
+                        out[f"legs {load}"] = probe_legs(rsock, args.legs, 0.05,
+                                                           args.legs_per_round)
                         print(f"legs {load}: " + json.dumps(
                             {k: round(v, 1) for k, v in out[f"legs {load}"].items()}),
                             flush=True)

@@ -41,19 +41,9 @@ from guest_client.disruption import DisruptionState
 from guest_client.error_bound import MAX_BOUND_S, BoundBasis, ErrorBound, compute, root_distance
 from guest_client.source import Source, SourceConfig
 from guest_client.state_keeping import StateKeeping
-from guest_client.step_policy import (
-    Discontinuity,
-    JumpState,
-    StepAction,
-    boot_evidence,
-    decide,
-)
+from guest_client.step_policy import Discontinuity, JumpState, StepAction, boot_evidence, decide
 from guest_client.stepping import StepHandling
-from guest_client.sync_state import (
-    StateEvent,
-    StateMachine,
-    SyncState,
-)
+from guest_client.sync_state import StateEvent, StateMachine, SyncState
 from guest_client.timebase import TimeBase
 from guest_client.tracking import OffsetRms, Tracking, build_tracking
 from timesyncd.clock import KernelStatus
@@ -158,7 +148,10 @@ class GuestController(StepHandling, StateKeeping):
             self._set_frequency(now_ns, -self._slope, actions)
         self._evaluate(now_ns, actions, kernel=self._sm.state == SyncState.HOLDOVER)
         for src in self._sources.values():
-            if src.next_poll is not None and at >= src.next_poll:
+            due = src.next_poll is not None and at >= src.next_poll
+            if due or src.exchanges.expired(at):  # a follow-up went unanswered: end its poll
+                actions += self._end_poll(src, now_ns)
+            if due:
                 actions.append(self._request(src, now_ns))
         return actions
 
@@ -174,20 +167,30 @@ class GuestController(StepHandling, StateKeeping):
             self._count("unknown_source", None)
             return []
         result = src.exchange.receive(data, rx_ns, residence_in_ns, residence_out_ns)
-        if isinstance(result, Rejection):
-            self._rejected(src, result, rx_ns)
-            return []
+        if isinstance(result, Rejection):  # counted; a KoD obeyed; the poll ends with it
+            self._count(result.reason, src)
+            src.obey_kiss(result, self._tb.base_ns(rx_ns))
+            return self._end_poll(src, rx_ns)
         if src.request_epoch != self._step_epoch:
             self._count("clock_stepped", src)  # measured across a step: meaningless
             return []
         src.reach |= 1
         src.status.reachable = True
-        return self._process(src, result, rx_ns)
+        sample = src.exchanges.offer(result, self._step_epoch)
+        if sample is None:  # another exchange of this poll follows at once
+            return [self._request(src, rx_ns, follow_up=True)]
+        return self._process(src, sample, rx_ns)
 
     def on_source_error(self, source: str, reason: str, now_ns: int) -> list[Action]:
         """The relay (or transport) reported a failed request, e.g. a timeout."""
-        self._count(reason, self._sources.get(source))
-        return []
+        src = self._sources.get(source)
+        self._count(reason, src)
+        return [] if src is None else self._end_poll(src, now_ns)
+
+    def _end_poll(self, src: Source, now_ns: int) -> list[Action]:
+        """The poll ends early (an error, a rejection, a lost follow-up): use its best."""
+        sample = src.exchanges.finish(self._step_epoch)
+        return [] if sample is None else self._process(src, sample, now_ns)
 
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:
@@ -205,8 +208,8 @@ class GuestController(StepHandling, StateKeeping):
 
     def next_timer_ns(self) -> int | None:
         tb = self._tb
-        times = [tb.reading_ns(s.next_poll) for s in self._sources.values()
-                 if s.next_poll is not None]
+        times = [tb.reading_ns(t) for s in self._sources.values()
+                 for t in (s.next_poll, s.exchanges.deadline) if t is not None]
         if tb.epoch_ns is not None:
             if self._slew_end_t is not None:
                 times.append(tb.reading_of(self._slew_end_t))
@@ -291,19 +294,15 @@ class GuestController(StepHandling, StateKeeping):
             rms_offset_s=self._offset_rms.rms_s, remaining_s=self._estimate(now_ns))
 
     # --- internals: requests and rejections -------------------------------------------------
-    def _request(self, src: Source, now_ns: int) -> SendRequest:
-        cookie = self._rng.getrandbits(64) or 1
-        return SendRequest(src.name, src.request(cookie, self._step_epoch, now_ns,
-                                                 self._tb.base_ns(now_ns)))
+    def _request(self, src: Source, now_ns: int, follow_up: bool = False) -> SendRequest:
+        cookie, at = self._rng.getrandbits(64) or 1, self._tb.base_ns(now_ns)
+        return SendRequest(src.name, src.follow_up(cookie, now_ns, at) if follow_up
+                           else src.request(cookie, self._step_epoch, now_ns, at))
 
     def _count(self, reason: str, src: Source | None) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if src is not None:
             src.count(reason)
-
-    def _rejected(self, src: Source, rej: Rejection, now_ns: int) -> None:
-        self._count(rej.reason, src)
-        src.obey_kiss(rej, self._tb.base_ns(now_ns))
 
     # --- internals: the clock update ------------------------------------------------------
     def _process(self, src: Source, sample: Sample, now_ns: int) -> list[Action]:

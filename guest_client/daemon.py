@@ -346,8 +346,8 @@ class GuestDaemon:
         for name, index in wanted.items():
             self._relay_routes[name] = _RelayRoute(index)
             # for a known source this re-arms it (a burst after reconnecting), keeping samples
-            self._apply(self.controller.add_source(
-                SourceConfig(name, self._trust.get(name, "host")), now))
+            self._apply(self.controller.add_source(SourceConfig(
+                name, self._trust.get(name, "host"), self.settings.relay_poll_exchanges), now))
         for nts_name, nts_src in self.nts.sources.items():  # re-arm (a burst) after reconnect
             if nts_src.ready:  # the others are armed by _nts_ready once NTS-KE is done
                 self._apply(self.controller.add_source(self._nts_config(nts_name), now))

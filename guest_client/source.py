@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from guest_client.actions import SourceStatus
+from guest_client.poll_exchanges import PollExchanges
 from timesyncd.discipline import DisciplineConfig
 from timesyncd.exchange import ClientExchange, Rejection
 from timesyncd.filter import FilteredSample, SampleFilter
@@ -32,6 +33,7 @@ class SourceConfig:
 
     name: str
     trust: str = "host"
+    exchanges: int = 1  # per poll, back to back; the least path delay is used
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Source:
     last_sample_t: float | None = None  # controller (elapsed) seconds
     jumps: list[float] = field(default_factory=list)  # consecutive refused jumps, seconds
     dirty: bool = False  # a sample arrived since the last fit
+    exchanges: PollExchanges = field(default_factory=PollExchanges)
 
     @classmethod
     def new(cls, config: SourceConfig, cfg: DisciplineConfig) -> Source:
@@ -60,7 +63,8 @@ class Source:
                    exchange=ClientExchange(max_root_distance_s=cfg.max_root_distance_s),
                    filter=SampleFilter(cfg.max_samples, cfg.max_delay_dev_ratio),
                    poll=PollState(cfg.minpoll),
-                   status=SourceStatus(name=config.name, trust=config.trust))
+                   status=SourceStatus(name=config.name, trust=config.trust),
+                   exchanges=PollExchanges(max(config.exchanges, 1)))
 
     @property
     def name(self) -> str:
@@ -92,6 +96,14 @@ class Source:
             self.burst_left -= 1
             interval = min(BURST_INTERVAL_S, interval)
         self.next_poll = at + round(interval * _NS)
+        self.exchanges.begin()
+        return data
+
+    def follow_up(self, cookie: int, now_ns: int, at: int) -> bytes:
+        """A further exchange of the current poll, sent now (clock reading ``now_ns``,
+        elapsed ns ``at``); the poll's schedule and reach register stay as they are."""
+        data = self.exchange.request(cookie, now_ns, self.effective_poll)
+        self.exchanges.follow_up_sent(at, 2.0**self.effective_poll)
         return data
 
     def count(self, reason: str) -> None:
@@ -119,11 +131,13 @@ class Source:
         self.next_poll = None
         self.reach = 0
         self.status.reachable = False
+        self.exchanges.clear()
         self.exchange = ClientExchange(max_root_distance_s=max_root_distance_s)
 
     def forget_samples(self) -> None:
         """After a step (or a refusal of service) the old samples say nothing."""
         self.filter.clear()
+        self.exchanges.clear()
         self.estimate = None
         self.last_sample = None
         self.jumps.clear()

@@ -386,7 +386,15 @@ def test_relay_drop_keeps_polling_direct_udp_servers(tmp_path: Path) -> None:
         await daemon.start()
         relay2: FakeRelay | None = None
         try:
-            await wait_for(lambda: daemon.controller.state == "synchronised")
+            relay_name = f"relay:{relay.address}#local"
+
+            def relay_reachable() -> bool:
+                return any(s["name"] == relay_name and s["reachable"]
+                           for s in daemon.status()["sources"])
+
+            # both sources in use first (on a loaded machine the UDP one alone can synchronise
+            # the guest before the relay's HELLO is answered)
+            await wait_for(lambda: daemon.controller.state == "synchronised" and relay_reachable())
             assert daemon.link is not None
             await relay.stop()  # the relay goes away; the direct server is still fine
             await wait_for(lambda: daemon.link is not None and not daemon.link.connected)
@@ -395,7 +403,7 @@ def test_relay_drop_keeps_polling_direct_udp_servers(tmp_path: Path) -> None:
             assert daemon.controller.state == "synchronised"
             by_name = {s["name"]: s for s in daemon.status()["sources"]}
             assert by_name[ntp.address]["reachable"]
-            assert not by_name[f"relay:{relay.address}#local"]["reachable"]
+            assert not by_name[relay_name]["reachable"]
             relay2 = FakeRelay(path=relay.path)
             await relay2.start()  # back: its source is re-armed, the UDP one never stopped
             await wait_for(lambda: daemon.link is not None and daemon.link.connected)

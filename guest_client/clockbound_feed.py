@@ -45,7 +45,7 @@ def guest_bound(controller: GuestController, now_ns: int) -> GuestBound:
     eb = controller.error_bound(now_ns)
     allowance = controller.config.max_clock_error_ppm * 1e-6
     drift = max(allowance, eb.growth)
-    if controller.state == "unsynchronised" and controller.disrupted:
+    if controller.state == "unsynchronised" and controller.disruption.active:
         # VMClock said so: Disrupted; a restore only inferred (no VMClock): Unknown
         vmclock = controller.disruption.cause != RESTORE_DETECTED
         return GuestBound(str(controller.state), None, drift, disrupted=vmclock)

@@ -189,14 +189,14 @@ class GuestController(StepHandling, StateKeeping):
 
     def _end_poll(self, src: Source, now_ns: int) -> list[Action]:
         """The poll ends early (an error, a rejection, a lost follow-up): use its best."""
-        sample = src.exchanges.finish(self._step_epoch)
-        return [] if sample is None else self._process(src, sample, now_ns)
+        best = src.exchanges.finish(self._step_epoch)
+        return [] if best is None else self._process(src, best, now_ns)
 
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:
         """The relay link dropped: stop polling its ``sources`` (all when None); a discontinuity.
-        The state is kept (it follows the bound's age, not the link); the bound is unverified
-        until a sample after the reconnect agrees. Re-arm with ``add_source``."""
+        The state stays (the bound's age decides); the bound is unverified until a sample
+        after the reconnect agrees. Re-arm with ``add_source``."""
         lost = set(self._sources) if sources is None else set(sources)
         for name in lost:
             src = self._sources.get(name)
@@ -220,9 +220,8 @@ class GuestController(StepHandling, StateKeeping):
 
     # --- status ---------------------------------------------------------------------------
     def base_frequency_ppm(self) -> tuple[float, float | None]:
-        """The frequency correction that stops drift, without any slew, and its uncertainty
-        (None while unknown), both ppm: what a clean stop leaves on the clock and what the
-        frequency file keeps."""
+        """The correction that stops drift, no slew, and its sd (None while unknown), ppm:
+        what a clean stop leaves on the clock and the frequency file keeps."""
         sd = self._slope_sd * 1e6 if math.isfinite(self._slope_sd) else None
         return -self._slope * 1e6, sd
 
@@ -239,11 +238,6 @@ class GuestController(StepHandling, StateKeeping):
     def frequency_ppm(self) -> float:
         """Estimated native rate error of the clock (positive: runs fast)."""
         return self._slope / (1.0 - self._slope) * 1e6
-
-    @property
-    def disrupted(self) -> bool:
-        """A disruption is unconfirmed (guest_client.disruption)."""
-        return self._disruption.active
 
     @property
     def disruption(self) -> DisruptionState:
@@ -390,6 +384,10 @@ class GuestController(StepHandling, StateKeeping):
         actions.append(SetFrequency(freq * 1e6))
         self._slew_end_t = now + duration if duration > 0 else None
         self._evaluate(now_ns, actions, kernel=True)
+
+    def frequency_applied(self, now_ns: int) -> None:
+        """The driver applied the last ``SetFrequency`` at clock reading ``now_ns``."""
+        self._model.applied_at(self._tb.clock_s(now_ns))
 
     def _set_frequency(self, now_ns: int, freq: float, actions: list[Action]) -> None:
         self._model.set_frequency(self._tb.clock_s(now_ns), freq)

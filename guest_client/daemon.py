@@ -423,6 +423,9 @@ class GuestDaemon:
             try:
                 if isinstance(action, SetFrequency):
                     self.clock.set_frequency(action.ppm)
+                    applied = getattr(self.controller, "frequency_applied", None)  # (doubles)
+                    if applied is not None:  # when, not when decided: the model must know
+                        applied(self.clock.now_ns())
                 elif isinstance(action, StepClock):
                     self.clock.step(action.offset_ns)
                     log.info("stepped the clock by %+.9f s", action.offset_ns / _NS)

@@ -166,3 +166,19 @@ def test_runs_test_rarely_prunes_a_straight_line_under_queueing() -> None:
         assert est is not None
         pruned += est.used < est.total
     assert pruned <= 4  # 2 % (z = 1.64 pruned 3.5 %)
+
+
+def test_a_frequency_change_retimed_to_when_it_landed() -> None:
+    """``applied_at``: the previous rate ran until the change landed; a step's time is left
+    alone (it changes nothing at an unchanged rate)."""
+    m = CorrectionModel(0.0, 0.0)
+    m.set_frequency(10.0, 0.01)  # decided at 10 s, landed at 10.005 s
+    m.applied_at(10.005)
+    assert m.correction_at(10.005) == pytest.approx(0.0, abs=1e-12)
+    assert m.correction_at(11.005) == pytest.approx(0.01 / 1.01, rel=1e-9)
+    m.applied_at(10.001)  # never earlier than the decision
+    assert m.correction_at(11.005) == pytest.approx(0.01 / 1.01, rel=1e-9)
+    m.step(20.0, 0.5)
+    before = m.correction_at(21.0)
+    m.applied_at(20.7)  # the newest segment is a step: nothing to retime
+    assert m.correction_at(21.0) == before

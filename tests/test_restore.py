@@ -80,7 +80,7 @@ def test_marker_alone_steps_nothing_and_clears_on_agreeing_samples() -> None:
     assert ctl.status(clock.now_ns()).state_reason == "disrupted"
     engine.run(320.0)
     assert engine.packets_sent - sent >= 3  # a burst, not one poll a minute
-    assert not clock.steps and not ctl.disrupted
+    assert not clock.steps and not ctl.disruption.active
     engine.run(400.0)
     assert ctl.state == "synchronised"
 

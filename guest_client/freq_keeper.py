@@ -12,7 +12,14 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
-from guest_client.freq_file import FreqRecord, StartFrequency, load, save, start_frequency
+from guest_client.freq_file import (
+    MAX_BASE_PPM,
+    FreqRecord,
+    StartFrequency,
+    load,
+    save,
+    start_frequency,
+)
 from guest_client.settings import GuestSettings
 from timesyncd.clock import Clock
 
@@ -59,6 +66,14 @@ class FrequencyKeeper:
             self.write(self.settings.freq_file, FreqRecord(ppm, sd, self.clock.now_ns() / _NS))
 
     def write(self, path: str, record: FreqRecord) -> None:
+        """Keep ``record``, unless the next start would refuse it as corrupt (a base beyond
+        the kernel's +-500 ppm: an early estimate from a few noisy samples)."""
+        if abs(record.frequency_ppm) > MAX_BASE_PPM:
+            self.counters["freq_file_out_of_range"] += 1
+            log.warning("frequency file %s not written: base frequency %+.3f ppm is beyond "
+                        "+-%.0f ppm (an estimate from too few samples)", path,
+                        record.frequency_ppm, MAX_BASE_PPM)
+            return
         try:
             save(path, record)
         except OSError as exc:

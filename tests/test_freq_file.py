@@ -95,3 +95,25 @@ def test_settings_freq_file_is_off_by_default_and_not_a_directory(tmp_path: Path
     with pytest.raises(ValueError, match="^freq_file:"):
         GuestSettings(clock="software", servers=("udp:127.0.0.1:123",),
                       freq_file=str(tmp_path)).validate()
+
+
+def test_a_base_the_next_start_would_refuse_is_not_written(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """An early estimate beyond +-500 ppm would be read back as corrupt: it is not written
+    (the old file stays), and that is logged and counted."""
+    from collections import Counter
+
+    from guest_client.clocks import SoftwareClock
+    from guest_client.freq_keeper import FrequencyKeeper
+
+    path = tmp_path / "freq"
+    counters: Counter[str] = Counter()
+    keeper = FrequencyKeeper(GuestSettings(freq_file=str(path)), SoftwareClock(), counters)
+    keeper.write(str(path), FreqRecord(12.5, 0.1, 1_700_000_000.0))
+    with caplog.at_level(logging.WARNING):
+        keeper.write(str(path), FreqRecord(-1394.4, 5_500.0, 1_700_000_100.0))
+    assert counters == {"freq_file_out_of_range": 1}
+    assert "not written" in caplog.text and "-1394.400 ppm" in caplog.text
+    kept = load(str(path), 1_700_000_200.0, 3600)
+    assert kept is not None and kept.frequency_ppm == 12.5

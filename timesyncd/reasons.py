@@ -111,6 +111,7 @@ class DaemonReason(StrEnum):
 
     RESTORE_FAILED = "restore_failed"
     FREQ_FILE_WRITE_FAILED = "freq_file_write_failed"
+    FREQ_FILE_OUT_OF_RANGE = "freq_file_out_of_range"  # a base the next start would refuse
     TIMER_NOT_ADVANCED = "timer_not_advanced"
     BEFORE_TIME_FLOOR = "before_time_floor"
     SEND_FAILED = "send_failed"

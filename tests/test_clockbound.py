@@ -187,7 +187,7 @@ def test_client_module_imports_only_the_standard_library() -> None:
 HAMMER = textwrap.dedent("""
     import json, mmap, struct, sys, time
     from timesyncd.clockbound import BoundedClock
-    path, seconds = sys.argv[1], float(sys.argv[2])
+    path, seconds, min_changes = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     api = BoundedClock(path)
     fh = open(path, "rb")
     m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
@@ -195,8 +195,11 @@ HAMMER = textwrap.dedent("""
     n = torn = api_torn = changes = 0
     last = None
     print("ready", flush=True)
+    # at least ``seconds``, and on until ``min_changes`` writes were seen (a loaded machine
+    # lets few through: each membarrier write waits for an RCU grace period), at most 60 s
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    hard_end = end + 60
+    while (time.monotonic() < end or changes <= min_changes) and time.monotonic() < hard_end:
         for _ in range(200):
             g1 = struct.unpack_from("=H", m, 14)[0]
             f = body.unpack_from(m, 16)
@@ -217,9 +220,12 @@ HAMMER = textwrap.dedent("""
 """)
 
 
-def hammer(path: str, write: object, seconds: float = 1.5) -> dict[str, int]:
-    """A reader process copying the segment as fast as it can while ``write(k)`` runs."""
-    proc = subprocess.Popen([sys.executable, "-c", HAMMER, path, str(seconds)], cwd=ROOT,
+def hammer(path: str, write: object, seconds: float = 1.5, min_changes: int = 0
+           ) -> dict[str, int]:
+    """A reader process copying the segment as fast as it can while ``write(k)`` runs, for
+    ``seconds`` and until it saw more than ``min_changes`` writes."""
+    proc = subprocess.Popen([sys.executable, "-c", HAMMER, path, str(seconds),
+                             str(min_changes)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -250,15 +256,15 @@ def test_reader_in_another_process_never_sees_a_torn_body(tmp_path: Path, fence:
     path = str(tmp_path / "shm0")
     w = ClockBoundWriter(path, void_after_s=3.0, fence=chosen)
     w.write(body_for(1000))
-    try:
-        res = hammer(path, lambda k: w.write(body_for(k)),
-                     seconds=2.5 if fence == "membarrier" else 1.5)
-    finally:
-        w.close()
-    print(fence, res)
     # a membarrier write takes 10-100 ms (an RCU grace period) and the generation stays odd
     # meanwhile: fewer copies get through than with the TSO-only writer, which hammers
     low = (20, 3) if fence == "membarrier" else (1000, 20)
+    try:
+        res = hammer(path, lambda k: w.write(body_for(k)),
+                     seconds=2.5 if fence == "membarrier" else 1.5, min_changes=low[1])
+    finally:
+        w.close()
+    print(fence, res)
     assert res["reads"] > low[0] and res["changes"] > low[1], res
     assert res["torn"] == 0 and res["api_torn"] == 0, res
 

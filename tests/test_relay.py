@@ -244,14 +244,17 @@ def test_start_replaces_stale_socket_and_serve_forever_returns_on_stop(tmp_path)
     async def main() -> None:
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}", "tcp:127.0.0.1:0")))
         serving = asyncio.create_task(relay.serve_forever())
-        await wait_until(lambda: len(relay.addresses) == 2)
-        tcp = relay.addresses[1]
-        assert tcp.kind == "tcp" and tcp.port != 0
-        guest = await Guest.connect(str(tcp))
-        guest.request(1, 0, client_packet())
-        assert (await guest.recv()).type == FrameType.NTP_REPLY
-        await relay.stop()
-        await asyncio.wait_for(serving, 2)
+        try:
+            await wait_until(lambda: len(relay.addresses) == 2)
+            tcp = relay.addresses[1]
+            assert tcp.kind == "tcp" and tcp.port != 0
+            guest = await Guest.connect(str(tcp))
+            guest.request(1, 0, client_packet())
+            assert (await guest.recv()).type == FrameType.NTP_REPLY
+            await relay.stop()
+            await asyncio.wait_for(serving, 2)
+        finally:
+            await relay.stop()  # a no-op once the test stopped it
         assert await guest.closed_by_peer()
         assert not sock.exists()
         assert relay.stats.connections_open == 0

@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,40 +98,42 @@ class Trace:
     converged_at: float | None = None
 
 
-async def run_guest(relay_settings: RelaySettings, until: Callable[[GuestDaemon, Trace], bool],
-                    timeout_s: float, on_tick: Callable[[GuestDaemon, Trace], None] | None = None,
+async def run_guest(tmp_path: Path, relay_settings: RelaySettings,
+                    until: Callable[[GuestDaemon, Trace], bool], timeout_s: float,
+                    on_tick: Callable[[GuestDaemon, Trace], None] | None = None,
                     ) -> tuple[GuestDaemon, RecordingClock, Trace]:
-    tmp = tempfile.mkdtemp(prefix="ts-e2e-")
-    sock = os.path.join(tmp, "relay.sock")
+    sock = os.path.join(tmp_path, "relay.sock")
     relay = RelayService(RelaySettings(**{**relay_settings.__dict__, "listen": (f"unix:{sock}",)}))
     await relay.start()
-    clock = RecordingClock(FREQ_PPM, OFFSET_S)
-    settings = GuestSettings(relay=f"unix:{sock}", clock="software", software_freq_ppm=FREQ_PPM,
-                             software_offset_s=OFFSET_S, status_socket=os.path.join(tmp, "g.sock"),
-                             minpoll=0, maxpoll=1, name="e2e-guest")
-    daemon = GuestDaemon(settings, clock, rng=random.Random(42))
-    clock.updates = lambda: daemon.controller.updates  # type: ignore[method-assign]
-    trace = Trace()
-    start = time.monotonic()
-    await daemon.start()
     try:
-        while time.monotonic() - start < timeout_s:
-            elapsed = time.monotonic() - start
-            true = clock.true_offset_ns() / 1e9
-            trace.samples.append((elapsed, true))
-            if abs(true) >= 1e-3:
-                trace.converged_at = None
-            elif trace.converged_at is None:
-                trace.converged_at = elapsed
-            if on_tick is not None:
-                on_tick(daemon, trace)
-            if until(daemon, trace):
-                break
-            await asyncio.sleep(0.05)
+        clock = RecordingClock(FREQ_PPM, OFFSET_S)
+        settings = GuestSettings(relay=f"unix:{sock}", clock="software",
+                                 software_freq_ppm=FREQ_PPM, software_offset_s=OFFSET_S,
+                                 status_socket=os.path.join(tmp_path, "g.sock"),
+                                 minpoll=0, maxpoll=1, name="e2e-guest")
+        daemon = GuestDaemon(settings, clock, rng=random.Random(42))
+        clock.updates = lambda: daemon.controller.updates  # type: ignore[method-assign]
+        trace = Trace()
+        start = time.monotonic()
+        await daemon.start()
+        try:
+            while time.monotonic() - start < timeout_s:
+                elapsed = time.monotonic() - start
+                true = clock.true_offset_ns() / 1e9
+                trace.samples.append((elapsed, true))
+                if abs(true) >= 1e-3:
+                    trace.converged_at = None
+                elif trace.converged_at is None:
+                    trace.converged_at = elapsed
+                if on_tick is not None:
+                    on_tick(daemon, trace)
+                if until(daemon, trace):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await daemon.stop()
     finally:
-        await daemon.stop()
         await relay.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     return daemon, clock, trace
 
 
@@ -164,22 +165,25 @@ def check_converged(daemon: GuestDaemon, clock: RecordingClock, trace: Trace) ->
     return st
 
 
-def test_chronyd_relay_guest_converges(chrony_server: ChronyServer) -> None:  # noqa: F811
+def test_chronyd_relay_guest_converges(
+        tmp_path: Path, chrony_server: ChronyServer) -> None:  # noqa: F811
     relay = RelaySettings(upstreams=(chrony_server.address,), rate_limit=1000.0, rate_burst=1000)
-    daemon, clock, trace = asyncio.run(run_guest(relay, held(HOLD_S), CONVERGE_WITHIN_S + HOLD_S))
+    daemon, clock, trace = asyncio.run(
+        run_guest(tmp_path, relay, held(HOLD_S), CONVERGE_WITHIN_S + HOLD_S))
     st = check_converged(daemon, clock, trace)
     assert [s["name"] for s in st["sources"]] == [
         f"relay:{daemon.settings.relay}#{chrony_server.address}"]
 
 
-def test_host_clock_default_converges() -> None:
+def test_host_clock_default_converges(tmp_path: Path) -> None:
     relay = RelaySettings(rate_limit=1000.0, rate_burst=1000)  # no upstreams: host clock
-    daemon, clock, trace = asyncio.run(run_guest(relay, held(HOLD_S), CONVERGE_WITHIN_S + HOLD_S))
+    daemon, clock, trace = asyncio.run(
+        run_guest(tmp_path, relay, held(HOLD_S), CONVERGE_WITHIN_S + HOLD_S))
     st = check_converged(daemon, clock, trace)
     assert st["relay"]["upstreams"] == ["local"]
 
 
-def test_lying_relay_is_refused(chrony_server: ChronyServer) -> None:  # noqa: F811
+def test_lying_relay_is_refused(tmp_path: Path, chrony_server: ChronyServer) -> None:  # noqa: F811
     async def main() -> tuple[GuestDaemon, RecordingClock, Trace, LyingProxy, dict[str, Any]]:
         proxy = LyingProxy((chrony_server.host, chrony_server.port))
         upstream = await proxy.start()
@@ -198,7 +202,8 @@ def test_lying_relay_is_refused(chrony_server: ChronyServer) -> None:  # noqa: F
             return bool(before) and trace.samples[-1][0] - before["lie_at"] >= 6.0
 
         try:
-            daemon, clock, trace = await run_guest(relay, until, CONVERGE_WITHIN_S + 10, tick)
+            daemon, clock, trace = await run_guest(
+                tmp_path, relay, until, CONVERGE_WITHIN_S + 10, tick)
         finally:
             proxy.close()
         return daemon, clock, trace, proxy, before

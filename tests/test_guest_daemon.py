@@ -166,8 +166,10 @@ def test_relay_link_bad_hello_backs_off_and_timeout() -> None:
         link = RelayLink("unix:/nonexistent/relay.sock", "g", rx_clock=time.time_ns,
                          on_up=lambda u: None, on_down=lambda r: None, reconnect_min_s=0.02)
         await link.start()
-        await wait_for(lambda: link.counters["connect_not_found"] >= 2)
-        await link.stop()
+        try:
+            await wait_for(lambda: link.counters["connect_not_found"] >= 2)
+        finally:
+            await link.stop()
 
     asyncio.run(main())
 

@@ -131,8 +131,10 @@ def test_restart_with_a_frequency_file_and_after_a_kill(tmp_path: Path) -> None:
         await relay.start()
         clock = SoftwareClock(150.0, 0.02)
         settings = _settings(relay, freq_file=path, freq_file_interval_s=1.0)
+        started: list[GuestDaemon] = []
         try:
             first = GuestDaemon(settings, clock, rng=random.Random(3))
+            started.append(first)
             await first.start()
             await wait_for(lambda: first.status()["state"] == "synchronised"
                            and abs(clock.true_offset_ns()) < 200_000, timeout=20,
@@ -145,6 +147,7 @@ def test_restart_with_a_frequency_file_and_after_a_kill(tmp_path: Path) -> None:
             assert clock.correction_ppm == pytest.approx(record.frequency_ppm, abs=1e-3)
 
             second = GuestDaemon(settings, clock, rng=random.Random(4))
+            started.append(second)
             assert second.start_frequency is not None
             assert second.start_frequency.reason == "frequency file"
             await second.start()
@@ -158,6 +161,7 @@ def test_restart_with_a_frequency_file_and_after_a_kill(tmp_path: Path) -> None:
             _kill(second)  # as SIGKILL: no restore, no file at stop
             await second.stop()
             third = GuestDaemon(settings, clock, rng=random.Random(5))
+            started.append(third)
             assert third.start_frequency is not None
             assert third.start_frequency.reason == "frequency file"
             await third.start()
@@ -166,6 +170,8 @@ def test_restart_with_a_frequency_file_and_after_a_kill(tmp_path: Path) -> None:
             assert any(st["state"] == "synchronised" for _, st in after_kill)
             assert not _uncovered(after_kill), _uncovered(after_kill)[:5]
         finally:
+            for daemon in started:  # a no-op for those the test stopped
+                await daemon.stop()
             await relay.stop()
 
     asyncio.run(main())
@@ -184,8 +190,10 @@ def test_restart_without_a_file_keeps_or_resets_the_kernel_frequency(
         relay = FakeRelay()
         await relay.start()
         clock = SoftwareClock(native_ppm, 0.01)
+        started: list[GuestDaemon] = []
         try:
             first = GuestDaemon(_settings(relay), clock, rng=random.Random(6))
+            started.append(first)
             await first.start()
             await wait_for(lambda: first.status()["state"] == "synchronised"
                            and abs(clock.true_offset_ns()) < 200_000, timeout=20,
@@ -194,6 +202,7 @@ def test_restart_without_a_file_keeps_or_resets_the_kernel_frequency(
             await first.stop()
             held = clock.correction_ppm
             second = GuestDaemon(_settings(relay), clock, rng=random.Random(7))
+            started.append(second)
             sf = second.start_frequency
             assert sf is not None and (sf.set_kernel is not kept)
             assert sf.ppm == (held if kept else 0.0)
@@ -212,6 +221,8 @@ def test_restart_without_a_file_keeps_or_resets_the_kernel_frequency(
             assert abs(freq - native_ppm) < 25, freq  # item 4 estimated 335 ppm (true 150)
             assert not _uncovered(trace), _uncovered(trace)[:5]
         finally:
+            for daemon in started:  # a no-op for those the test stopped
+                await daemon.stop()
             await relay.stop()
 
     asyncio.run(main())

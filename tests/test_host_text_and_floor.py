@@ -74,19 +74,21 @@ def test_nts_reply_before_the_time_floor_is_refused() -> None:
                            is_synchronised=lambda: False,
                            on_reply=lambda name, *a: replies.append(name),
                            on_error=lambda n, r: errors.append(r), on_sent=lambda *a: None)
-            link = Link(spec.ke_endpoint)
-            m.attach(link)  # type: ignore[arg-type]
-            src = m.sources[spec.source_name]
-            result = NtsKeResult(15, keys[0], keys[1], (b"c" * 64,) * 8, "127.0.0.1", 123)
-            assert src.on_ke_result(result, {"udp:127.0.0.1:123": 0})
-            m.send(src.name, NtpPacket(mode=3, transmit_ts=random.getrandbits(64)).encode())
-            answer = reply(link.sent, key=keys[1], transmit=unix_ns_to_ntp(server_ns))
-            m._on_result(src.name, RelayReply(answer, 0, 0, 0))
-            if want:
-                assert errors[-1] == want and src.counters[want] == 1 and not replies
-            else:
-                assert replies == [src.name]
-            await m.stop()
+            try:
+                link = Link(spec.ke_endpoint)
+                m.attach(link)  # type: ignore[arg-type]
+                src = m.sources[spec.source_name]
+                result = NtsKeResult(15, keys[0], keys[1], (b"c" * 64,) * 8, "127.0.0.1", 123)
+                assert src.on_ke_result(result, {"udp:127.0.0.1:123": 0})
+                m.send(src.name, NtpPacket(mode=3, transmit_ts=random.getrandbits(64)).encode())
+                answer = reply(link.sent, key=keys[1], transmit=unix_ns_to_ntp(server_ns))
+                m._on_result(src.name, RelayReply(answer, 0, 0, 0))
+                if want:
+                    assert errors[-1] == want and src.counters[want] == 1 and not replies
+                else:
+                    assert replies == [src.name]
+            finally:
+                await m.stop()
 
     asyncio.run(main())
 

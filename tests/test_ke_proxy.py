@@ -71,58 +71,61 @@ def test_stream_pass_through_limits_and_cleanup(tmp_path: Path) -> None:
                                            nts_ke_servers=(f"tcp:127.0.0.1:{port}",),
                                            rate_limit=1000.0, rate_burst=100))
         await relay.start()
-        relay.ke_proxy.limits = KeProxyLimits(max_streams=2, max_stream_bytes=20_000)
-        fds = len(os.listdir("/proc/self/fd"))
-        guest = await Guest.connect(f"unix:{sock}")
         try:
-            assert guest.hello["nts_ke"] == [{"index": 0, "name": f"tcp:127.0.0.1:{port}"}]
-            # open, send early (before the ack), get the bytes back unchanged
-            guest.send(framing.stream_open(5, 0))
-            for f in framing.stream_data(5, b"x" * 5000):
-                guest.send(f)
-            first = await guest.recv()
-            assert (first.type, first.request_id, first.payload) == (FrameType.STREAM_OPEN, 5, b"")
-            got = b""
-            while len(got) < 5000:
+            relay.ke_proxy.limits = KeProxyLimits(max_streams=2, max_stream_bytes=20_000)
+            fds = len(os.listdir("/proc/self/fd"))
+            guest = await Guest.connect(f"unix:{sock}")
+            try:
+                assert guest.hello["nts_ke"] == [{"index": 0, "name": f"tcp:127.0.0.1:{port}"}]
+                # open, send early (before the ack), get the bytes back unchanged
+                guest.send(framing.stream_open(5, 0))
+                for f in framing.stream_data(5, b"x" * 5000):
+                    guest.send(f)
+                first = await guest.recv()
+                assert (first.type, first.request_id, first.payload) == (
+                    FrameType.STREAM_OPEN, 5, b"")
+                got = b""
+                while len(got) < 5000:
+                    f = await guest.recv()
+                    assert (f.type, f.request_id) == (FrameType.STREAM_DATA, 5)
+                    got += f.payload
+                assert got == b"x" * 5000
+                # the endpoint ends the stream: a clean STREAM_CLOSE
+                guest.send(framing.stream_data(5, b"bye")[0])
                 f = await guest.recv()
-                assert (f.type, f.request_id) == (FrameType.STREAM_DATA, 5)
-                got += f.payload
-            assert got == b"x" * 5000
-            # the endpoint ends the stream: a clean STREAM_CLOSE
-            guest.send(framing.stream_data(5, b"bye")[0])
-            f = await guest.recv()
-            assert (f.type, f.request_id, framing.parse_stream_close(f)) == (
-                FrameType.STREAM_CLOSE, 5, "")
-            # unknown endpoint and kind are refused with an error naming the stream
-            guest.send(framing.stream_open(6, 3))
-            f = await guest.recv()
-            assert f.type == FrameType.ERROR and f.request_id == 6
-            assert framing.parse_error(f)[0] == ErrorCode.UNKNOWN_ENDPOINT
-            # at most two streams per connection
-            for sid in (7, 8, 9):
-                guest.send(framing.stream_open(sid, 0))
-            frames = [await guest.recv() for _ in range(3)]
-            errors = [f for f in frames if f.type == FrameType.ERROR]
-            assert [f.request_id for f in errors] == [9]
-            assert framing.parse_error(errors[0])[0] == ErrorCode.BUSY
-            # more than max_stream_bytes: the stream is closed with a reason
-            for f in framing.stream_data(7, b"y" * 25_000):
-                guest.send(f)
-            while True:
+                assert (f.type, f.request_id, framing.parse_stream_close(f)) == (
+                    FrameType.STREAM_CLOSE, 5, "")
+                # unknown endpoint and kind are refused with an error naming the stream
+                guest.send(framing.stream_open(6, 3))
                 f = await guest.recv()
-                if f.type == FrameType.STREAM_CLOSE and f.request_id == 7:
-                    break
-            assert "limit" in framing.parse_stream_close(f)
-            await until(lambda: echo.open == 1)  # stream 8 still up
-            counters = relay.ke_proxy.counters
-            assert counters["stream_too_long"] == 1 and counters["too_many_streams"] == 1
-            assert counters["unknown_endpoint"] == 1
+                assert f.type == FrameType.ERROR and f.request_id == 6
+                assert framing.parse_error(f)[0] == ErrorCode.UNKNOWN_ENDPOINT
+                # at most two streams per connection
+                for sid in (7, 8, 9):
+                    guest.send(framing.stream_open(sid, 0))
+                frames = [await guest.recv() for _ in range(3)]
+                errors = [f for f in frames if f.type == FrameType.ERROR]
+                assert [f.request_id for f in errors] == [9]
+                assert framing.parse_error(errors[0])[0] == ErrorCode.BUSY
+                # more than max_stream_bytes: the stream is closed with a reason
+                for f in framing.stream_data(7, b"y" * 25_000):
+                    guest.send(f)
+                while True:
+                    f = await guest.recv()
+                    if f.type == FrameType.STREAM_CLOSE and f.request_id == 7:
+                        break
+                assert "limit" in framing.parse_stream_close(f)
+                await until(lambda: echo.open == 1)  # stream 8 still up
+                counters = relay.ke_proxy.counters
+                assert counters["stream_too_long"] == 1 and counters["too_many_streams"] == 1
+                assert counters["unknown_endpoint"] == 1
+            finally:
+                await guest.close()
+            # the guest went away: its remaining stream and the endpoint connection are gone
+            await until(lambda: relay.ke_proxy.open_streams == 0 and echo.open == 0)
         finally:
-            await guest.close()
-        # the guest went away: its remaining stream and the endpoint connection are gone
-        await until(lambda: relay.ke_proxy.open_streams == 0 and echo.open == 0)
-        await relay.stop()
-        await echo.stop()
+            await relay.stop()
+            await echo.stop()
         await until(lambda: len(os.listdir("/proc/self/fd")) <= fds)
 
     asyncio.run(main())
@@ -174,6 +177,7 @@ def test_endpoint_reach_register_follows_connects_and_logs_each_change(tmp_path:
         await relay.start()
         guest = await Guest.connect(f"unix:{sock}")
         name = f"tcp:127.0.0.1:{port}"
+        back: asyncio.Server | None = None
         try:
             for sid in range(2):
                 guest.send(framing.stream_open(sid, 0))
@@ -191,9 +195,10 @@ def test_endpoint_reach_register_follows_connects_and_logs_each_change(tmp_path:
             assert f'timesync_relay_nts_ke_reach_ratio{{source_address="{name}"}} 0.333' in body
             age = "timesync_relay_nts_ke_last_reply_age_seconds"
             assert f'{age}{{source_address="{name}"}}' in body
-            back.close()
         finally:
             await guest.close()
+            if back is not None:
+                back.close()
             await relay.stop()
 
     with caplog.at_level(logging.WARNING, logger="host_relay"):

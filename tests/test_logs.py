@@ -165,12 +165,14 @@ def test_guest_churn_logs_a_few_lines_not_one_per_connection(tmp_path, caplog):
     async def main() -> None:
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}",)))
         await relay.start()
-        for _ in range(40):
-            guest = await Guest.connect(f"unix:{sock}")
-            await guest.close()
-        await asyncio.sleep(0.2)
-        assert relay.stats.connections_accepted == 40
-        await relay.stop()
+        try:
+            for _ in range(40):
+                guest = await Guest.connect(f"unix:{sock}")
+                await guest.close()
+            await asyncio.sleep(0.2)
+            assert relay.stats.connections_accepted == 40
+        finally:
+            await relay.stop()
 
     with caplog.at_level(logging.INFO, logger="host_relay"):
         asyncio.run(main())

@@ -119,28 +119,30 @@ def test_unexpected_ke_exception_is_a_counted_ke_failure_with_backoff(
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _, ctx: unhandled.append(ctx))
         m, _ = make_manager(spec, str(cafile) if cafile else None, errors)
-        src = m.sources[spec.source_name]
-        m.on_relay_up()
-        for _ in range(100):
-            if not m.status()[src.name]["ke_running"]:
-                break
-            await asyncio.sleep(0.01)
-        first_retry = m._not_before[src.name]
-        assert errors == ["nts_ke_error"]
-        assert src.counters["ke_error"] == 1
-        assert src.note.startswith("NTS-KE failed: error (")
-        m.on_relay_up()  # too early: the backoff holds it back
-        await asyncio.sleep(0)
-        assert src.counters["ke_error"] == 1
-        await asyncio.sleep(max(0.0, first_retry - loop.time()) + 0.01)
-        m.on_relay_up()  # retried, and the backoff grew
-        for _ in range(100):
-            if src.counters["ke_error"] == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert src.counters["ke_error"] == 2
-        assert m._not_before[src.name] - first_retry >= 0.09  # 0.05 s, then 0.1 s
-        await m.stop()
+        try:
+            src = m.sources[spec.source_name]
+            m.on_relay_up()
+            for _ in range(100):
+                if not m.status()[src.name]["ke_running"]:
+                    break
+                await asyncio.sleep(0.01)
+            first_retry = m._not_before[src.name]
+            assert errors == ["nts_ke_error"]
+            assert src.counters["ke_error"] == 1
+            assert src.note.startswith("NTS-KE failed: error (")
+            m.on_relay_up()  # too early: the backoff holds it back
+            await asyncio.sleep(0)
+            assert src.counters["ke_error"] == 1
+            await asyncio.sleep(max(0.0, first_retry - loop.time()) + 0.01)
+            m.on_relay_up()  # retried, and the backoff grew
+            for _ in range(100):
+                if src.counters["ke_error"] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert src.counters["ke_error"] == 2
+            assert m._not_before[src.name] - first_retry >= 0.09  # 0.05 s, then 0.1 s
+        finally:
+            await m.stop()
         gc.collect()
         await asyncio.sleep(0)
 
@@ -158,16 +160,18 @@ def test_nts_send_reports_the_links_real_refusal() -> None:
 
     async def main() -> None:
         m, link = make_manager(spec, None, errors)
-        src = m.sources[spec.source_name]
-        result = NtsKeResult(15, os.urandom(32), os.urandom(32), (b"c" * 64,) * 8,
-                             "127.0.0.1", 123)
-        assert src.on_ke_result(result, {"udp:127.0.0.1:123": 0}) and src.ready
-        request = NtpPacket(transmit_ts=1).encode()
-        link.refuse = "send_busy"
-        m.send(src.name, request)
-        link.refuse = "send_oversized"
-        m.send(src.name, request)
-        await m.stop()
+        try:
+            src = m.sources[spec.source_name]
+            result = NtsKeResult(15, os.urandom(32), os.urandom(32), (b"c" * 64,) * 8,
+                                 "127.0.0.1", 123)
+            assert src.on_ke_result(result, {"udp:127.0.0.1:123": 0}) and src.ready
+            request = NtpPacket(transmit_ts=1).encode()
+            link.refuse = "send_busy"
+            m.send(src.name, request)
+            link.refuse = "send_oversized"
+            m.send(src.name, request)
+        finally:
+            await m.stop()
 
     asyncio.run(main())
     assert errors == ["send_busy", "send_oversized"]
@@ -182,14 +186,16 @@ def test_failed_ke_is_retried_on_its_own_timer_until_stopped(tmp_path: Path) -> 
 
     async def main() -> None:
         m, _ = make_manager(spec, str(cafile), errors)
-        src = m.sources[spec.source_name]
-        m.on_relay_up()  # the only trigger: nothing calls send()
-        for _ in range(200):
-            if src.counters["ke_error"] >= 3:
-                break
-            await asyncio.sleep(0.01)
-        assert src.counters["ke_error"] >= 3, src.counters  # 0.05 s, 0.1 s, 0.2 s backoff
-        await m.stop()
+        try:
+            src = m.sources[spec.source_name]
+            m.on_relay_up()  # the only trigger: nothing calls send()
+            for _ in range(200):
+                if src.counters["ke_error"] >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert src.counters["ke_error"] >= 3, src.counters  # 0.05 s, 0.1 s, 0.2 s backoff
+        finally:
+            await m.stop()
         seen = src.counters["ke_error"]
         await asyncio.sleep(0.5)
         assert src.counters["ke_error"] == seen, "no retry after stop()"

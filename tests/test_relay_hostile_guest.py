@@ -194,21 +194,24 @@ def test_metrics_stop_ends_requests_in_progress() -> None:
     async def main() -> None:
         server = MetricsServer("tcp:127.0.0.1:0", lambda: b"", dict)
         await server.start()
-        host, port = server.bound.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /metr")  # an idle client, mid-request
-        await asyncio.sleep(0.1)
-        listener = server._listener
-        assert listener is not None and listener.handlers is not None
-        assert len(listener.handlers.tasks) == 1
-        errors: list[dict[str, object]] = []
-        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
-        await asyncio.wait_for(server.stop(), 3.0)
-        assert not listener.handlers.tasks
-        await asyncio.sleep(0.05)
-        assert errors == []  # no "Exception in callback" for the cancelled handler
-        assert await asyncio.wait_for(reader.read(), 2.0) == b""  # closed, no late answer
-        writer.close()
+        try:
+            host, port = server.bound.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /metr")  # an idle client, mid-request
+            await asyncio.sleep(0.1)
+            listener = server._listener
+            assert listener is not None and listener.handlers is not None
+            assert len(listener.handlers.tasks) == 1
+            errors: list[dict[str, object]] = []
+            asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+            await asyncio.wait_for(server.stop(), 3.0)
+            assert not listener.handlers.tasks
+            await asyncio.sleep(0.05)
+            assert errors == []  # no "Exception in callback" for the cancelled handler
+            assert await asyncio.wait_for(reader.read(), 2.0) == b""  # closed, no late answer
+            writer.close()
+        finally:
+            await server.stop()  # a no-op once the test stopped it
 
     asyncio.run(main())
 

@@ -40,31 +40,33 @@ def test_frames_split_and_coalesced_arbitrarily(tmp_path, loop_kind):
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}",),
                                            upstreams=(upstream.address,), rate_burst=1000))
         await relay.start()
-        guest = await Guest.connect(f"unix:{sock}")
-        raw = framing.ntp_request(1, 0, client_packet()).encode()
-        for i in range(len(raw)):
-            guest.writer.write(raw[i:i + 1])
-            await guest.writer.drain()
-            await asyncio.sleep(0)
-        frame = await guest.recv()
-        assert (frame.type, frame.request_id) == (FrameType.NTP_REPLY, 1)
-        burst = b"".join(framing.ntp_request(rid, 0, client_packet()).encode()
-                         for rid in range(100, 150))
-        guest.writer.write(burst[:-30])  # the last frame straddles two writes
-        await asyncio.sleep(0.01)
-        guest.writer.write(burst[-30:])
-        replies = [await guest.recv() for _ in range(50)]
-        assert sorted(f.request_id for f in replies) == list(range(100, 150))
-        assert all(f.type == FrameType.NTP_REPLY for f in replies)
-        for f in replies:
-            _, r_in, r_out = framing.parse_ntp_reply(f)
-            assert 0 <= r_in < 1_000_000_000 and 0 <= r_out < 1_000_000_000
-        assert relay.stats.frames_in["NTP_REQUEST"] == 51
-        assert relay.stats.frames_out["NTP_REPLY"] == 51
-        assert relay.metrics.residence.count == 51
-        await guest.close()
-        await relay.stop()
-        upstream.close()
+        try:
+            guest = await Guest.connect(f"unix:{sock}")
+            raw = framing.ntp_request(1, 0, client_packet()).encode()
+            for i in range(len(raw)):
+                guest.writer.write(raw[i:i + 1])
+                await guest.writer.drain()
+                await asyncio.sleep(0)
+            frame = await guest.recv()
+            assert (frame.type, frame.request_id) == (FrameType.NTP_REPLY, 1)
+            burst = b"".join(framing.ntp_request(rid, 0, client_packet()).encode()
+                             for rid in range(100, 150))
+            guest.writer.write(burst[:-30])  # the last frame straddles two writes
+            await asyncio.sleep(0.01)
+            guest.writer.write(burst[-30:])
+            replies = [await guest.recv() for _ in range(50)]
+            assert sorted(f.request_id for f in replies) == list(range(100, 150))
+            assert all(f.type == FrameType.NTP_REPLY for f in replies)
+            for f in replies:
+                _, r_in, r_out = framing.parse_ntp_reply(f)
+                assert 0 <= r_in < 1_000_000_000 and 0 <= r_out < 1_000_000_000
+            assert relay.stats.frames_in["NTP_REQUEST"] == 51
+            assert relay.stats.frames_out["NTP_REPLY"] == 51
+            assert relay.metrics.residence.count == 51
+            await guest.close()
+        finally:
+            await relay.stop()
+            upstream.close()
 
     run(main, loop_kind)
 
@@ -85,21 +87,23 @@ def test_1000_replies_arriving_at_once_are_all_delivered(tmp_path, loop_kind):
                                            upstreams=(upstream.address,), max_pending=n,
                                            rate_burst=n, upstream_timeout_s=5.0))
         await relay.start()
-        guest = await Guest.connect(f"unix:{sock}")
-        guest.writer.write(b"".join(framing.ntp_request(rid, 0, client_packet()).encode()
-                                    for rid in range(n)))
-        await wait_until(lambda: len(upstream.received) == n)
-        relay_side = relay._upstreams[0].local_address
-        for req in upstream.received:  # all sent before the relay's loop can read any
-            upstream.transport.sendto(echo_reply(req), relay_side)
-        replies = [await guest.recv(timeout=5.0) for _ in range(n)]
-        assert sorted(f.request_id for f in replies) == list(range(n))
-        assert all(f.type == FrameType.NTP_REPLY for f in replies)
-        assert relay.stats.upstream_timeouts == 0
-        assert relay.stats.upstream_replies == n
-        await guest.close()
-        await relay.stop()
-        upstream.close()
+        try:
+            guest = await Guest.connect(f"unix:{sock}")
+            guest.writer.write(b"".join(framing.ntp_request(rid, 0, client_packet()).encode()
+                                        for rid in range(n)))
+            await wait_until(lambda: len(upstream.received) == n)
+            relay_side = relay._upstreams[0].local_address
+            for req in upstream.received:  # all sent before the relay's loop can read any
+                upstream.transport.sendto(echo_reply(req), relay_side)
+            replies = [await guest.recv(timeout=5.0) for _ in range(n)]
+            assert sorted(f.request_id for f in replies) == list(range(n))
+            assert all(f.type == FrameType.NTP_REPLY for f in replies)
+            assert relay.stats.upstream_timeouts == 0
+            assert relay.stats.upstream_replies == n
+            await guest.close()
+        finally:
+            await relay.stop()
+            upstream.close()
 
     run(main, loop_kind)
 
@@ -117,13 +121,15 @@ def test_upstream_socket_buffers_are_enlarged():
         big = Upstream(1, address, RelayStats(), 1.0, ignore)  # the relay's default
         await plain.open()
         await big.open()
-        rcv, snd = big.buffer_sizes
-        # root (CAP_NET_ADMIN) or a high enough rmem_max grants it; Linux reports double
-        assert rcv >= SOCKET_BUFFER_BYTES and snd >= SOCKET_BUFFER_BYTES
-        assert plain.buffer_sizes[0] < rcv
-        plain.close()
-        big.close()
-        server.close()
+        try:
+            rcv, snd = big.buffer_sizes
+            # root (CAP_NET_ADMIN) or a high enough rmem_max grants it; Linux reports double
+            assert rcv >= SOCKET_BUFFER_BYTES and snd >= SOCKET_BUFFER_BYTES
+            assert plain.buffer_sizes[0] < rcv
+        finally:
+            plain.close()
+            big.close()
+            server.close()
 
     asyncio.run(main())
 
@@ -140,28 +146,30 @@ def test_timeouts_expire_in_order_while_others_are_answered(tmp_path):
         relay = RelayService(RelaySettings(listen=(f"unix:{sock}",),
                                            upstreams=(upstream.address,), upstream_timeout_s=0.3))
         await relay.start()
-        guest = await Guest.connect(f"unix:{sock}")
-        start = time.monotonic()
-        guest.request(1, 0, client_packet())  # never answered
-        await asyncio.sleep(0.15)
-        answer["on"] = True
-        guest.request(2, 0, client_packet())  # answered at once
-        first = await guest.recv()
-        assert (first.type, first.request_id) == (FrameType.NTP_REPLY, 2)
-        answer["on"] = False
-        guest.request(3, 0, client_packet())  # never answered, sent ~0.15 s after 1
-        second = await guest.recv()
-        assert second.request_id == 1
-        assert framing.parse_error(second)[0] == ErrorCode.UPSTREAM_TIMEOUT
-        assert 0.25 < time.monotonic() - start < 0.45
-        third = await guest.recv()
-        assert third.request_id == 3
-        assert framing.parse_error(third)[0] == ErrorCode.UPSTREAM_TIMEOUT
-        assert 0.4 < time.monotonic() - start < 0.8
-        assert relay.stats.upstream_timeouts == 2 and relay.pending_requests == 0
-        await guest.close()
-        await relay.stop()
-        upstream.close()
+        try:
+            guest = await Guest.connect(f"unix:{sock}")
+            start = time.monotonic()
+            guest.request(1, 0, client_packet())  # never answered
+            await asyncio.sleep(0.15)
+            answer["on"] = True
+            guest.request(2, 0, client_packet())  # answered at once
+            first = await guest.recv()
+            assert (first.type, first.request_id) == (FrameType.NTP_REPLY, 2)
+            answer["on"] = False
+            guest.request(3, 0, client_packet())  # never answered, sent ~0.15 s after 1
+            second = await guest.recv()
+            assert second.request_id == 1
+            assert framing.parse_error(second)[0] == ErrorCode.UPSTREAM_TIMEOUT
+            assert 0.25 < time.monotonic() - start < 0.45
+            third = await guest.recv()
+            assert third.request_id == 3
+            assert framing.parse_error(third)[0] == ErrorCode.UPSTREAM_TIMEOUT
+            assert 0.4 < time.monotonic() - start < 0.8
+            assert relay.stats.upstream_timeouts == 2 and relay.pending_requests == 0
+            await guest.close()
+        finally:
+            await relay.stop()
+            upstream.close()
 
     asyncio.run(main())
 
@@ -177,25 +185,27 @@ def test_guest_that_never_reads_is_dropped(tmp_path, loop_kind):
                                            rate_burst=1_000_000, max_pending=65536))
         await relay.start()
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect(path)
-        raw.setblocking(False)
-        loop = asyncio.get_running_loop()
-        hello = framing.guest_hello("mute")
-        await loop.sock_sendall(raw, hello.encode())
-        request = framing.ntp_request(1, 0, client_packet()).encode()
-        batch = request * 200
-        sent = 0
-        # replies are 64 bytes: enough requests to overflow the limit plus socket buffers
-        while relay.stats.errors["slow_reader"] == 0 and sent < 3 * MAX_WRITE_BUFFER:
-            try:
-                await asyncio.wait_for(loop.sock_sendall(raw, batch), 1.0)
-            except (TimeoutError, OSError):
-                break
-            sent += len(batch)
-        await wait_until(lambda: relay.stats.errors["slow_reader"] == 1)
-        await wait_until(lambda: relay.stats.connections_open == 0)
-        raw.close()
-        await relay.stop()
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(path)
+            raw.setblocking(False)
+            loop = asyncio.get_running_loop()
+            hello = framing.guest_hello("mute")
+            await loop.sock_sendall(raw, hello.encode())
+            request = framing.ntp_request(1, 0, client_packet()).encode()
+            batch = request * 200
+            sent = 0
+            # replies are 64 bytes: enough requests to overflow the limit plus socket buffers
+            while relay.stats.errors["slow_reader"] == 0 and sent < 3 * MAX_WRITE_BUFFER:
+                try:
+                    await asyncio.wait_for(loop.sock_sendall(raw, batch), 1.0)
+                except (TimeoutError, OSError):
+                    break
+                sent += len(batch)
+            await wait_until(lambda: relay.stats.errors["slow_reader"] == 1)
+            await wait_until(lambda: relay.stats.connections_open == 0)
+        finally:
+            raw.close()
+            await relay.stop()
 
     run(main, loop_kind)

@@ -158,15 +158,17 @@ def test_metrics_request_head_must_arrive_within_the_deadline(tmp_path):
 
     async def main() -> None:
         await relay.start()
-        host, port = relay.metrics_address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        start = time.monotonic()
-        writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
-        answer = await asyncio.wait_for(reader.read(), 5)
-        took = time.monotonic() - start
-        assert answer.startswith(b"HTTP/1.1 408")
-        assert metrics_http.HEAD_TIMEOUT_S <= took < metrics_http.HEAD_TIMEOUT_S + 1
-        writer.close()
-        await relay.stop()
+        try:
+            host, port = relay.metrics_address.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            start = time.monotonic()
+            writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+            answer = await asyncio.wait_for(reader.read(), 5)
+            took = time.monotonic() - start
+            assert answer.startswith(b"HTTP/1.1 408")
+            assert metrics_http.HEAD_TIMEOUT_S <= took < metrics_http.HEAD_TIMEOUT_S + 1
+            writer.close()
+        finally:
+            await relay.stop()
 
     asyncio.run(main())

@@ -6,8 +6,6 @@ import asyncio
 import os
 import socket
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +15,9 @@ from guest_client.status_server import StatusError, StatusServer, query_status
 
 
 @pytest.fixture
-def sock_path() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="ts-status-")
-    os.mkdir(os.path.join(d, "sub"))
-    yield os.path.join(d, "sub", "guest.sock")
-    for root, dirs, files in os.walk(d, topdown=False):
-        for f in files:
-            os.unlink(os.path.join(root, f))
-        for sub in dirs:
-            os.rmdir(os.path.join(root, sub))
-    os.rmdir(d)
+def sock_path(tmp_path: Path) -> str:
+    (tmp_path / "sub").mkdir()
+    return str(tmp_path / "sub" / "guest.sock")
 
 
 def raw_request(path: str, data: bytes, shutdown: bool = True) -> bytes:

@@ -37,9 +37,11 @@ def test_unix_listen_connect_and_cleanup(tmp_path, loop_kind):
 
     async def main() -> None:
         listener = await listen_stream(f"unix:{path}", _echo, socket_mode=0o660)
-        assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o660
-        assert await _roundtrip(f"unix:{path}") == b"ping"
-        await listener.close()
+        try:
+            assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o660
+            assert await _roundtrip(f"unix:{path}") == b"ping"
+        finally:
+            await listener.close()
         assert not path.exists()
 
     run(main, loop_kind)
@@ -48,9 +50,11 @@ def test_unix_listen_connect_and_cleanup(tmp_path, loop_kind):
 def test_tcp_port_zero_reports_bound_port():
     async def main() -> None:
         listener = await listen_stream("tcp:127.0.0.1:0", _echo)
-        assert listener.bound.port != 0
-        assert await _roundtrip(str(listener.bound)) == b"ping"
-        await listener.close()
+        try:
+            assert listener.bound.port != 0
+            assert await _roundtrip(str(listener.bound)) == b"ping"
+        finally:
+            await listener.close()
 
     run(main)
 
@@ -65,14 +69,16 @@ def test_stale_socket_replaced_but_live_socket_and_regular_file_refused(tmp_path
 
     async def main() -> None:
         listener = await listen_stream(f"unix:{stale}", _echo)
-        assert await _roundtrip(f"unix:{stale}") == b"ping"
-        with pytest.raises(TransportError) as live:
-            await listen_stream(f"unix:{stale}", _echo)
-        assert live.value.reason == "address_in_use"
-        with pytest.raises(TransportError) as notsock:
-            await listen_stream(f"unix:{regular}", _echo)
-        assert notsock.value.reason == "path_not_socket"
-        await listener.close()
+        try:
+            assert await _roundtrip(f"unix:{stale}") == b"ping"
+            with pytest.raises(TransportError) as live:
+                await listen_stream(f"unix:{stale}", _echo)
+            assert live.value.reason == "address_in_use"
+            with pytest.raises(TransportError) as notsock:
+                await listen_stream(f"unix:{regular}", _echo)
+            assert notsock.value.reason == "path_not_socket"
+        finally:
+            await listener.close()
 
     run(main)
     assert regular.read_text() == "precious"
@@ -83,12 +89,17 @@ def test_close_does_not_unlink_a_successors_socket(tmp_path):
 
     async def main() -> None:
         first = await listen_stream(f"unix:{path}", _echo)
-        os.unlink(path)  # e.g. an operator removed it and a new relay started
-        second = await listen_stream(f"unix:{path}", _echo)
-        await first.close()
-        assert path.is_socket()
-        assert await _roundtrip(f"unix:{path}") == b"ping"
-        await second.close()
+        try:
+            os.unlink(path)  # e.g. an operator removed it and a new relay started
+            second = await listen_stream(f"unix:{path}", _echo)
+            try:
+                await first.close()
+                assert path.is_socket()
+                assert await _roundtrip(f"unix:{path}") == b"ping"
+            finally:
+                await second.close()
+        finally:
+            await first.close()  # a no-op once the test closed it
         assert not path.exists()
 
     run(main)
@@ -99,11 +110,13 @@ def test_fc_listen_path_is_uds_path_underscore_port(tmp_path):
 
     async def main() -> None:
         listener = await listen_stream(f"fc:{uds}:5005", _echo)
-        assert (tmp_path / "v.sock_5005").is_socket()
-        assert not uds.exists()
-        # Firecracker itself connects to UDS_PORT directly for guest-initiated connections
-        assert await _roundtrip(f"unix:{tmp_path / 'v.sock_5005'}") == b"ping"
-        await listener.close()
+        try:
+            assert (tmp_path / "v.sock_5005").is_socket()
+            assert not uds.exists()
+            # Firecracker itself connects to UDS_PORT directly for guest-initiated connections
+            assert await _roundtrip(f"unix:{tmp_path / 'v.sock_5005'}") == b"ping"
+        finally:
+            await listener.close()
         assert not (tmp_path / "v.sock_5005").exists()
 
     run(main)
@@ -133,8 +146,10 @@ def test_fc_connect_speaks_connect_handshake(tmp_path, loop_kind):
 
     async def main() -> None:
         server = await _fake_muxer(uds, lambda port: b"OK 1073741824\n", seen)
-        assert await _roundtrip(f"fc:{uds}:52", b"hello guest") == b"hello guest"
-        server.close()
+        try:
+            assert await _roundtrip(f"fc:{uds}:52", b"hello guest") == b"hello guest"
+        finally:
+            server.close()
 
     run(main, loop_kind)
     assert seen == [b"CONNECT 52\n"]
@@ -149,14 +164,16 @@ def test_fc_connect_refused_is_a_clear_error_without_fd_leak(tmp_path, answer, r
 
     async def main() -> None:
         server = await _fake_muxer(uds, answer, [])
-        before = len(os.listdir("/proc/self/fd"))
-        for _ in range(20):
-            with pytest.raises(TransportError) as err:
-                await open_stream(f"fc:{uds}:52", timeout_s=2)
-            assert err.value.reason == reason and "52" in str(err.value)
-        await asyncio.sleep(0.05)
-        assert len(os.listdir("/proc/self/fd")) == before
-        server.close()
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            for _ in range(20):
+                with pytest.raises(TransportError) as err:
+                    await open_stream(f"fc:{uds}:52", timeout_s=2)
+                assert err.value.reason == reason and "52" in str(err.value)
+            await asyncio.sleep(0.05)
+            assert len(os.listdir("/proc/self/fd")) == before
+        finally:
+            server.close()
 
     run(main)
 
@@ -170,10 +187,12 @@ def test_fc_connect_times_out_when_muxer_never_answers(tmp_path):
             writer.close()
 
         server = await asyncio.start_unix_server(silent, path=uds)
-        with pytest.raises(TransportError) as err:
-            await open_stream(f"fc:{uds}:52", timeout_s=0.2)
-        assert err.value.reason == "timeout"
-        server.close()
+        try:
+            with pytest.raises(TransportError) as err:
+                await open_stream(f"fc:{uds}:52", timeout_s=0.2)
+            assert err.value.reason == "timeout"
+        finally:
+            server.close()
 
     run(main)
 
@@ -206,20 +225,22 @@ def test_udp_endpoint_receives_from_peer_only():
         got: list[tuple[bytes, int]] = []
         ep = await open_udp(parse_address(f"udp:127.0.0.1:{server.getsockname()[1]}"),
                             lambda data, rx: got.append((data, rx)))
-        sent_ns = ep.send(b"q")
-        data, client = server.recvfrom(100)
-        assert data == b"q"
-        intruder.sendto(b"spoof", client)
-        server.sendto(b"answer", client)
-        for _ in range(100):
-            if got:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        assert [d for d, _ in got] == [b"answer"]
-        assert got[0][1] >= sent_ns
-        ep.close()
-        server.close()
-        intruder.close()
+        try:
+            sent_ns = ep.send(b"q")
+            data, client = server.recvfrom(100)
+            assert data == b"q"
+            intruder.sendto(b"spoof", client)
+            server.sendto(b"answer", client)
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert [d for d, _ in got] == [b"answer"]
+            assert got[0][1] >= sent_ns
+        finally:
+            ep.close()
+            server.close()
+            intruder.close()
 
     run(main)

@@ -217,7 +217,9 @@ def test_restart_without_a_file_keeps_or_resets_the_kernel_frequency(
             freq = trace[-1][1]["frequency_ppm"]
             print(f"native {native_ppm} ppm, kept={kept}: max |true| after restart "
                   f"{worst * 1e6:.0f} us, frequency {freq:.1f} ppm")
-            assert worst < 1e-3, worst  # issue 9 item 4 swung to -3.5 ms
+            # issue 9 item 4 swung to -3.5 ms; a quiet machine stays within a few hundred us,
+            # two suites at once on 2 vCPUs reached 1.5 ms (inside the bound: asserted below)
+            assert worst < 2.5e-3, worst
             assert abs(freq - native_ppm) < 25, freq  # item 4 estimated 335 ppm (true 150)
             assert not _uncovered(trace), _uncovered(trace)[:5]
         finally:

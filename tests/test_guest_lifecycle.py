@@ -155,7 +155,13 @@ def test_restart_with_a_frequency_file_and_after_a_kill(tmp_path: Path) -> None:
             steady_max = max(abs(t) for t, _ in steady)
             restart_max = max(abs(t) for t, _ in restart)
             print(f"steady max {steady_max * 1e6:.0f} us, after restart {restart_max * 1e6:.0f} us")
-            assert restart_max <= 2 * steady_max + 100e-6, (steady_max, restart_max)
+            # a sample is only as good as half its path delay: on a quiet machine that is
+            # microseconds; two suites at once on 2 vCPUs gave replies milliseconds late and a
+            # 4.6 ms transient (steady 9 us), which the bound covered
+            worst_delay = max((src["delay_s"] or 0.0 for _, st in restart
+                               for src in st["sources"]), default=0.0)
+            assert restart_max <= 2 * steady_max + 100e-6 + worst_delay / 2, (
+                steady_max, restart_max, worst_delay)
             assert not _uncovered(restart)
 
             _kill(second)  # as SIGKILL: no restore, no file at stop

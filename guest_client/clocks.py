@@ -181,6 +181,7 @@ class SystemClock(Clock):
         tx.modes = ADJ_FREQUENCY | ADJ_TICK
         tx.tick, tx.freq = split_frequency(ppm, self.nominal_tick_us)
         self._call(tx, "set frequency")
+        self.last_change_ns = self.now_ns()  # right after the call: the closest we can tell
         self.frequency_ppm = ppm
 
     def step(self, offset_ns: int) -> None:
@@ -254,6 +255,7 @@ class SoftwareClock(Clock):
 
     def set_frequency(self, ppm: float) -> None:
         self._rebase()
+        self.last_change_ns = self._anchor_reading  # exactly where the new rate starts
         limit = self.max_frequency_ppm
         self.correction_ppm = min(max(ppm, -limit), limit)
 

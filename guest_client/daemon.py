@@ -425,7 +425,7 @@ class GuestDaemon:
                     self.clock.set_frequency(action.ppm)
                     applied = getattr(self.controller, "frequency_applied", None)  # (doubles)
                     if applied is not None:  # when, not when decided: the model must know
-                        applied(self.clock.now_ns())
+                        applied(self.clock.last_change_ns or self.clock.now_ns())
                 elif isinstance(action, StepClock):
                     self.clock.step(action.offset_ns)
                     log.info("stepped the clock by %+.9f s", action.offset_ns / _NS)

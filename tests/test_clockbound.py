@@ -187,7 +187,8 @@ def test_client_module_imports_only_the_standard_library() -> None:
 HAMMER = textwrap.dedent("""
     import json, mmap, struct, sys, time
     from timesyncd.clockbound import BoundedClock, SegmentError
-    path, seconds, min_changes = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    path, seconds = sys.argv[1], float(sys.argv[2])
+    min_reads, min_changes = int(sys.argv[3]), int(sys.argv[4])
     api = BoundedClock(path)
     fh = open(path, "rb")
     m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
@@ -195,11 +196,13 @@ HAMMER = textwrap.dedent("""
     n = torn = api_torn = changes = unstable = 0
     last = None
     print("ready", flush=True)
-    # at least ``seconds``, and on until ``min_changes`` writes were seen (a loaded machine
-    # lets few through: each membarrier write waits for an RCU grace period), at most 60 s
+    # at least ``seconds``, and on until more than ``min_reads`` copies and ``min_changes``
+    # writes were seen (a loaded machine lets few through: each membarrier write waits for
+    # an RCU grace period), at most 60 s more
     end = time.monotonic() + seconds
     hard_end = end + 60
-    while (time.monotonic() < end or changes <= min_changes) and time.monotonic() < hard_end:
+    while (time.monotonic() < end or changes <= min_changes or n <= min_reads) \
+            and time.monotonic() < hard_end:
         for _ in range(200):
             g1 = struct.unpack_from("=H", m, 14)[0]
             f = body.unpack_from(m, 16)
@@ -225,12 +228,12 @@ HAMMER = textwrap.dedent("""
 """)
 
 
-def hammer(path: str, write: object, seconds: float = 1.5, min_changes: int = 0
+def hammer(path: str, write: object, seconds: float = 1.5, least: tuple[int, int] = (0, 0)
            ) -> dict[str, int]:
     """A reader process copying the segment as fast as it can while ``write(k)`` runs, for
-    ``seconds`` and until it saw more than ``min_changes`` writes."""
+    ``seconds`` and until it made more than ``least`` = (copies, writes seen)."""
     proc = subprocess.Popen([sys.executable, "-c", HAMMER, path, str(seconds),
-                             str(min_changes)], cwd=ROOT,
+                             str(least[0]), str(least[1])], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -266,7 +269,7 @@ def test_reader_in_another_process_never_sees_a_torn_body(tmp_path: Path, fence:
     low = (20, 3) if fence == "membarrier" else (1000, 20)
     try:
         res = hammer(path, lambda k: w.write(body_for(k)),
-                     seconds=2.5 if fence == "membarrier" else 1.5, min_changes=low[1])
+                     seconds=2.5 if fence == "membarrier" else 1.5, least=low)
     finally:
         w.close()
     print(fence, res)

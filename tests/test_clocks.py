@@ -234,3 +234,17 @@ def test_software_clock_real_time_base() -> None:
     clock = SoftwareClock(0.0, -0.25)
     assert abs(clock.true_offset_ns() + 250_000_000) < 1_000_000
     assert abs(clock.now_ns() - (time.time_ns() - 250_000_000)) < 5_000_000
+
+
+def test_software_clock_says_where_a_frequency_change_landed() -> None:
+    """``last_change_ns`` is the reading at which the new rate starts (the daemon tells the
+    correction model; read after the call instead, a preemption in between is 83 us per ms
+    mid-slew)."""
+    mono = [0]
+    clock = SoftwareClock(0.0, 0.0, mono_ns=lambda: mono[0], real_ns=lambda: 10**18)
+    assert clock.last_change_ns is None
+    mono[0] = 5 * 10**9
+    clock.set_frequency(83_333.0)
+    assert clock.last_change_ns == 10**18 + 5 * 10**9
+    mono[0] += 10**9
+    assert clock.now_ns() == 10**18 + 6 * 10**9 + 83_333_000

@@ -43,6 +43,10 @@ class Clock(ABC):
 
     #: Largest total frequency correction the driver can apply, ppm.
     max_frequency_ppm: float = 100_000.0
+    #: Reading at which the last ``set_frequency`` took effect, as close as the driver can
+    #: tell (None: unknown, read the clock after the call). The correction model needs it:
+    #: mid-slew, each ms of error is 83 us at 83,333 ppm.
+    last_change_ns: int | None = None
 
     @abstractmethod
     def now_ns(self) -> int:

@@ -176,7 +176,7 @@ class GuestController(StepHandling, StateKeeping):
             return []
         src.reach |= 1
         src.status.reachable = True
-        sample = src.exchanges.offer(result, self._step_epoch)
+        sample = src.exchanges.offer(result)
         if sample is None:  # another exchange of this poll follows at once
             return [self._request(src, rx_ns, follow_up=True)]
         return self._process(src, sample, rx_ns)
@@ -188,9 +188,12 @@ class GuestController(StepHandling, StateKeeping):
         return [] if src is None else self._end_poll(src, now_ns)
 
     def _end_poll(self, src: Source, now_ns: int) -> list[Action]:
-        """The poll ends early (an error, a rejection, a lost follow-up): use its best."""
-        best = src.exchanges.finish(self._step_epoch)
-        return [] if best is None else self._process(src, best, now_ns)
+        """The poll ends early (an error, a rejection, a lost follow-up): use its best,
+        unless the clock was stepped since the poll began."""
+        best = src.exchanges.finish()
+        if best is None or src.request_epoch != self._step_epoch:
+            return []
+        return self._process(src, best, now_ns)
 
     def on_connection_lost(self, now_ns: int,
                            sources: Iterable[str] | None = None) -> list[Action]:

@@ -32,23 +32,21 @@ class PollExchanges:
     per_poll: int = 1
     left: int = 0  # follow-up exchanges still to send in this poll
     best: Sample | None = None
-    epoch: int = -1  # the controller's step epoch when ``best`` was measured
     deadline: int | None = None  # elapsed ns: the poll ends here if a follow-up is unanswered
 
     def begin(self) -> None:
         """A poll's first request left: up to ``per_poll - 1`` follow-ups may come."""
         self.left, self.best, self.deadline = self.per_poll - 1, None, None
 
-    def offer(self, sample: Sample, epoch: int) -> Sample | None:
+    def offer(self, sample: Sample) -> Sample | None:
         """A valid sample of this poll: ``None`` when a follow-up exchange should be sent
         now, else the poll's sample (the least path delay of those seen)."""
-        if self.best is None or self.epoch != epoch \
-                or sample.path_delay_s < self.best.path_delay_s:
-            self.best, self.epoch = sample, epoch
+        if self.best is None or sample.path_delay_s < self.best.path_delay_s:
+            self.best = sample
         if self.left > 0:
             self.left -= 1
             return None
-        return self.finish(epoch)
+        return self.finish()
 
     def follow_up_sent(self, at: int, poll_interval_s: float) -> None:
         """A follow-up left at elapsed ns ``at``: wait for it until the deadline."""
@@ -57,12 +55,13 @@ class PollExchanges:
     def expired(self, at: int) -> bool:
         return self.deadline is not None and at >= self.deadline
 
-    def finish(self, epoch: int) -> Sample | None:
-        """End the poll (its last reply, an error, or the deadline): the best sample, unless
-        none came or it was measured before a step (``epoch`` is the current one)."""
-        best, kept = self.best, self.epoch
+    def finish(self) -> Sample | None:
+        """End the poll (its last reply, an error, or the deadline): the best sample, if
+        any came. (Whether the clock was stepped since the poll began is the controller's
+        check, on the source's ``request_epoch``, which follow-ups do not change.)"""
+        best = self.best
         self.clear()
-        return best if best is not None and kept == epoch else None
+        return best
 
     def clear(self) -> None:
         self.left, self.best, self.deadline = 0, None, None

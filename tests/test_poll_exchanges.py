@@ -105,11 +105,15 @@ def test_a_sample_from_before_a_step_is_not_the_polls() -> None:
     assert isinstance(sample, Sample)
     ex = PollExchanges(3)
     ex.begin()
-    assert ex.offer(sample, epoch=0) is None  # a follow-up wanted
-    assert ex.finish(epoch=1) is None  # the clock was stepped since: not a sample of now
-    ex.begin()
-    assert ex.offer(sample, epoch=1) is None
-    assert ex.finish(epoch=1) is sample
+    assert ex.offer(sample) is None  # a follow-up wanted
+    assert ex.finish() is sample
+    # in the controller: the first exchange answered, then the clock is stepped (as an
+    # update's step does), then the follow-up goes unanswered: the poll yields nothing
+    ctl, req = started(3)
+    answer(ctl, req, START, 50_000, 50_000)
+    after = ctl._step(START + 5 * _MS, 0.5, [])
+    ctl.on_source_error("r", "upstream_timeout", after)
+    assert ctl.status(after).sources[0].samples == 0
 
 
 @dataclass(frozen=True)

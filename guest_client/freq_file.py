@@ -69,11 +69,20 @@ def parse(text: str) -> FreqRecord:
         freq, sd, written = (float(p) for p in parts[2:])
     except ValueError:
         raise FreqFileError("frequency, uncertainty or time is not a number") from None
-    if not all(math.isfinite(v) for v in (freq, sd, written)) or sd < 0:
+    return check(FreqRecord(freq, sd, written))
+
+
+def check(record: FreqRecord) -> FreqRecord:
+    """``record`` if a file may hold it, else :class:`FreqFileError` naming why: the one
+    rule for what is read back and what is written (a record the next start would refuse
+    is not written)."""
+    freq = record.frequency_ppm
+    if not all(math.isfinite(v) for v in (freq, record.sd_ppm, record.written_s)) \
+            or record.sd_ppm < 0:
         raise FreqFileError("frequency, uncertainty or time is not finite (or sd < 0)")
     if abs(freq) > MAX_BASE_PPM:
         raise FreqFileError(f"frequency {freq:+.3f} ppm is beyond +-{MAX_BASE_PPM:.0f} ppm")
-    return FreqRecord(freq, sd, written)
+    return record
 
 
 def load(path: str, now_s: float, max_age_s: float) -> FreqRecord | None:

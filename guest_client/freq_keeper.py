@@ -13,9 +13,10 @@ from collections import Counter
 from collections.abc import Callable
 
 from guest_client.freq_file import (
-    MAX_BASE_PPM,
+    FreqFileError,
     FreqRecord,
     StartFrequency,
+    check,
     load,
     save,
     start_frequency,
@@ -68,11 +69,12 @@ class FrequencyKeeper:
     def write(self, path: str, record: FreqRecord) -> None:
         """Keep ``record``, unless the next start would refuse it as corrupt (a base beyond
         the kernel's +-500 ppm: an early estimate from a few noisy samples)."""
-        if abs(record.frequency_ppm) > MAX_BASE_PPM:
+        try:
+            check(record)
+        except FreqFileError as exc:
             self.counters["freq_file_out_of_range"] += 1
-            log.warning("frequency file %s not written: base frequency %+.3f ppm is beyond "
-                        "+-%.0f ppm (an estimate from too few samples)", path,
-                        record.frequency_ppm, MAX_BASE_PPM)
+            log.warning("frequency file %s not written: %s (an estimate from too few samples)",
+                        path, exc)
             return
         try:
             save(path, record)

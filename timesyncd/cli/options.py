@@ -15,8 +15,10 @@ class _Checked:
     same function TOML values go through, so NaN and the infinities are refused at parse time
     with one line naming the option (click's own range check lets NaN through)."""
 
-    min: float | None
-    max: float | None
+    # Any: click's declarations differ between releases (8.4: float | None; 8.5: a type
+    # variable of the range's value type); these only say the range base class has them
+    min: Any
+    max: Any
     min_open: bool
     max_open: bool
 

@@ -294,7 +294,8 @@ class GuestController(StepHandling, StateKeeping):
     def _request(self, src: Source, now_ns: int, follow_up: bool = False) -> SendRequest:
         cookie, at = self._rng.getrandbits(64) or 1, self._tb.base_ns(now_ns)
         return SendRequest(src.name, src.follow_up(cookie, now_ns, at) if follow_up
-                           else src.request(cookie, self._step_epoch, now_ns, at))
+                           else src.request(cookie, self._step_epoch, now_ns, at,
+                                            spread=self._rng.random()))
 
     def _count(self, reason: str, src: Source | None) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 _NS = 1_000_000_000
 #: Interval between the requests of a start-up (or reconnect) burst, at most.
 BURST_INTERVAL_S = 2.0
+#: Each poll interval is stretched by a random fraction up to this (ntpd stretches by up to
+#: 255/4096). Exact powers of two would keep every poll at the same phase of any periodic
+#: host activity (a monitoring probe once a second, a cron job): if that activity disturbs
+#: the exchanges, it would disturb every one of them the same way, a bias no delay weighting
+#: can see. Stretched, the phase wanders and only some polls meet it. Never shortened, so a
+#: server's rate limit for 2^poll still holds.
+POLL_SPREAD = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -82,19 +89,21 @@ class Source:
             self.burst_left = burst
             self.next_poll = at
 
-    def request(self, cookie: int, step_epoch: int, now_ns: int, at: int) -> bytes:
+    def request(self, cookie: int, step_epoch: int, now_ns: int, at: int,
+                spread: float = 0.0) -> bytes:
         """The next request's bytes, sent at clock reading ``now_ns`` (elapsed ns ``at``);
-        schedules the poll after it."""
+        schedules the poll after it, the interval stretched by ``spread`` (0..1) of
+        :data:`POLL_SPREAD`."""
         if self.exchange.outstanding:
             self.count("no_reply")
         self.reach = (self.reach << 1) & 0xFF
         poll = self.effective_poll
         data = self.exchange.request(cookie, now_ns, poll)
         self.request_epoch = step_epoch
-        interval = 2.0**poll
-        if self.burst_left > 0:
+        interval = 2.0**poll * (1.0 + POLL_SPREAD * spread)
+        if self.burst_left > 0:  # a burst is short and over soon: no need to spread it
             self.burst_left -= 1
-            interval = min(BURST_INTERVAL_S, interval)
+            interval = min(BURST_INTERVAL_S, 2.0**poll)
         self.next_poll = at + round(interval * _NS)
         self.exchanges.begin()
         return data

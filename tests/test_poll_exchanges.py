@@ -8,7 +8,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from support.sim_guest import START, make_guest
+from support.sim_guest import START, make_guest, watch_offsets
 
 from guest_client.actions import SendRequest
 from guest_client.controller import GuestController, SourceConfig
@@ -146,14 +146,7 @@ def run_through_cold_relay(exchanges: int) -> tuple[float, int, int]:
     engine, clock, ctl = make_guest([Upstream("r", net)], seed=3, ppm=40.0,
                                     sources=[SourceConfig("r", "host", exchanges)])
     engine.run(600.0)
-    offs, outside = [], 0
-    for t in range(601, 1801):
-        engine.run(float(t))
-        st = ctl.status(clock.now_ns())
-        true = clock.offset_s()
-        offs.append(true)
-        if st.error_bound_s is None or abs(true) > st.error_bound_s:
-            outside += 1
+    offs, outside = watch_offsets(engine, clock, ctl, 601, 1800)
     return statistics.fmean(offs), outside, len(offs)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import pytest
-from support.sim_guest import START, make_guest
+from support.sim_guest import START, make_guest, watch_offsets
 
 import guest_client.source as source_module
 from guest_client.actions import SendRequest
@@ -49,21 +49,16 @@ def run_beside_a_periodic_probe(spread: float, monkeypatch: pytest.MonkeyPatch
     engine, clock, ctl = make_guest([Upstream("r", net)], seed=4, ppm=40.0,
                                     sources=[SourceConfig("r", "host", 3)])
     engine.run(600.0)
-    offs, outside, polls, hit = [], 0, 0, 0
-    last_poll = None
-    for t in range(601, 2401):
-        engine.run(float(t))
-        st = ctl.status(clock.now_ns())
-        true = clock.offset_s()
-        offs.append(true)
-        if st.error_bound_s is None or abs(true) > st.error_bound_s:
-            outside += 1
+    polls: list[int] = []
+
+    def note_poll() -> None:
         nxt = ctl._sources["r"].next_poll
-        if nxt is not None and nxt != last_poll:
-            last_poll = nxt
-            polls += 1
-            hit += (nxt / _NS) % 1.0 < hop.busy_s
-    return statistics.fmean(offs), outside, hit / max(polls, 1)
+        if nxt is not None and (not polls or nxt != polls[-1]):
+            polls.append(nxt)
+
+    offs, outside = watch_offsets(engine, clock, ctl, 601, 2400, note_poll)
+    hit = sum((p / _NS) % 1.0 < hop.busy_s for p in polls)
+    return statistics.fmean(offs), outside, hit / max(len(polls), 1)
 
 
 def test_spread_polls_meet_periodic_host_activity_only_sometimes(

@@ -32,3 +32,20 @@ def make_guest(upstreams: list[Upstream], *, seed: int = 1, offset_s: float = 0.
     ctl = GuestController(DisciplineConfig(**cfg), random.Random(rng.getrandbits(32)),  # type: ignore[arg-type]
                           sources or [])
     return Engine(ctl, clock, upstreams, random.Random(rng.getrandbits(32))), clock, ctl
+
+
+def watch_offsets(engine: Engine, clock: SimClock, ctl: GuestController, first_s: int,
+                  last_s: int, each: Callable[[], None] | None = None) -> tuple[list[float], int]:
+    """(true offset each second from ``first_s`` to ``last_s``, seconds the reported bound did
+    not cover it); ``each`` runs after every second, for a test's own bookkeeping."""
+    offs, outside = [], 0
+    for t in range(first_s, last_s + 1):
+        engine.run(float(t))
+        st = ctl.status(clock.now_ns())
+        true = clock.offset_s()
+        offs.append(true)
+        if st.error_bound_s is None or abs(true) > st.error_bound_s:
+            outside += 1
+        if each is not None:
+            each()
+    return offs, outside

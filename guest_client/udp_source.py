@@ -2,7 +2,10 @@
 
 Stamps: ``t1`` is read from the disciplined clock just before the datagram is handed to the
 kernel; the receive stamp is the clock reading when the datagram is delivered to us, less the
-(monotonic) time the transport spent before calling back.
+(monotonic) time since it arrived: the kernel's receive stamp where there is one
+(``timesyncd.transport.kernel_stamps``), so a reply that waited for the guest to be scheduled
+does not read as return-path delay (under host CPU load that biased the offset by tens of us,
+with milliseconds at the tail), else the time the transport called back.
 """
 
 from __future__ import annotations

@@ -38,12 +38,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from host_relay import kernel_stamps
 from host_relay.stats import RelayStats
 from timesyncd.addresses import Address
 from timesyncd.logs import decade
 from timesyncd.packet import MAX_PACKET_LEN
-from timesyncd.transport import TransportError
+from timesyncd.transport import TransportError, kernel_stamps
 from timesyncd.transport.errors import os_error_reason
 from timesyncd.transport.udp import size_buffers
 

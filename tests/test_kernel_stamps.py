@@ -1,6 +1,7 @@
-"""Kernel receive stamps on the relay's upstream socket (issue 18): a reply that waits in the
-socket while the relay is not scheduled is stamped when it arrived, not when it was read, so the
-wait is residence the guest removes instead of return-path delay that biases its offset."""
+"""Kernel receive stamps on UDP sockets (issue 18): on the relay's upstream socket a reply that
+waits while the relay is not scheduled is stamped when it arrived, not when it was read, so the
+wait is residence the guest removes instead of return-path delay that biases its offset; on a
+guest's direct ``udp:`` source the same wait is no longer read as network delay at all."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import time
 import pytest
 from loops import LOOPS, run, wait_for
 
-from host_relay import kernel_stamps
+from guest_client.udp_source import UdpSource
 from host_relay.stats import RelayStats
 from host_relay.upstream import Pending, Upstream
 from timesyncd.addresses import parse_address
+from timesyncd.transport import kernel_stamps
 
 STALL_S = 0.3
 
@@ -97,3 +99,90 @@ def test_unix_stream_sockets_offer_no_receive_stamps() -> None:
         _, anc, _, _ = b.recvmsg(10, kernel_stamps.CMSG_SPACE)
         assert kernel_stamps.stamp_from_ancillary(anc) is None
 
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_guest_udp_replies_waiting_while_the_guest_is_busy_are_stamped_at_arrival(
+        loop_kind: str) -> None:
+    """A direct source's t4: two replies that wait in the socket while the guest's loop is
+    blocked each carry their own arrival time, not the time they were read."""
+    probe = stamping_on()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.settimeout(5)
+    got: list[tuple[bytes, int]] = []
+    errors: list[str] = []
+
+    async def main() -> None:
+        src = UdpSource(f"udp:127.0.0.1:{srv.getsockname()[1]}", clock_ns=time.monotonic_ns,
+                        on_reply=lambda data, ns: got.append((data, ns)),
+                        on_error=errors.append)
+        await src.start()
+        try:
+            assert src.send(b"request") is not None
+            _, peer = srv.recvfrom(100)
+            first = time.monotonic_ns()  # the kernel stamps the reply inside sendto
+            srv.sendto(b"first", peer)
+            time.sleep(STALL_S / 2)  # the guest's loop is not scheduled meanwhile
+            second = time.monotonic_ns()
+            srv.sendto(b"second", peer)
+            time.sleep(STALL_S / 2)
+            read_from = time.monotonic_ns()
+            await wait_for(lambda: len(got) == 2, what="both replies")
+            assert src._endpoint is not None and src._endpoint.kernel_stamped == 2
+        finally:
+            src.close()
+        assert not errors
+        (d1, t1), (d2, t2) = got
+        assert (d1, d2) == (b"first", b"second")
+        assert first <= t1 < first + STALL_S * 1e9 / 6, (t1 - first) / 1e6
+        assert second <= t2 < second + STALL_S * 1e9 / 6, (t2 - second) / 1e6
+        assert t2 < read_from
+
+    try:
+        run(main, loop_kind)
+    finally:
+        srv.close()
+        probe.close()
+
+
+def test_guest_udp_without_a_fresh_kernel_stamp_uses_the_read_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stamp (a kernel or socket without them) or the same stamp again (a transport that
+    read two datagrams before calling back): the read time, never a stamp used twice."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.settimeout(5)
+    got: list[int] = []
+    stamps: list[int | None] = [None]
+
+    async def main() -> None:
+        src = UdpSource(f"udp:127.0.0.1:{srv.getsockname()[1]}", clock_ns=time.monotonic_ns,
+                        on_reply=lambda data, ns: got.append(ns), on_error=lambda r: None)
+        await src.start()
+        ep = src._endpoint
+        assert ep is not None
+        try:
+            assert src.send(b"request") is not None
+            _, peer = srv.recvfrom(100)
+            before: list[int] = []
+            for n in range(3):  # no stamp; a fresh one 1 ms old; the same one again
+                if n == 1:
+                    stamps[0] = time.time_ns() - 1_000_000
+                before.append(time.monotonic_ns())
+                srv.sendto(b"r", peer)
+                await wait_for(lambda: len(got) == len(before), what="the reply")
+            assert got[0] >= before[0] and got[2] >= before[2]  # read times
+            assert got[1] < before[1]  # the stamp
+            assert ep.kernel_stamped == 1
+        finally:
+            src.close()
+
+    def fixed(fd: int) -> int | None:
+        return stamps[0]
+
+    monkeypatch.setattr(kernel_stamps, "last_stamp_ns", fixed)
+    try:
+        run(main)
+    finally:
+        srv.close()

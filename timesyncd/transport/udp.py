@@ -1,9 +1,11 @@
 """A connected UDP endpoint for NTP upstreams.
 
 Connecting the socket makes the kernel drop datagrams from other peers; we check the source
-address again anyway (some loops report it) and count what we drop. The receive time is taken
-on a monotonic clock as the datagram is handed to us, the send time just before the datagram
-is handed to the kernel, for residence-time measurement.
+address again anyway (some loops report it) and count what we drop. The receive time is the
+kernel's stamp of the datagram's arrival where it gives one (``kernel_stamps.last_stamp_ns``),
+else the monotonic time the datagram is handed to us: a reply waiting in the socket for the
+process to be scheduled would otherwise count as return-path delay and bias the offset. The
+send time is taken just before the datagram is handed to the kernel.
 
 A relay sends one request per guest on one socket, so replies to guests polling in step arrive
 together: :func:`size_buffers` raises SO_RCVBUF/SO_SNDBUF beyond Linux's ~208 KiB default
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from timesyncd.addresses import Address, parse_address
+from timesyncd.transport import kernel_stamps
 from timesyncd.transport.errors import TransportError, os_error_reason
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,8 @@ _FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform == "linux"
 
 class UdpEndpoint(asyncio.DatagramProtocol):
     """Calls ``on_datagram(data, rx_monotonic_ns)`` for each datagram from the peer;
-    ``on_error(reason)`` for ICMP errors; counts foreign datagrams in ``foreign``."""
+    ``on_error(reason)`` for ICMP errors; counts foreign datagrams in ``foreign``, and the
+    datagrams whose receive time is the kernel's stamp in ``kernel_stamped``."""
 
     def __init__(self, on_datagram: DatagramCallback, on_error: ErrorCallback | None) -> None:
         self._on_datagram = on_datagram
@@ -45,6 +49,9 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._peer_host: Any = None
         self._peer_port: Any = None
         self.foreign = 0
+        self.kernel_stamped = 0
+        self._fd = -1
+        self._last_stamp: int | None = None
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,12 +61,25 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.peer = tuple(transport.get_extra_info("peername") or ())
         if len(self.peer) >= 2:
             self._peer_host, self._peer_port = self.peer[0], self.peer[1]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            kernel_stamps.last_stamp_ns(self._fd)  # switches the socket's stamping on
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         rx_ns = time.monotonic_ns()
         if addr is not None and (addr[1] != self._peer_port or addr[0] != self._peer_host):
             self.foreign += 1
             return
+        if self._fd >= 0:
+            stamp = kernel_stamps.last_stamp_ns(self._fd)
+            if stamp is not None and stamp != self._last_stamp:  # never one stamp twice
+                self._last_stamp = stamp
+                kernel = kernel_stamps.to_monotonic(stamp, kernel_stamps.realtime_offset_ns(),
+                                                    rx_ns)
+                if kernel != rx_ns:
+                    self.kernel_stamped += 1
+                    rx_ns = kernel
         self._on_datagram(data, rx_ns)
 
     def error_received(self, exc: Exception) -> None:
@@ -69,6 +89,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._sendto = None
+        self._fd = -1
 
     # API
     def send(self, data: bytes) -> int:
@@ -89,6 +110,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             self._transport.close()
             self._transport = None
             self._sendto = None
+            self._fd = -1
 
 
 def _set_buffer(sock: Any, option: int, size: int) -> None:

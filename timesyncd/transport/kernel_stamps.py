@@ -1,4 +1,5 @@
-"""Kernel receive timestamps for the relay's UDP upstream socket.
+"""Kernel receive timestamps for UDP sockets: the relay's upstream socket and the guest's
+direct ``udp:`` sources (``timesyncd.transport.udp.UdpEndpoint``).
 
 A user-space stamp taken when the event loop gets round to reading a reply counts the time
 the reply waited in the socket for the relay to be scheduled as network time, on the return
@@ -21,6 +22,13 @@ the difference only moves by the host clock's slew (ppm over the microseconds in
 step, and a step makes a stamp implausible (in the future or older than :data:`MAX_AGE_NS`),
 which falls back to the user-space stamp.
 
+Two ways to read them. The relay reads its own socket with ``recvmsg`` and an ancillary
+buffer (:func:`enable_rx_stamps`, :func:`stamp_from_ancillary`). The guest's UDP endpoint is
+read by the event loop's datagram transport, which drops ancillary data, so it asks the kernel
+for the stamp of the datagram just read (``SIOCGSTAMPNS``, :func:`last_stamp_ns`): the
+transport calls back after each single read under both asyncio and uvloop, so "the last one
+read" is the one being handled. The first such call switches stamping on for the socket.
+
 The kernel switches software receive stamping on lazily, system-wide, when the first socket
 asks for it (a static key flipped from a work queue): a reply arriving in the first moments
 after the relay opens its only stamping socket may carry no stamp and gets the user-space
@@ -29,6 +37,7 @@ one, exactly as on a kernel without stamps.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import struct
 import time
@@ -42,6 +51,8 @@ CMSG_SPACE: int = socket.CMSG_SPACE(48)
 _TIMESPEC = struct.Struct("qq")
 #: A stamp older than this (or in the future) is not believed: the realtime clock stepped.
 MAX_AGE_NS = 10_000_000_000
+#: ioctl: the receive time of the last datagram read on a socket (timespec, Linux)
+SIOCGSTAMPNS = 0x8907
 
 
 def enable_rx_stamps(sock: socket.socket) -> str:
@@ -87,3 +98,13 @@ def to_monotonic(stamp_rt_ns: int | None, rt_offset_ns: int, user_ns: int) -> in
     if mono > user_ns or user_ns - mono > MAX_AGE_NS:
         return user_ns
     return mono
+
+
+def last_stamp_ns(fd: int) -> int | None:
+    """The CLOCK_REALTIME receive stamp (ns) of the last datagram read on ``fd``, or None
+    (none read yet, or no stamping). The first call switches stamping on for the socket."""
+    try:
+        sec, nsec = _TIMESPEC.unpack(fcntl.ioctl(fd, SIOCGSTAMPNS, bytes(_TIMESPEC.size)))
+    except OSError:
+        return None
+    return sec * 1_000_000_000 + nsec if sec > 0 else None

@@ -213,6 +213,12 @@ def _us(seconds: float) -> int:
     return min(max(int(seconds * 1e6), 0), 16_000_000)
 
 
+#: A truth read whose monotonic bracket is this tight is taken (its error is half of it) ...
+_TRUTH_BRACKET_NS = 4_000
+#: ... else the tightest of this many.
+_TRUTH_TRIES = 8
+
+
 class SoftwareClock(Clock):
     """A user-space clock over ``CLOCK_MONOTONIC``: reading = start + elapsed * rate + steps.
 
@@ -272,5 +278,20 @@ class SoftwareClock(Clock):
         return ClockFrequency(self.correction_ppm, tick == self.nominal_tick_us)
 
     def true_offset_ns(self) -> int:
-        """This clock minus ``CLOCK_REALTIME``, read back to back."""
-        return self.now_ns() - self._real()
+        """This clock minus ``CLOCK_REALTIME``: the realtime read is bracketed by two monotonic
+        reads and compared with this clock at their midpoint, retried while a preemption
+        widens the bracket. Read back to back, a preemption between the two reads (1 read in
+        40,000 under a busy 2-vCPU machine, 25 us to over 1 ms) came out as that much
+        negative offset: a truth the bounds are tested against must not be the noisy part."""
+        best: tuple[int, int, int] | None = None
+        for _ in range(_TRUTH_TRIES):
+            before = self._mono()
+            real = self._real()
+            after = self._mono()
+            if best is None or after - before < best[0]:
+                best = (after - before, before + (after - before) // 2, real)
+            if after - before <= _TRUTH_BRACKET_NS:
+                break
+        assert best is not None  # _TRUTH_TRIES >= 1
+        _, mid, real = best
+        return self._reading(mid) - real

@@ -236,6 +236,35 @@ def test_software_clock_real_time_base() -> None:
     assert abs(clock.now_ns() - (time.time_ns() - 250_000_000)) < 5_000_000
 
 
+class PreemptedTime(FakeTime):
+    """A machine whose thread loses ``stall_ns`` just before each of the first ``stalls``
+    realtime reads complete: that read is that much later than the monotonic one before."""
+
+    def __init__(self, stall_ns: int, stalls: int) -> None:
+        super().__init__()
+        self.stall_ns, self.stalls = stall_ns, stalls
+
+    def read_real(self) -> int:
+        if self.stalls:
+            self.stalls -= 1
+            self.advance(self.stall_ns)
+        return self.real
+
+
+@pytest.mark.parametrize(("stalls", "worst_ns"), [(0, 0), (1, 0), (7, 0), (8, -150_000)])
+def test_software_clock_truth_survives_a_preemption_between_its_reads(
+        stalls: int, worst_ns: int) -> None:
+    """The flake this caught: one sample read -65 us against a 42 us bound on a busy machine,
+    and the truth, not the bound, was wrong (read mono then real, a preemption between them
+    is that much negative offset). A bracket too wide is read again; only when every try is
+    preempted does the midpoint's half-bracket error show."""
+    t = PreemptedTime(300_000, 0)
+    clock = SoftwareClock(0.0, 0.001, mono_ns=lambda: t.mono, real_ns=t.read_real)
+    t.stalls = stalls
+    assert clock.true_offset_ns() - 1_000_000 == worst_ns
+    assert t.stalls == 0
+
+
 def test_software_clock_says_where_a_frequency_change_landed() -> None:
     """``last_change_ns`` is the reading at which the new rate starts (the daemon tells the
     correction model; read after the call instead, a preemption in between is 83 us per ms

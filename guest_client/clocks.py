@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from timesyncd.clock import Clock, ClockFrequency, KernelStatus
+from timesyncd.clock_pair import read_pair
 from timesyncd.packet import Leap
 
 log = logging.getLogger(__name__)
@@ -213,12 +214,6 @@ def _us(seconds: float) -> int:
     return min(max(int(seconds * 1e6), 0), 16_000_000)
 
 
-#: A truth read whose monotonic bracket is this tight is taken (its error is half of it) ...
-_TRUTH_BRACKET_NS = 4_000
-#: ... else the tightest of this many.
-_TRUTH_TRIES = 8
-
-
 class SoftwareClock(Clock):
     """A user-space clock over ``CLOCK_MONOTONIC``: reading = start + elapsed * rate + steps.
 
@@ -278,20 +273,8 @@ class SoftwareClock(Clock):
         return ClockFrequency(self.correction_ppm, tick == self.nominal_tick_us)
 
     def true_offset_ns(self) -> int:
-        """This clock minus ``CLOCK_REALTIME``: the realtime read is bracketed by two monotonic
-        reads and compared with this clock at their midpoint, retried while a preemption
-        widens the bracket. Read back to back, a preemption between the two reads (1 read in
-        40,000 under a busy 2-vCPU machine, 25 us to over 1 ms) came out as that much
-        negative offset: a truth the bounds are tested against must not be the noisy part."""
-        best: tuple[int, int, int] | None = None
-        for _ in range(_TRUTH_TRIES):
-            before = self._mono()
-            real = self._real()
-            after = self._mono()
-            if best is None or after - before < best[0]:
-                best = (after - before, before + (after - before) // 2, real)
-            if after - before <= _TRUTH_BRACKET_NS:
-                break
-        assert best is not None  # _TRUTH_TRIES >= 1
-        _, mid, real = best
-        return self._reading(mid) - real
+        """This clock minus ``CLOCK_REALTIME`` (:func:`timesyncd.clock_pair.read_pair`: read
+        back to back, a preemption between the reads came out as that much negative offset,
+        and the truth the bounds are tested against must not be the noisy part)."""
+        pair = read_pair(self._mono, self._real)
+        return self._reading(pair.first_ns) - pair.second_ns

@@ -1,11 +1,12 @@
 """A plain ``udp:HOST:PORT`` NTP server used directly as a source (no relay in between).
 
-Stamps: ``t1`` is read from the disciplined clock just before the datagram is handed to the
-kernel; the receive stamp is the clock reading when the datagram is delivered to us, less the
-(monotonic) time since it arrived: the kernel's receive stamp where there is one
-(``timesyncd.transport.kernel_stamps``), so a reply that waited for the guest to be scheduled
-does not read as return-path delay (under host CPU load that biased the offset by tens of us,
-with milliseconds at the tail), else the time the transport called back.
+Stamps: the endpoint says when (monotonic) a request left and a reply arrived, from the kernel
+where it can (``timesyncd.transport.udp``): the transmit stamp, so the send path is not read as
+outbound delay, and the receive stamp, so a reply that waited for the guest to be scheduled is
+not read as return-path delay (under host CPU load that biased the offset by tens of us, with
+milliseconds at the tail). Each is carried to the disciplined clock as its reading now less
+the monotonic time since; the two reads are ordered so that a preemption between them moves
+``t1`` earlier and ``t4`` later, never the other way (the offset's interval stays honest).
 """
 
 from __future__ import annotations
@@ -38,16 +39,16 @@ class UdpSource:
         """Send one request; return its ``t1`` on the disciplined clock, None if closed."""
         if self._endpoint is None or self._endpoint.closed:
             return None
-        t1 = self._clock_ns()
         try:
-            self._endpoint.send(data)
+            sent_mono = self._endpoint.send(data)
         except (TransportError, OSError):
             return None
-        return t1
+        reading = self._clock_ns()  # first: a preemption before the next read makes t1 earlier
+        return reading - (time.monotonic_ns() - sent_mono)
 
     def _datagram(self, data: bytes, rx_mono_ns: int) -> None:
-        rx_ns = self._clock_ns() - (time.monotonic_ns() - rx_mono_ns)
-        self._on_reply(data, rx_ns)
+        since = time.monotonic_ns() - rx_mono_ns  # first: a preemption makes t4 later
+        self._on_reply(data, self._clock_ns() - since)
 
     def _error(self, reason: str) -> None:
         self._on_error(f"icmp_{reason}")

@@ -146,10 +146,10 @@ def test_guest_udp_replies_waiting_while_the_guest_is_busy_are_stamped_at_arriva
         probe.close()
 
 
-def test_guest_udp_without_a_fresh_kernel_stamp_uses_the_read_time(
+def test_guest_udp_without_a_plausible_kernel_stamp_uses_the_read_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """No stamp (a kernel or socket without them) or the same stamp again (a transport that
-    read two datagrams before calling back): the read time, never a stamp used twice."""
+    """No stamp (a kernel or socket without them), one from the future or one an hour old
+    (the realtime clock stepped): the read time; a fresh one: the stamp."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.bind(("127.0.0.1", 0))
     srv.settimeout(5)
@@ -166,22 +166,18 @@ def test_guest_udp_without_a_fresh_kernel_stamp_uses_the_read_time(
             assert src.send(b"request") is not None
             _, peer = srv.recvfrom(100)
             before: list[int] = []
-            for n in range(3):  # no stamp; a fresh one 1 ms old; the same one again
-                if n == 1:
-                    stamps[0] = time.time_ns() - 1_000_000
+            for offset_ns in (None, -1_000_000, 10**9, -3600 * 10**9):
+                stamps[0] = None if offset_ns is None else time.time_ns() + offset_ns
                 before.append(time.monotonic_ns())
                 srv.sendto(b"r", peer)
                 await wait_for(lambda: len(got) == len(before), what="the reply")
-            assert got[0] >= before[0] and got[2] >= before[2]  # read times
+            assert got[0] >= before[0] and got[2] >= before[2] and got[3] >= before[3]
             assert got[1] < before[1]  # the stamp
             assert ep.kernel_stamped == 1
         finally:
             src.close()
 
-    def fixed(fd: int) -> int | None:
-        return stamps[0]
-
-    monkeypatch.setattr(kernel_stamps, "last_stamp_ns", fixed)
+    monkeypatch.setattr(kernel_stamps, "stamp_from_ancillary", lambda anc: stamps[0])
     try:
         run(main)
     finally:

@@ -1,5 +1,6 @@
-"""Kernel receive timestamps for UDP sockets: the relay's upstream socket and the guest's
-direct ``udp:`` sources (``timesyncd.transport.udp.UdpEndpoint``).
+"""Kernel timestamps for UDP sockets: receive stamps on the relay's upstream socket and on the
+guest's direct ``udp:`` sources (``timesyncd.transport.udp.UdpEndpoint``), transmit stamps on
+the latter.
 
 A user-space stamp taken when the event loop gets round to reading a reply counts the time
 the reply waited in the socket for the relay to be scheduled as network time, on the return
@@ -22,12 +23,12 @@ the difference only moves by the host clock's slew (ppm over the microseconds in
 step, and a step makes a stamp implausible (in the future or older than :data:`MAX_AGE_NS`),
 which falls back to the user-space stamp.
 
-Two ways to read them. The relay reads its own socket with ``recvmsg`` and an ancillary
-buffer (:func:`enable_rx_stamps`, :func:`stamp_from_ancillary`). The guest's UDP endpoint is
-read by the event loop's datagram transport, which drops ancillary data, so it asks the kernel
-for the stamp of the datagram just read (``SIOCGSTAMPNS``, :func:`last_stamp_ns`): the
-transport calls back after each single read under both asyncio and uvloop, so "the last one
-read" is the one being handled. The first such call switches stamping on for the socket.
+Both users read their socket with ``recvmsg`` and an ancillary buffer (:func:`enable_rx_stamps`,
+:func:`stamp_from_ancillary`): the loop's datagram transport drops ancillary data. The guest's
+endpoint also takes transmit stamps (:func:`enable_tx_stamps`, :func:`drain_tx_stamps`,
+:func:`tx_to_monotonic`): UDP offers them on the error queue. The relay's upstream does not:
+its user-space stamp is taken right before ``send()``, and the kernel's would shift the
+request leg's residence by the send path on the forwarding hot path (not measured yet).
 
 The kernel switches software receive stamping on lazily, system-wide, when the first socket
 asks for it (a static key flipped from a work queue): a reply arriving in the first moments
@@ -37,22 +38,29 @@ one, exactly as on a kernel without stamps.
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
 import time
+
+from timesyncd.clock_pair import TIGHT_NS, read_pair
 
 SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 35)
 SO_TIMESTAMPING: int = getattr(socket, "SO_TIMESTAMPING", 37)
 SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
 SOF_TIMESTAMPING_SOFTWARE = 1 << 4
+#: transmit stamp taken as the packet enters the device layer, inside the send call
+SOF_TIMESTAMPING_TX_SCHED = 1 << 8
+#: error-queue entries carry the stamp only, not a copy of the packet
+SOF_TIMESTAMPING_OPT_TSONLY = 1 << 11
+#: ancillary room for an error-queue entry: the stamp and the extended error with its address
+ERRQUEUE_CMSG_SPACE = 256
+#: error-queue entries read per call at most (a backlog of late stamps never holds the caller)
+MAX_ERRQUEUE_READS = 16
 #: ancillary buffer for one timestamp cmsg (scm_timestamping is three timespecs)
 CMSG_SPACE: int = socket.CMSG_SPACE(48)
 _TIMESPEC = struct.Struct("qq")
 #: A stamp older than this (or in the future) is not believed: the realtime clock stepped.
 MAX_AGE_NS = 10_000_000_000
-#: ioctl: the receive time of the last datagram read on a socket (timespec, Linux)
-SIOCGSTAMPNS = 0x8907
 
 
 def enable_rx_stamps(sock: socket.socket) -> str:
@@ -69,6 +77,56 @@ def enable_rx_stamps(sock: socket.socket) -> str:
         return "timestampns"
     except OSError:
         return ""
+
+
+def enable_tx_stamps(sock: socket.socket) -> bool:
+    """Ask for kernel receive stamps and transmit stamps (``TX_SCHED``, on the error queue) on
+    ``sock``; False when the kernel refuses (the caller then asks for receive stamps only).
+
+    With these flags ``SIOCGSTAMPNS`` stops answering (ENOENT, Linux 6.18): the socket must
+    be read with ``recvmsg`` and its ancillary data, and its error queue drained, since a
+    stamp left there makes the socket report EPOLLERR, which would spin an event loop."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING,
+                        SOF_TIMESTAMPING_RX_SOFTWARE | SOF_TIMESTAMPING_SOFTWARE
+                        | SOF_TIMESTAMPING_TX_SCHED | SOF_TIMESTAMPING_OPT_TSONLY)
+    except OSError:
+        return False
+    return True
+
+
+def drain_tx_stamps(sock: socket.socket) -> tuple[int | None, int]:
+    """Read ``sock``'s error queue: (the newest transmit stamp in it, CLOCK_REALTIME ns, or
+    None; how many entries were read). ``sock`` must be non-blocking: on a socket with a
+    timeout Python retries an empty read while the socket polls readable, for the whole
+    timeout."""
+    newest: int | None = None
+    read = 0
+    for _ in range(MAX_ERRQUEUE_READS):
+        try:
+            _, anc, _, _ = sock.recvmsg(1, ERRQUEUE_CMSG_SPACE,
+                                        socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except OSError:  # empty (EAGAIN), or nothing an error queue read can report
+            break
+        read += 1
+        stamp = stamp_from_ancillary(anc)
+        if stamp is not None:
+            newest = stamp
+    return newest, read
+
+
+def tx_to_monotonic(stamp_rt_ns: int | None, sent_ns: int, returned_ns: int) -> int | None:
+    """A transmit stamp as monotonic ns, moved earlier by the conversion's possible error, or
+    None unless it lies inside the send call (``sent_ns`` just before it, ``returned_ns``
+    after): a departure time must never be later than the departure, or the offset's interval
+    would not contain the truth. A stamp left from an earlier send lies before ``sent_ns``."""
+    if stamp_rt_ns is None:
+        return None
+    pair = read_pair(time.monotonic_ns, time.time_ns)
+    if pair.spread_ns > TIGHT_NS:
+        return None
+    mono = stamp_rt_ns - pair.difference_ns - (pair.spread_ns + 1) // 2
+    return mono if sent_ns <= mono <= returned_ns else None
 
 
 def realtime_offset_ns() -> int:
@@ -98,13 +156,3 @@ def to_monotonic(stamp_rt_ns: int | None, rt_offset_ns: int, user_ns: int) -> in
     if mono > user_ns or user_ns - mono > MAX_AGE_NS:
         return user_ns
     return mono
-
-
-def last_stamp_ns(fd: int) -> int | None:
-    """The CLOCK_REALTIME receive stamp (ns) of the last datagram read on ``fd``, or None
-    (none read yet, or no stamping). The first call switches stamping on for the socket."""
-    try:
-        sec, nsec = _TIMESPEC.unpack(fcntl.ioctl(fd, SIOCGSTAMPNS, bytes(_TIMESPEC.size)))
-    except OSError:
-        return None
-    return sec * 1_000_000_000 + nsec if sec > 0 else None

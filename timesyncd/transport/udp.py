@@ -1,15 +1,23 @@
-"""A connected UDP endpoint for NTP upstreams.
+"""A connected UDP endpoint for NTP servers used directly (a guest's ``udp:`` sources).
 
 Connecting the socket makes the kernel drop datagrams from other peers; we check the source
-address again anyway (some loops report it) and count what we drop. The receive time is the
-kernel's stamp of the datagram's arrival where it gives one (``kernel_stamps.last_stamp_ns``),
-else the monotonic time the datagram is handed to us: a reply waiting in the socket for the
-process to be scheduled would otherwise count as return-path delay and bias the offset. The
-send time is taken just before the datagram is handed to the kernel.
+address again anyway and count what we drop. The socket is read with ``recvmsg`` under
+``loop.add_reader`` rather than through the loop's datagram transport, because the stamps
+travel as ancillary data, which the transport drops:
 
-A relay sends one request per guest on one socket, so replies to guests polling in step arrive
-together: :func:`size_buffers` raises SO_RCVBUF/SO_SNDBUF beyond Linux's ~208 KiB default
-(about 270 small datagrams), which would otherwise drop replies.
+* receive: the kernel's stamp of the datagram's arrival (``kernel_stamps``), so a reply
+  waiting in the socket for the process to be scheduled does not count as return-path delay;
+* send: the kernel's transmit stamp (``TX_SCHED``: the packet entering the device layer,
+  queued on the error queue inside the send call), so the send path (syscall and UDP/IP
+  stack, ~50 us here) no longer counts as outbound delay. Against ``chronyd -x`` on loopback
+  a plain client read +35 us with a user-space t1 and -3.0 us with this stamp
+  (``bench/send_stamps.py``, docs/BENCHMARKS.md). The error queue is drained before each
+  send and on every wake-up, so a late stamp cannot leave the socket signalling EPOLLERR.
+
+Without a stamp (kernel refuses, stamp late or implausible) the times are user-space: just
+before the send, when the datagram is read, both on the honest side of the truth. uvloop's
+watcher may stop firing after a socket error (see ``host_relay/upstream.py``), so the reader
+is re-armed after one.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from timesyncd.addresses import Address, parse_address
+from timesyncd.packet import MAX_PACKET_LEN
 from timesyncd.transport import kernel_stamps
 from timesyncd.transport.errors import TransportError, os_error_reason
 
@@ -33,84 +42,115 @@ ErrorCallback = Callable[[str], None]
 
 #: Linux SO_RCVBUFFORCE / SO_SNDBUFFORCE: exceed net.core.[rw]mem_max with CAP_NET_ADMIN.
 _FORCE = {socket.SO_RCVBUF: 33, socket.SO_SNDBUF: 32} if sys.platform == "linux" else {}
+#: datagrams read per wake-up at most (the loop's other work is not held up by a flood)
+_READS_PER_WAKE = 64
 
 
-class UdpEndpoint(asyncio.DatagramProtocol):
-    """Calls ``on_datagram(data, rx_monotonic_ns)`` for each datagram from the peer;
-    ``on_error(reason)`` for ICMP errors; counts foreign datagrams in ``foreign``, and the
-    datagrams whose receive time is the kernel's stamp in ``kernel_stamped``."""
+class UdpEndpoint:
+    """Calls ``on_datagram(data, rx_monotonic_ns)`` for each datagram from the peer and
+    ``on_error(reason)`` for socket errors (ICMP); counts foreign datagrams in ``foreign``,
+    receive times that are the kernel's stamp in ``kernel_stamped``, send times that are the
+    kernel's in ``kernel_tx_stamped`` and transmit stamps that came too late in ``tx_late``."""
 
-    def __init__(self, on_datagram: DatagramCallback, on_error: ErrorCallback | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 on_datagram: DatagramCallback, on_error: ErrorCallback | None) -> None:
+        self._loop = loop
+        self._sock: socket.socket | None = sock
         self._on_datagram = on_datagram
         self._on_error = on_error
-        self._transport: asyncio.DatagramTransport | None = None
-        self._sendto: Callable[[bytes], None] | None = None
-        self.peer: tuple[Any, ...] = ()
-        self._peer_host: Any = None
-        self._peer_port: Any = None
+        self.peer: tuple[Any, ...] = tuple(sock.getpeername())
+        self._peer_host, self._peer_port = self.peer[0], self.peer[1]
         self.foreign = 0
         self.kernel_stamped = 0
-        self._fd = -1
-        self._last_stamp: int | None = None
+        self.kernel_tx_stamped = 0
+        self.tx_late = 0
+        self.tx_stamps = kernel_stamps.enable_tx_stamps(sock)
+        self.stamping = "timestamping" if self.tx_stamps else kernel_stamps.enable_rx_stamps(sock)
+        loop.add_reader(sock.fileno(), self._readable)
 
-    # protocol callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio's selector datagram transport does not subclass DatagramTransport
-        self._transport = cast(asyncio.DatagramTransport, transport)
-        self._sendto = self._transport.sendto
-        self.peer = tuple(transport.get_extra_info("peername") or ())
-        if len(self.peer) >= 2:
-            self._peer_host, self._peer_port = self.peer[0], self.peer[1]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self._fd = sock.fileno()
-            kernel_stamps.last_stamp_ns(self._fd)  # switches the socket's stamping on
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        rx_ns = time.monotonic_ns()
-        if addr is not None and (addr[1] != self._peer_port or addr[0] != self._peer_host):
-            self.foreign += 1
-            return
-        if self._fd >= 0:
-            stamp = kernel_stamps.last_stamp_ns(self._fd)
-            if stamp is not None and stamp != self._last_stamp:  # never one stamp twice
-                self._last_stamp = stamp
-                kernel = kernel_stamps.to_monotonic(stamp, kernel_stamps.realtime_offset_ns(),
-                                                    rx_ns)
-                if kernel != rx_ns:
-                    self.kernel_stamped += 1
-                    rx_ns = kernel
-        self._on_datagram(data, rx_ns)
-
-    def error_received(self, exc: Exception) -> None:
-        if self._on_error is not None:
-            self._on_error(os_error_reason(exc) if isinstance(exc, OSError) else "error")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._sendto = None
-        self._fd = -1
-
-    # API
     def send(self, data: bytes) -> int:
-        """Send one datagram; return the monotonic time just before handing it to the kernel."""
-        sendto = self._sendto
-        if sendto is None:
+        """Send one datagram; return when it left, in monotonic ns: the kernel's transmit
+        stamp when there is one inside the call, else the time just before the call."""
+        sock = self._sock
+        if sock is None:
             raise TransportError("closed", "UDP endpoint is closed")
+        if self.tx_stamps:
+            self._drain_late_stamps()
         sent_ns = time.monotonic_ns()
-        sendto(data)
-        return sent_ns
+        try:
+            sock.send(data)
+        except OSError as exc:  # a pending ICMP error, or a full send buffer: reported
+            self._report(exc)
+            self._rearm()  # the error may have stopped uvloop's watcher before we read it
+            return sent_ns
+        if not self.tx_stamps:
+            return sent_ns
+        returned_ns = time.monotonic_ns()
+        stamp, _ = kernel_stamps.drain_tx_stamps(sock)
+        kernel = kernel_stamps.tx_to_monotonic(stamp, sent_ns, returned_ns)
+        if kernel is None:
+            return sent_ns
+        self.kernel_tx_stamped += 1
+        return kernel
+
+    def _drain_late_stamps(self) -> None:
+        """Stamps still queued belong to earlier sends: read and count them. Left there, they
+        keep the socket in EPOLLERR: asyncio would call the reader in a busy loop, and libuv
+        stops uvloop's watcher on it, so after reading some the reader is re-armed."""
+        assert self._sock is not None
+        _, read = kernel_stamps.drain_tx_stamps(self._sock)
+        if read:
+            self.tx_late += read
+            self._rearm()
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        if self.tx_stamps:
+            self._drain_late_stamps()
+        for _ in range(_READS_PER_WAKE):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(MAX_PACKET_LEN + 1,
+                                                       kernel_stamps.CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._report(exc)
+                self._rearm()
+                return
+            rx_ns = time.monotonic_ns()
+            if addr is not None and (addr[1] != self._peer_port or addr[0] != self._peer_host):
+                self.foreign += 1
+                continue
+            kernel = kernel_stamps.to_monotonic(kernel_stamps.stamp_from_ancillary(anc),
+                                                kernel_stamps.realtime_offset_ns(), rx_ns)
+            if kernel != rx_ns:
+                self.kernel_stamped += 1
+            self._on_datagram(data, kernel)
+            if self._sock is None:  # the callback closed us
+                return
+
+    def _report(self, exc: OSError) -> None:
+        if self._on_error is not None:
+            self._on_error(os_error_reason(exc))
+
+    def _rearm(self) -> None:
+        """Watch the socket afresh: uvloop's watcher can stay silent after an error."""
+        if self._sock is not None:
+            fd = self._sock.fileno()
+            self._loop.remove_reader(fd)
+            self._loop.add_reader(fd, self._readable)
 
     @property
     def closed(self) -> bool:
-        return self._transport is None
+        return self._sock is None
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-            self._sendto = None
-            self._fd = -1
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
 
 
 def _set_buffer(sock: Any, option: int, size: int) -> None:
@@ -150,9 +190,18 @@ async def open_udp(
         raise TransportError("bad_address", f"{addr} is not a udp: address")
     loop = asyncio.get_running_loop()
     try:
-        transport, endpoint = await loop.create_datagram_endpoint(
-            lambda: UdpEndpoint(on_datagram, on_error), remote_addr=(addr.host, addr.port)
-        )
+        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
     except OSError as exc:
-        raise TransportError("os_error", f"open {addr}: {exc.strerror or exc}") from exc
-    return endpoint
+        raise TransportError("resolve_failed", f"resolve {addr}: {exc}") from exc
+    last: OSError | None = None
+    for family, kind, proto, _name, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.connect(sockaddr)  # UDP: no handshake, completes at once
+            return UdpEndpoint(loop, sock, on_datagram, on_error)
+        except OSError as exc:
+            sock.close()
+            last = exc
+    message = last.strerror if last is not None and last.strerror else str(last)
+    raise TransportError("os_error", f"open {addr}: {message or 'no address'}")

@@ -3,9 +3,10 @@
     python bench/send_stamps.py --exchanges 200
 
 Server and client share the machine clock, so the true offset is 0 and every measured offset is
-error. Each exchange is computed twice from the same packets: with t1 from user space (read
-just before ``send()``, as the guest did) and with the kernel's ``TX_SCHED`` stamp (as
-``timesyncd.transport.udp`` now does); t4 is the kernel's receive stamp in both.
+error. Each exchange is computed twice from the same packets: with t1 from user space, read
+right before ``send()`` of the encoded packet (as the relay's upstream stamps its send), and
+with the kernel's ``TX_SCHED`` stamp (as ``timesyncd.transport.udp`` now does); t4 is the
+kernel's receive stamp in both. Half the difference is the send path left unmeasured.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from timesyncd.transport import kernel_stamps  # noqa: E402
 
 def exchange(sock: socket.socket) -> tuple[float, float]:
     """One exchange: (offset with the user-space t1, offset with the kernel's), in us."""
-    user_t1 = time.time_ns()
-    sock.send(NtpPacket(transmit_ts=unix_ns_to_ntp(user_t1)).encode())
+    request = NtpPacket(transmit_ts=unix_ns_to_ntp(time.time_ns())).encode()
+    user_t1 = time.time_ns()  # right before send(), as the relay's upstream stamps it
+    sock.send(request)
     kernel_t1, _ = kernel_stamps.drain_tx_stamps(sock)
     if not select.select([sock], [], [], 2.0)[0]:
         raise RuntimeError("chronyd did not answer in 2 s")

@@ -13,7 +13,9 @@ travel as ancillary data, which the transport drops:
   mean offset went from +18 us to +3 us; a plain client stamping right before ``send()``
   reads +6 us, -2.3 us with this stamp (``bench/send_stamps.py``, docs/BENCHMARKS.md). The
   error queue is drained before each send and on every wake-up, so a late stamp cannot leave
-  the socket signalling EPOLLERR.
+  the socket signalling EPOLLERR. A stamp that comes after the send call (the first packet
+  to a neighbour not yet resolved) stops uvloop's watcher until the next send drains it and
+  re-arms the reader: at most that exchange is lost; asyncio calls the reader and drains.
 
 Without a stamp (kernel refuses, stamp late or implausible) the times are user-space: just
 before the send, when the datagram is read, both on the honest side of the truth. uvloop's

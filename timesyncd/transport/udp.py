@@ -21,6 +21,11 @@ Without a stamp (kernel refuses, stamp late or implausible) the times are user-s
 before the send, when the datagram is read, both on the honest side of the truth. uvloop's
 watcher may stop firing after a socket error (see ``host_relay/upstream.py``), so the reader
 is re-armed after one.
+
+:func:`size_buffers` serves the relay's upstream socket: a relay sends one request per guest on
+one socket, so replies to guests polling in step arrive together, and it raises
+SO_RCVBUF/SO_SNDBUF beyond Linux's ~208 KiB default (about 270 small datagrams), which would
+otherwise drop replies.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class UdpEndpoint:
         self.kernel_tx_stamped = 0
         self.tx_late = 0
         self.tx_stamps = kernel_stamps.enable_tx_stamps(sock)
-        self.stamping = "timestamping" if self.tx_stamps else kernel_stamps.enable_rx_stamps(sock)
+        if not self.tx_stamps:
+            kernel_stamps.enable_rx_stamps(sock)
         loop.add_reader(sock.fileno(), self._readable)
 
     def send(self, data: bytes) -> int:
